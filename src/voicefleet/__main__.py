@@ -1,0 +1,3 @@
+from voicefleet.cli.main import main
+
+main()

@@ -1,0 +1,119 @@
+"""`vf`: the voicefleet command line."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from voicefleet import __version__, logs
+from voicefleet.config import DispatchSettings, Settings
+from voicefleet.control.projects import load_project
+from voicefleet.errors import VoicefleetError
+
+app = typer.Typer(
+    name="vf",
+    help="voicefleet: run LiveKit voice agents in production on your own machines.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"voicefleet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    pass
+
+
+@app.command()
+def server(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 7880,
+    data_dir: Annotated[
+        Path, typer.Option(envvar="VF_DATA_DIR", help="Where the database and credentials live.")
+    ] = Path(".voicefleet"),
+    dev: Annotated[
+        bool,
+        typer.Option(help="Dev project: API key 'devkey', secret 'secret' (as livekit-server)."),
+    ] = False,
+    livekit_url: Annotated[
+        str, typer.Option(envvar="VF_LIVEKIT_URL", help="LiveKit SFU url given to workers' jobs.")
+    ] = "",
+    livekit_api_key: Annotated[
+        str, typer.Option(envvar="VF_LIVEKIT_API_KEY", help="SFU key that signs room tokens.")
+    ] = "",
+    livekit_api_secret: Annotated[
+        str, typer.Option(envvar="VF_LIVEKIT_API_SECRET", help="SFU secret for room tokens.")
+    ] = "",
+    auto_dispatch: Annotated[
+        list[str] | None,
+        typer.Option(help="Agent name to dispatch to every room_started webhook (repeatable)."),
+    ] = None,
+    availability_timeout: Annotated[
+        float, typer.Option(help="Seconds a worker has to answer a job offer.")
+    ] = DispatchSettings.availability_timeout,
+    queue_timeout: Annotated[
+        float, typer.Option(help="Seconds a job waits for a worker before it fails.")
+    ] = DispatchSettings.queue_timeout,
+    queue_limit: Annotated[
+        int, typer.Option(help="Jobs that may wait for a worker; past it dispatches are refused.")
+    ] = DispatchSettings.queue_limit,
+    worker_silence_timeout: Annotated[
+        float, typer.Option(help="Seconds without a frame after which a worker is dead.")
+    ] = DispatchSettings.worker_silence_timeout,
+    ready_file: Annotated[
+        Path | None, typer.Option(help="Write {url, pid} as JSON here once listening.")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the voicefleet server: LiveKit agent workers connect to it at ws://HOST:PORT."""
+    from voicefleet.server import serve
+
+    logs.setup(log_level)
+    settings = Settings(
+        data_dir=data_dir,
+        host=host,
+        port=port,
+        dev=dev,
+        log_level=log_level,
+        ready_file=ready_file,
+        livekit_url=livekit_url,
+        livekit_api_key=livekit_api_key,
+        livekit_api_secret=livekit_api_secret,
+        dispatch=DispatchSettings(
+            availability_timeout=availability_timeout,
+            queue_timeout=queue_timeout,
+            queue_limit=queue_limit,
+            worker_silence_timeout=worker_silence_timeout,
+            auto_dispatch=tuple(auto_dispatch or ()),
+        ),
+    )
+    try:
+        project, created = load_project(settings)
+    except VoicefleetError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    if created:
+        err.print(
+            f"Created project '{project.name}'. Its credentials are shown once and kept in "
+            f"{settings.data_dir / 'credentials.json'} (mode 0600):\n"
+            f"  LIVEKIT_API_KEY={project.api_key}\n  LIVEKIT_API_SECRET={project.api_secret}"
+        )
+    asyncio.run(serve(settings, project))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,67 @@
+"""Every setting of a voicefleet server, validated once at start and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Project:
+    """One environment: the credentials workers and API callers sign with, and its LiveKit SFU.
+
+    Room tokens in job assignments are signed with the SFU's key so that the SFU accepts them;
+    without an SFU configured they are signed with the project's own key.
+    """
+
+    name: str
+    api_key: str
+    api_secret: str
+    livekit_url: str = ""
+    livekit_api_key: str = ""
+    livekit_api_secret: str = ""
+
+    @property
+    def room_token_key(self) -> tuple[str, str]:
+        if self.livekit_api_key and self.livekit_api_secret:
+            return self.livekit_api_key, self.livekit_api_secret
+        return self.api_key, self.api_secret
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    # The Go server's AssignJobTimeout: how long a worker has to answer an availability request.
+    availability_timeout: float = 10.0
+    # The Go server's RegisterTimeout: how long a new connection has to send `register`.
+    register_timeout: float = 10.0
+    # A job no worker can take waits this long in the queue, then fails with a reason.
+    queue_timeout: float = 60.0
+    # Jobs waiting for a worker, all agents together; past this CreateDispatch is refused.
+    queue_limit: int = 10_000
+    # A worker that sends nothing (workers report status every 2.5 s) for this long is dead.
+    worker_silence_timeout: float = 30.0
+    # Agents dispatched to every room a LiveKit `room_started` webhook announces.
+    auto_dispatch: tuple[str, ...] = ()
+    # Finished jobs kept in memory for ListDispatch; older ones live only in the store.
+    finished_jobs_in_memory: int = 10_000
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 7880
+    dev: bool = False
+    log_level: str = "info"
+    ready_file: Path | None = None
+    # WebSocket-level keepalive: a worker that stops answering pings is disconnected.
+    ws_ping_interval: float = 10.0
+    ws_ping_timeout: float = 10.0
+    livekit_url: str = ""
+    livekit_api_key: str = ""
+    livekit_api_secret: str = ""
+    dispatch: DispatchSettings = field(default_factory=DispatchSettings)
+
+    @property
+    def database_url(self) -> str:
+        return f"sqlite+aiosqlite:///{self.data_dir / 'voicefleet.db'}"

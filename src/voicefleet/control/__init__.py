@@ -1,0 +1,1 @@
+"""The control plane: projects and, next, agents, versions, rollouts, secrets."""

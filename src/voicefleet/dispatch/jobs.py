@@ -1,0 +1,216 @@
+"""Jobs and dispatches: the job state machine, held in memory on the hot path.
+
+A dispatch (`AD_…`) asks for an agent in a room; it makes one job (`AJ_…`), one conversation
+for one worker. Every change is handed to the listeners (the store's recorder, the metrics).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from livekit.protocol import agent, agent_dispatch, models
+
+
+class JobState(StrEnum):
+    PENDING = "pending"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TERMINATED = "terminated"
+
+
+ENDED = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.TERMINATED})
+_NEXT: dict[JobState, frozenset[JobState]] = {
+    JobState.PENDING: frozenset({JobState.ASSIGNED, *ENDED}),
+    JobState.ASSIGNED: frozenset({JobState.RUNNING, *ENDED}),
+    JobState.RUNNING: ENDED,
+}
+
+_PROTO_STATUS = {
+    JobState.PENDING: agent.JobStatus.JS_PENDING,
+    JobState.ASSIGNED: agent.JobStatus.JS_PENDING,
+    JobState.RUNNING: agent.JobStatus.JS_RUNNING,
+    JobState.SUCCEEDED: agent.JobStatus.JS_SUCCESS,
+    JobState.FAILED: agent.JobStatus.JS_FAILED,
+    JobState.TERMINATED: agent.JobStatus.JS_CANCELLED,
+}
+
+
+def new_id(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(9).replace("-", "x").replace("_", "y")
+
+
+@dataclass(eq=False)
+class Job:
+    id: str
+    dispatch_id: str
+    agent_name: str
+    room: str
+    room_sid: str
+    namespace: str = ""
+    job_type: int = agent.JobType.JT_ROOM
+    metadata: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)
+    deployment: str = ""
+    state: JobState = JobState.PENDING
+    error: str = ""
+    worker_id: str = ""
+    agent_id: str = ""
+    version: str = ""
+    instance: str = ""
+    participant_identity: str = ""
+    created_at: float = field(default_factory=time.time)
+    assigned_at: float = 0.0
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    # Workers that refused or did not answer this job in the current dispatch pass.
+    tried: set[str] = field(default_factory=set, repr=False)
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED
+
+    def to_proto(self) -> agent.Job:
+        job = agent.Job(
+            id=self.id,
+            dispatch_id=self.dispatch_id,
+            type=self.job_type,  # type: ignore[arg-type]
+            room=models.Room(sid=self.room_sid, name=self.room),
+            namespace=self.namespace,
+            metadata=self.metadata,
+            agent_name=self.agent_name,
+            deployment=self.deployment,
+            state=self.state_proto(),
+        )
+        job.attributes.update(self.attributes)
+        return job
+
+    def state_proto(self) -> agent.JobState:
+        return agent.JobState(
+            status=_PROTO_STATUS[self.state],
+            error=self.error,
+            started_at=int(self.assigned_at * 1e9),
+            ended_at=int(self.ended_at * 1e9),
+            updated_at=int(max(self.created_at, self.assigned_at, self.ended_at) * 1e9),
+            participant_identity=self.participant_identity,
+            worker_id=self.worker_id,
+            agent_id=self.agent_id,
+        )
+
+
+@dataclass(eq=False)
+class Dispatch:
+    id: str
+    agent_name: str
+    room: str
+    metadata: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)
+    deployment: str = ""
+    created_at: float = field(default_factory=time.time)
+    deleted_at: float = 0.0
+    job_ids: list[str] = field(default_factory=list)
+
+
+JobListener = Callable[[Job, JobState | None], None]
+DispatchListener = Callable[[Dispatch], None]
+
+
+class IllegalTransition(Exception):
+    pass
+
+
+class JobBook:
+    """Live jobs and dispatches. Ended jobs stay for a while (ListDispatch), then only in the store."""
+
+    def __init__(self, finished_in_memory: int = 10_000) -> None:
+        self.jobs: dict[str, Job] = {}
+        self.dispatches: dict[str, Dispatch] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._finished_cap = finished_in_memory
+        self.job_listeners: list[JobListener] = []
+        self.dispatch_listeners: list[DispatchListener] = []
+
+    def add_dispatch(self, dispatch: Dispatch) -> None:
+        self.dispatches[dispatch.id] = dispatch
+        self._dispatch_changed(dispatch)
+
+    def delete_dispatch(self, dispatch: Dispatch) -> None:
+        dispatch.deleted_at = time.time()
+        self._dispatch_changed(dispatch)
+        del self.dispatches[dispatch.id]
+
+    def add_job(self, job: Job) -> None:
+        self.jobs[job.id] = job
+        dispatch = self.dispatches.get(job.dispatch_id)
+        if dispatch is not None:
+            dispatch.job_ids.append(job.id)
+        for listener in self.job_listeners:
+            listener(job, None)
+
+    def transition(self, job: Job, state: JobState, error: str = "") -> bool:
+        """Move `job` to `state`; False (and no change) if the job already ended."""
+        if job.ended:
+            return False
+        if state not in _NEXT[job.state] and state != job.state:
+            raise IllegalTransition(f"job {job.id}: {job.state} -> {state}")
+        previous = job.state
+        job.state = state
+        now = time.time()
+        if state == JobState.ASSIGNED:
+            job.assigned_at = now
+        elif state == JobState.RUNNING and not job.started_at:
+            job.started_at = now
+        if state in ENDED:
+            job.ended_at = now
+            job.error = error
+            self._retire(job)
+        for listener in self.job_listeners:
+            listener(job, previous)
+        return True
+
+    def _retire(self, job: Job) -> None:
+        self._finished[job.id] = None
+        while len(self._finished) > self._finished_cap:
+            old_id, _ = self._finished.popitem(last=False)
+            old = self.jobs.pop(old_id, None)
+            if old is not None:
+                dispatch = self.dispatches.get(old.dispatch_id)
+                if dispatch is not None and all(self.jobs.get(j) is None for j in dispatch.job_ids):
+                    del self.dispatches[dispatch.id]
+
+    def _dispatch_changed(self, dispatch: Dispatch) -> None:
+        for listener in self.dispatch_listeners:
+            listener(dispatch)
+
+    def in_room(self, room: str) -> list[Dispatch]:
+        return [d for d in self.dispatches.values() if d.room == room]
+
+    def dispatch_proto(self, dispatch: Dispatch) -> agent_dispatch.AgentDispatch:
+        jobs = [self.jobs[j].to_proto() for j in dispatch.job_ids if j in self.jobs]
+        state = agent_dispatch.AgentDispatchState(
+            jobs=jobs,
+            created_at=int(dispatch.created_at * 1e9),
+            deleted_at=int(dispatch.deleted_at * 1e9),
+        )
+        out = agent_dispatch.AgentDispatch(
+            id=dispatch.id,
+            agent_name=dispatch.agent_name,
+            room=dispatch.room,
+            metadata=dispatch.metadata,
+            state=state,
+            deployment=dispatch.deployment,
+        )
+        out.attributes.update(dispatch.attributes)
+        return out
+
+    def counts(self) -> dict[JobState, int]:
+        counts = dict.fromkeys(JobState, 0)
+        for job in self.jobs.values():
+            counts[job.state] += 1
+        return counts

@@ -1,0 +1,160 @@
+"""Connected workers and their status: the one place a worker's state lives."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from livekit.protocol import agent, models
+
+from voicefleet.protocol.tokens import UNMANAGED, WorkerIdentity
+
+UNMANAGED_POOL = "unmanaged"
+
+
+class WorkerStatus(StrEnum):
+    AVAILABLE = "available"
+    FULL = "full"
+    DRAINING = "draining"
+    DISCONNECTED = "disconnected"
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    """Workers that can take the same jobs: LiveKit matches on agent name, namespace, job type."""
+
+    agent_name: str
+    namespace: str
+    job_type: int
+
+
+@dataclass(eq=False)
+class Worker:
+    id: str
+    key: PoolKey
+    sdk_version: str
+    deployment: str
+    api_key: str
+    identity: WorkerIdentity
+    permissions: models.ParticipantPermission
+    outbox: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue, repr=False)
+    reported_full: bool = False
+    load: float = 0.0
+    job_count: int = 0
+    draining: bool = False
+    connected: bool = True
+    # Job ids assigned to this worker and not ended.
+    jobs: set[str] = field(default_factory=set)
+    # Availability requests awaiting this worker's answer, by job id.
+    offers: dict[str, asyncio.Future[agent.AvailabilityResponse]] = field(default_factory=dict)
+    registered_at: float = field(default_factory=time.time)
+
+    @property
+    def pool(self) -> str:
+        return self.identity.version or UNMANAGED_POOL
+
+    @property
+    def status(self) -> WorkerStatus:
+        if not self.connected:
+            return WorkerStatus.DISCONNECTED
+        if self.draining:
+            return WorkerStatus.DRAINING
+        if self.reported_full:
+            return WorkerStatus.FULL
+        return WorkerStatus.AVAILABLE
+
+    @property
+    def available(self) -> bool:
+        return self.connected and not self.draining and not self.reported_full
+
+    def send(self, msg: agent.ServerMessage) -> None:
+        """Queue a frame; the connection's writer sends it, so the caller never waits on I/O."""
+        if self.connected:
+            self.outbox.put_nowait(msg.SerializeToString())
+
+
+CapacityListener = Callable[[PoolKey], None]
+
+
+class Registry:
+    """Workers by id and by pool, in registration order (the round robin's order)."""
+
+    def __init__(self) -> None:
+        self.workers: dict[str, Worker] = {}
+        self.pools: dict[PoolKey, list[Worker]] = {}
+        self._listeners: list[CapacityListener] = []
+
+    def on_capacity(self, listener: CapacityListener) -> None:
+        """Call `listener(key)` whenever a worker of pool `key` may take a job it could not."""
+        self._listeners.append(listener)
+
+    def _capacity(self, key: PoolKey) -> None:
+        for listener in self._listeners:
+            listener(key)
+
+    def add(
+        self,
+        worker_id: str,
+        register: agent.RegisterWorkerRequest,
+        *,
+        api_key: str,
+        identity: WorkerIdentity = UNMANAGED,
+    ) -> Worker:
+        permissions = models.ParticipantPermission()
+        if register.HasField("allowed_permissions"):
+            permissions.CopyFrom(register.allowed_permissions)
+        else:
+            permissions = models.ParticipantPermission(
+                can_subscribe=True, can_publish=True, can_publish_data=True
+            )
+        key = PoolKey(register.agent_name, register.namespace, register.type)
+        worker = Worker(
+            id=worker_id,
+            key=key,
+            sdk_version=register.version,
+            deployment=register.deployment,
+            api_key=api_key,
+            identity=identity,
+            permissions=permissions,
+        )
+        self.workers[worker_id] = worker
+        self.pools.setdefault(key, []).append(worker)
+        self._capacity(key)
+        return worker
+
+    def remove(self, worker: Worker) -> None:
+        worker.connected = False
+        self.workers.pop(worker.id, None)
+        pool = self.pools.get(worker.key)
+        if pool is not None and worker in pool:
+            pool.remove(worker)
+            if not pool:
+                del self.pools[worker.key]
+
+    def update(self, worker: Worker, update: agent.UpdateWorkerStatus) -> None:
+        was_available = worker.available
+        if update.HasField("status"):
+            worker.reported_full = update.status == agent.WorkerStatus.WS_FULL
+        worker.load = update.load
+        previous_jobs, worker.job_count = worker.job_count, update.job_count
+        if update.draining:
+            worker.draining = True
+        if worker.available and (not was_available or worker.job_count < previous_jobs):
+            self._capacity(worker.key)
+
+    def drain(self, worker: Worker) -> None:
+        """Stop offering jobs to `worker`; the jobs it has run to their end."""
+        worker.draining = True
+
+    def job_ended(self, worker: Worker) -> None:
+        if worker.available:
+            self._capacity(worker.key)
+
+    def counts(self) -> dict[WorkerStatus, int]:
+        counts = dict.fromkeys(WorkerStatus, 0)
+        for worker in self.workers.values():
+            counts[worker.status] += 1
+        return counts

@@ -1,0 +1,331 @@
+"""The choice of worker for each job, and nothing else.
+
+As LiveKit's server does: a job goes only to workers registered for its agent name, namespace
+and job type; the server sends an availability request and waits up to `availability_timeout`
+for the answer; a refusal (or here also a timeout, or the worker vanishing) moves the job to the
+next worker. Workers are taken round robin among those available. A job that finds no available
+worker waits in a bounded FIFO queue until one is, or fails after `queue_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Collection, Coroutine, Sequence
+from typing import Any
+
+from livekit.protocol import agent
+
+from voicefleet.config import DispatchSettings, Project
+from voicefleet.dispatch.jobs import Job, JobBook, JobState
+from voicefleet.dispatch.registry import PoolKey, Registry, Worker
+from voicefleet.errors import NoCapacity
+from voicefleet.metrics import Metrics
+from voicefleet.protocol.tokens import mint_room_token
+
+log = logging.getLogger("voicefleet.dispatch")
+
+ATTRIBUTE_AGENT_NAME = "lk.agent_name"
+
+
+class WorkerGone(Exception):
+    pass
+
+
+def pick_worker(
+    pool: Sequence[Worker], cursor: int, exclude: Collection[str]
+) -> tuple[Worker | None, int]:
+    """The next available worker at or after `cursor` (round robin), and the cursor after it."""
+    n = len(pool)
+    for i in range(n):
+        worker = pool[(cursor + i) % n]
+        if worker.available and worker.id not in exclude:
+            return worker, (cursor + i + 1) % n
+    return None, cursor
+
+
+def job_key(job: Job) -> PoolKey:
+    return PoolKey(job.agent_name, job.namespace, job.job_type)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        registry: Registry,
+        book: JobBook,
+        project: Project,
+        settings: DispatchSettings,
+        metrics: Metrics,
+    ) -> None:
+        self.registry = registry
+        self.book = book
+        self.project = project
+        self.settings = settings
+        self.metrics = metrics
+        self._cursor: dict[PoolKey, int] = {}
+        self._waiting: dict[PoolKey, deque[Job]] = {}
+        self._wake: dict[PoolKey, asyncio.Event] = {}
+        self._pumps: dict[PoolKey, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        registry.on_capacity(self._on_capacity)
+
+    @property
+    def queued(self) -> int:
+        return sum(len(q) for q in self._waiting.values())
+
+    # -- entry points -------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Take a new job: offer it now, or queue it. Raises NoCapacity when the queue is full."""
+        if self.queued >= self.settings.queue_limit:
+            raise NoCapacity(
+                f"dispatch queue is full ({self.settings.queue_limit} jobs wait for a worker)"
+            )
+        self.book.add_job(job)
+        self.requeue(job)
+
+    def requeue(self, job: Job) -> None:
+        """(Re)start dispatching a job already in the book."""
+        key = job_key(job)
+        waiting = self._waiting.get(key)
+        if waiting:
+            waiting.append(job)  # keep FIFO: jobs queued before this one go first
+        else:
+            self._spawn(self._dispatch(job))
+
+    def job_update(self, worker: Worker, update: agent.UpdateJobStatus) -> None:
+        job = self.book.jobs.get(update.job_id)
+        if job is None or job.worker_id != worker.id:
+            log.debug("update for a job this worker does not hold", extra={"job": update.job_id})
+            return
+        if update.status == agent.JobStatus.JS_RUNNING:
+            self.book.transition(job, JobState.RUNNING)
+            return
+        if update.status == agent.JobStatus.JS_SUCCESS:
+            self.book.transition(job, JobState.SUCCEEDED)
+        elif update.status == agent.JobStatus.JS_FAILED:
+            self.book.transition(job, JobState.FAILED, update.error or "the agent's job failed")
+        elif update.status == agent.JobStatus.JS_CANCELLED:
+            self.book.transition(job, JobState.TERMINATED, update.error or "cancelled by worker")
+        else:
+            return
+        worker.jobs.discard(job.id)
+        self.registry.job_ended(worker)
+
+    def worker_gone(self, worker: Worker, reason: str) -> None:
+        """A worker's connection ended: its offers move on, its jobs fail with `reason`."""
+        self.registry.remove(worker)
+        for fut in worker.offers.values():
+            if not fut.done():
+                fut.set_exception(WorkerGone(reason))
+        for job_id in sorted(worker.jobs):
+            job = self.book.jobs.get(job_id)
+            if job is not None:
+                self.book.transition(
+                    job,
+                    JobState.FAILED,
+                    f"worker {worker.id} {reason} while the job was {job.state}",
+                )
+        worker.jobs.clear()
+
+    def adopt(self, worker: Worker, job_ids: Sequence[str]) -> None:
+        """A worker reports jobs it runs (after a reconnect, e.g. when this server restarted)."""
+        for job_id in job_ids:
+            job = self.book.jobs.get(job_id)
+            if job is None or job.ended:
+                continue
+            job.worker_id = worker.id
+            worker.jobs.add(job_id)
+            log.info("job re-adopted", extra={"job": job_id, "worker": worker.id})
+
+    def terminate(self, job: Job, reason: str) -> None:
+        """End a job for good: tell its worker (JobTermination) and never dispatch it again."""
+        worker = self.registry.workers.get(job.worker_id) if job.worker_id else None
+        if worker is not None and job.state in (JobState.ASSIGNED, JobState.RUNNING):
+            worker.send(agent.ServerMessage(termination=agent.JobTermination(job_id=job.id)))
+            worker.jobs.discard(job.id)
+        self.book.transition(job, JobState.TERMINATED, reason)
+
+    def expire_queued(self, now: float | None = None) -> int:
+        """Fail jobs that waited longer than `queue_timeout`; return how many."""
+        now = time.time() if now is None else now
+        limit = self.settings.queue_timeout
+        expired = 0
+        for key, waiting in self._waiting.items():
+            keep: deque[Job] = deque()
+            for job in waiting:
+                if job.ended:
+                    continue
+                if now - job.created_at < limit:
+                    keep.append(job)
+                    continue
+                expired += 1
+                self.book.transition(job, JobState.FAILED, self._no_worker_reason(key, limit))
+            waiting.clear()
+            waiting.extend(keep)
+            if not waiting:
+                self._wake[key].set()  # let the pool's pump see the empty queue and end
+        return expired
+
+    async def run_expiry(self, interval: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.expire_queued()
+
+    async def close(self) -> None:
+        tasks = [*self._tasks, *self._pumps.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- dispatching --------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _pick(self, key: PoolKey, job: Job) -> Worker | None:
+        worker, self._cursor[key] = pick_worker(
+            self.registry.pools.get(key, ()), self._cursor.get(key, 0), job.tried
+        )
+        return worker
+
+    async def _dispatch(self, job: Job, worker: Worker | None = None) -> None:
+        key = job_key(job)
+        while not job.ended and job.state == JobState.PENDING:
+            worker = worker or self._pick(key, job)
+            if worker is None:
+                self._park(key, job)
+                return
+            if await self._offer(job, worker):
+                return
+            worker = None
+
+    async def _offer(self, job: Job, worker: Worker) -> bool:
+        """Offer `job` to `worker`; True once the job is no longer waiting for a worker."""
+        fut: asyncio.Future[agent.AvailabilityResponse] = asyncio.get_running_loop().create_future()
+        worker.offers[job.id] = fut
+        worker.send(agent.ServerMessage(availability=agent.AvailabilityRequest(job=job.to_proto())))
+        try:
+            answer = await asyncio.wait_for(fut, self.settings.availability_timeout)
+        except TimeoutError:
+            return self._declined(job, worker, "timeout")
+        except WorkerGone:
+            return self._declined(job, worker, "worker_gone")
+        finally:
+            worker.offers.pop(job.id, None)
+        if job.ended:
+            return True  # deleted while the worker thought it over
+        if answer.terminate:
+            self.book.transition(job, JobState.TERMINATED, f"worker {worker.id} ended the job")
+            return True
+        if not answer.available:
+            return self._declined(job, worker, "refused")
+        if not worker.connected:
+            return self._declined(job, worker, "worker_gone")
+        self._assign(job, worker, answer)
+        return True
+
+    def _declined(self, job: Job, worker: Worker, outcome: str) -> bool:
+        self.metrics.offers.labels(outcome).inc()
+        job.tried.add(worker.id)
+        log.info(
+            "offer declined",
+            extra={"job": job.id, "worker": worker.id, "outcome": outcome},
+        )
+        return job.ended
+
+    def _assign(self, job: Job, worker: Worker, answer: agent.AvailabilityResponse) -> None:
+        attributes = dict(answer.participant_attributes)
+        attributes[ATTRIBUTE_AGENT_NAME] = worker.key.agent_name
+        key, secret = self.project.room_token_key
+        p = worker.permissions
+        token = mint_room_token(
+            key,
+            secret,
+            room=job.room,
+            identity=answer.participant_identity,
+            name=answer.participant_name,
+            metadata=answer.participant_metadata,
+            attributes=attributes,
+            permissions={
+                "canPublish": p.can_publish,
+                "canSubscribe": p.can_subscribe,
+                "canPublishData": p.can_publish_data,
+                "canUpdateOwnMetadata": p.can_update_metadata,
+                "hidden": p.hidden,
+            },
+        )
+        job.worker_id = worker.id
+        job.agent_id = worker.identity.agent
+        job.version = worker.pool
+        job.instance = worker.identity.instance
+        job.participant_identity = answer.participant_identity
+        self.book.transition(job, JobState.ASSIGNED)
+        worker.jobs.add(job.id)
+        worker.send(
+            agent.ServerMessage(
+                assignment=agent.JobAssignment(
+                    job=job.to_proto(), url=self.project.livekit_url, token=token
+                )
+            )
+        )
+        self.metrics.offers.labels("accepted").inc()
+        self.metrics.dispatch_latency.observe(job.assigned_at - job.created_at)
+        log.info(
+            "job assigned",
+            extra={"job": job.id, "worker": worker.id, "room": job.room, "pool": worker.pool},
+        )
+
+    # -- the queue ----------------------------------------------------------------------------
+
+    def _park(self, key: PoolKey, job: Job) -> None:
+        # A job that was refused everywhere goes back ahead of jobs that arrived after it.
+        self._waiting.setdefault(key, deque()).appendleft(job)
+        if key not in self._pumps:
+            self._wake.setdefault(key, asyncio.Event())
+            self._pumps[key] = asyncio.create_task(self._pump(key))
+
+    def _on_capacity(self, key: PoolKey) -> None:
+        wake = self._wake.get(key)
+        if wake is not None:
+            wake.set()
+
+    async def _pump(self, key: PoolKey) -> None:
+        """Hand waiting jobs of one pool to workers in FIFO order as workers become available."""
+        waiting = self._waiting[key]
+        wake = self._wake[key]
+        try:
+            while waiting:
+                job = waiting[0]
+                if job.ended:
+                    waiting.popleft()
+                    continue
+                worker = self._pick(key, job)
+                if worker is None:
+                    wake.clear()
+                    await wake.wait()
+                    job.tried.clear()  # something changed: a new pass over the workers
+                    continue
+                waiting.popleft()
+                self._spawn(self._dispatch(job, worker))
+        finally:
+            del self._pumps[key]
+            if not waiting:
+                del self._waiting[key]
+                del self._wake[key]
+
+    def _no_worker_reason(self, key: PoolKey, waited: float) -> str:
+        pool = self.registry.pools.get(key, [])
+        name = key.agent_name or "(automatic dispatch, no agent_name)"
+        if not pool:
+            return f"no worker registered for agent '{name}' within {waited:g}s"
+        states = ", ".join(f"{w.id}: {w.status}" for w in pool[:5])
+        more = f" and {len(pool) - 5} more" if len(pool) > 5 else ""
+        return (
+            f"no worker for agent '{name}' took the job within {waited:g}s "
+            f"({len(pool)} registered, none available or all refused: {states}{more})"
+        )

@@ -1,0 +1,114 @@
+"""LiveKit's `AgentDispatchService` over Twirp (protobuf or JSON), for the `livekit-api` client."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError, Message
+from livekit.protocol import agent_dispatch as ad
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from voicefleet.dispatch.service import DispatchService
+from voicefleet.errors import InvalidRequest, NotFound, ProtocolError, VoicefleetError
+from voicefleet.protocol import tokens
+
+PROTOBUF = "application/protobuf"
+JSON = "application/json"
+MAX_BODY = 1 << 20
+
+
+def twirp_error(code: str, msg: str, status: int) -> Response:
+    return JSONResponse({"code": code, "msg": msg}, status_code=status)
+
+
+async def _decode(request: Request, message: Message) -> str:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise InvalidRequest(f"request body over {MAX_BODY} bytes")
+    try:
+        if kind == PROTOBUF:
+            message.ParseFromString(body)
+        elif kind == JSON:
+            json_format.Parse(body or b"{}", message, ignore_unknown_fields=True)
+        else:
+            raise InvalidRequest(f"Content-Type must be {PROTOBUF} or {JSON}, got '{kind}'")
+    except (DecodeError, json_format.ParseError) as e:
+        raise ProtocolError(f"body is not a valid {message.DESCRIPTOR.full_name}: {e}") from None
+    return kind
+
+
+def _encode(kind: str, message: Message) -> Response:
+    if kind == PROTOBUF:
+        return Response(message.SerializeToString(), media_type=PROTOBUF)
+    return Response(
+        json_format.MessageToJson(message, preserving_proto_field_name=True), media_type=JSON
+    )
+
+
+def _authorize(request: Request, service: DispatchService, room: str) -> None:
+    claims = tokens.verify(tokens.bearer(request.headers.get("authorization")), service.secret_for)
+    claims.require("roomAdmin", room)
+
+
+async def _create(request: Request, service: DispatchService) -> Response:
+    req = ad.CreateAgentDispatchRequest()
+    kind = await _decode(request, req)
+    _authorize(request, service, req.room)
+    dispatch = service.create_dispatch(
+        agent_name=req.agent_name,
+        room=req.room,
+        metadata=req.metadata,
+        attributes=dict(req.attributes),
+        deployment=req.deployment,
+    )
+    return _encode(kind, service.book.dispatch_proto(dispatch))
+
+
+async def _list(request: Request, service: DispatchService) -> Response:
+    req = ad.ListAgentDispatchRequest()
+    kind = await _decode(request, req)
+    _authorize(request, service, req.room)
+    found = service.list_dispatches(req.room, req.dispatch_id)
+    return _encode(
+        kind,
+        ad.ListAgentDispatchResponse(
+            agent_dispatches=[service.book.dispatch_proto(d) for d in found]
+        ),
+    )
+
+
+async def _delete(request: Request, service: DispatchService) -> Response:
+    req = ad.DeleteAgentDispatchRequest()
+    kind = await _decode(request, req)
+    _authorize(request, service, req.room)
+    dispatch = service.delete_dispatch(req.dispatch_id, req.room)
+    return _encode(kind, service.book.dispatch_proto(dispatch))
+
+
+METHODS: dict[str, Callable[[Request, DispatchService], object]] = {
+    "CreateDispatch": _create,
+    "ListDispatch": _list,
+    "DeleteDispatch": _delete,
+}
+
+
+async def agent_dispatch_service(
+    request: Request, service: DispatchService, method: str
+) -> Response:
+    handler = METHODS.get(method)
+    if handler is None:
+        return twirp_error(
+            "bad_route", f"no method '{method}' in livekit.AgentDispatchService", 404
+        )
+    try:
+        response = await handler(request, service)  # type: ignore[misc]
+        assert isinstance(response, Response)
+        return response
+    except NotFound as e:
+        return twirp_error(e.twirp_code, str(e), e.status)
+    except VoicefleetError as e:
+        status = 400 if e.status >= 500 else e.status
+        return twirp_error(e.twirp_code, str(e), status)

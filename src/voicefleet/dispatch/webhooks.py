@@ -1,0 +1,90 @@
+"""`POST /webhooks/livekit`: automatic dispatch when a LiveKit SFU announces a room.
+
+LiveKit signs each webhook with a JWT in the Authorization header (no `Bearer`), made with the
+SFU's API key, whose `sha256` claim is the base64 SHA-256 of the body.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+from collections import OrderedDict
+
+from google.protobuf import json_format
+from livekit.protocol import webhook
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from voicefleet.dispatch.service import DispatchService
+from voicefleet.errors import AuthError, VoicefleetError
+from voicefleet.protocol import tokens
+
+log = logging.getLogger("voicefleet.dispatch")
+
+MAX_BODY = 1 << 20
+
+
+class WebhookReceiver:
+    def __init__(self, service: DispatchService) -> None:
+        self.service = service
+        # LiveKit retries a webhook it thinks failed: remember recent event ids.
+        self._seen: OrderedDict[str, None] = OrderedDict()
+
+    def _secret_for(self, api_key: str) -> str | None:
+        key, secret = self.service.project.room_token_key
+        if api_key == key:
+            return secret
+        return self.service.secret_for(api_key)
+
+    def verify(self, body: bytes, authorization: str | None) -> webhook.WebhookEvent:
+        claims = tokens.verify(tokens.bearer(authorization), self._secret_for)
+        signed = claims.raw.get("sha256")
+        if not isinstance(signed, str) or not signed:
+            raise AuthError("webhook token has no sha256 claim")
+        digest = base64.b64encode(hashlib.sha256(body).digest()).decode()
+        if not hmac.compare_digest(digest, signed):
+            raise AuthError("webhook body does not match the token's sha256 claim")
+        event = webhook.WebhookEvent()
+        try:
+            json_format.Parse(body, event, ignore_unknown_fields=True)
+        except json_format.ParseError as e:
+            raise AuthError(f"webhook body is not a WebhookEvent: {e}") from None
+        return event
+
+    def handle(self, event: webhook.WebhookEvent) -> list[str]:
+        """Dispatch the configured agents to a started room; return the new dispatch ids."""
+        if event.event != "room_started" or not event.room.name:
+            return []
+        if event.id:
+            if event.id in self._seen:
+                return []
+            self._seen[event.id] = None
+            while len(self._seen) > 10_000:
+                self._seen.popitem(last=False)
+        created = []
+        existing = {d.agent_name for d in self.service.book.in_room(event.room.name)}
+        for agent_name in self.service.settings.auto_dispatch:
+            if agent_name in existing:
+                continue
+            dispatch = self.service.create_dispatch(
+                agent_name=agent_name,
+                room=event.room.name,
+                room_sid=event.room.sid,
+                metadata=event.room.metadata,
+            )
+            created.append(dispatch.id)
+        log.info("room started", extra={"room": event.room.name, "dispatches": created})
+        return created
+
+    async def __call__(self, request: Request) -> Response:
+        body = await request.body()
+        if len(body) > MAX_BODY:
+            return JSONResponse({"error": f"body over {MAX_BODY} bytes"}, status_code=413)
+        try:
+            event = self.verify(body, request.headers.get("authorization"))
+            created = self.handle(event)
+        except VoicefleetError as e:
+            return JSONResponse({"error": str(e)}, status_code=e.status)
+        return JSONResponse({"dispatches": created})

@@ -1,0 +1,48 @@
+"""The errors a user can act on, mapped to HTTP status and Twirp codes in one place."""
+
+from __future__ import annotations
+
+
+class VoicefleetError(Exception):
+    """Base of every error voicefleet raises on purpose."""
+
+    status = 500
+    twirp_code = "internal"
+
+
+class AuthError(VoicefleetError):
+    """A missing, malformed, expired or wrongly signed token, or one without the needed grant."""
+
+    status = 401
+    twirp_code = "unauthenticated"
+
+
+class PermissionDenied(AuthError):
+    """A valid token that lacks the grant this call needs."""
+
+    status = 403
+    twirp_code = "permission_denied"
+
+
+class InvalidRequest(VoicefleetError):
+    status = 400
+    twirp_code = "invalid_argument"
+
+
+class NotFound(VoicefleetError):
+    status = 404
+    twirp_code = "not_found"
+
+
+class NoCapacity(VoicefleetError):
+    """The dispatch queue is full: no worker can take the job and no room is left to wait."""
+
+    status = 429
+    twirp_code = "resource_exhausted"
+
+
+class ProtocolError(VoicefleetError):
+    """A worker sent a frame that is not a valid `WorkerMessage`, or sent it out of turn."""
+
+    status = 400
+    twirp_code = "malformed"

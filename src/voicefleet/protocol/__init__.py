@@ -1,0 +1,1 @@
+"""LiveKit's wire format and tokens: frames and JWTs, no I/O."""

@@ -1,0 +1,1 @@
+"""SQLAlchemy models and the writers that keep them; SQLite by default."""

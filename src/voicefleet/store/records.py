@@ -1,0 +1,158 @@
+"""Job and dispatch history: written behind the dispatch path in batches, read back at start.
+
+The hot path only marks a job dirty (a dict insert); `Recorder.run` flushes every
+`interval` seconds in one transaction, so a burst of 3,000 assignments costs one commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.dialects.sqlite import insert
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from voicefleet.dispatch.jobs import ENDED, Dispatch, Job, JobState
+from voicefleet.store.models import Base, DispatchRow, JobRow
+
+log = logging.getLogger("voicefleet.store")
+
+_JOB_FIELDS = (
+    "id", "dispatch_id", "agent_name", "namespace", "job_type", "room", "room_sid", "attributes",
+    "deployment", "state", "error", "worker_id", "agent_id", "version", "instance",
+    "participant_identity", "created_at", "assigned_at", "started_at", "ended_at",
+)  # fmt: skip
+
+
+def _job_row(job: Job) -> dict[str, Any]:
+    row = {f: getattr(job, f) for f in _JOB_FIELDS}
+    row["state"] = str(job.state)
+    row["metadata"] = job.metadata
+    return row
+
+
+def _dispatch_row(d: Dispatch) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "agent_name": d.agent_name,
+        "room": d.room,
+        "metadata": d.metadata,
+        "attributes": d.attributes,
+        "deployment": d.deployment,
+        "created_at": d.created_at,
+        "deleted_at": d.deleted_at,
+    }
+
+
+async def open_engine(url: str) -> AsyncEngine:
+    engine = create_async_engine(url)
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+        await conn.run_sync(Base.metadata.create_all)
+    return engine
+
+
+class Recorder:
+    def __init__(self, engine: AsyncEngine, interval: float = 0.2) -> None:
+        self.engine = engine
+        self.interval = interval
+        self._jobs: dict[str, Job] = {}
+        self._dispatches: dict[str, Dispatch] = {}
+        # Rows of a flush that failed, written again (under newer ones) by the next flush.
+        self._unwritten: tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]] = ({}, {})
+
+    def job_changed(self, job: Job, previous: JobState | None = None) -> None:
+        self._jobs[job.id] = job
+
+    def dispatch_changed(self, dispatch: Dispatch) -> None:
+        self._dispatches[dispatch.id] = dispatch
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.flush()
+            except Exception:
+                # The rows are kept for the next flush; dispatching goes on meanwhile.
+                log.exception("writing job history failed; retrying")
+
+    async def flush(self) -> None:
+        # Snapshot rows now: the objects keep changing while the write awaits.
+        old_jobs, old_dispatches = self._unwritten
+        jobs = {**old_jobs, **{i: _job_row(j) for i, j in self._jobs.items()}}
+        dispatches = {
+            **old_dispatches,
+            **{i: _dispatch_row(d) for i, d in self._dispatches.items()},
+        }
+        self._jobs, self._dispatches, self._unwritten = {}, {}, ({}, {})
+        if not jobs and not dispatches:
+            return
+        try:
+            async with self.engine.begin() as conn:
+                if dispatches:
+                    stmt = insert(DispatchRow.__table__)
+                    await conn.execute(
+                        stmt.on_conflict_do_update(
+                            index_elements=["id"], set_={"deleted_at": stmt.excluded.deleted_at}
+                        ),
+                        list(dispatches.values()),
+                    )
+                if jobs:
+                    stmt = insert(JobRow.__table__)
+                    updates = {c: stmt.excluded[c] for c in _JOB_FIELDS if c != "id"}
+                    await conn.execute(
+                        stmt.on_conflict_do_update(index_elements=["id"], set_=updates),
+                        list(jobs.values()),
+                    )
+        except Exception:
+            self._unwritten = (jobs, dispatches)
+            raise
+
+
+async def load_open(engine: AsyncEngine) -> tuple[list[Dispatch], list[Job]]:
+    """Dispatches not deleted and jobs not ended, as the last run left them."""
+    async with engine.connect() as conn:
+        drows = (
+            await conn.execute(select(DispatchRow.__table__).where(DispatchRow.deleted_at == 0))
+        ).all()
+        jrows = (
+            await conn.execute(
+                select(JobRow.__table__).where(JobRow.state.not_in([str(s) for s in ENDED]))
+            )
+        ).all()
+    dispatches = [
+        Dispatch(
+            id=r.id,
+            agent_name=r.agent_name,
+            room=r.room,
+            metadata=r.metadata,
+            attributes=dict(r.attributes or {}),
+            deployment=r.deployment,
+            created_at=r.created_at,
+        )
+        for r in drows
+    ]
+    jobs = []
+    for r in jrows:
+        job = Job(**{f: getattr(r, f) for f in _JOB_FIELDS if f not in ("state", "attributes")})
+        job.state = JobState(r.state)
+        job.metadata = r.metadata
+        job.attributes = dict(r.attributes or {})
+        jobs.append(job)
+    return dispatches, jobs
+
+
+async def history(
+    engine: AsyncEngine, *, limit: int = 100, room: str | None = None, state: str | None = None
+) -> list[dict[str, Any]]:
+    """Recent jobs, newest first, straight from the store."""
+    query = select(JobRow.__table__).order_by(JobRow.created_at.desc()).limit(limit)
+    if room:
+        query = query.where(JobRow.room == room)
+    if state:
+        query = query.where(JobRow.state == state)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+    return [dict(r._mapping) for r in rows]

@@ -1,0 +1,70 @@
+"""A real livekit-agents worker for the tests: it leaves a marker file for every job it runs.
+
+Driven by environment variables so that one file covers every test:
+  MARKER_DIR     where `<job id>.started` (JSON) and `<job id>.done` are written
+  AGENT_NAME     the agent name it registers with (explicit dispatch)
+  REJECT_JOBS=1  its request_fnc refuses every job
+  MAX_JOBS       it reports FULL once it runs this many jobs (default 8)
+A job's metadata may be JSON {"hold": seconds}: the entrypoint waits that long, then ends the
+job with ctx.shutdown().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+from livekit.agents import JobContext, JobRequest, WorkerOptions, cli
+
+MARKER_DIR = Path(os.environ["MARKER_DIR"])
+MAX_JOBS = int(os.environ.get("MAX_JOBS", "8"))
+
+
+async def request(req: JobRequest) -> None:
+    if os.environ.get("REJECT_JOBS") == "1":
+        await req.reject()
+    else:
+        await req.accept(identity=f"agent-{req.job.id}")
+
+
+def load(worker: object) -> float:
+    # Jobs, not CPU: the tests' machines are shared, so CPU load would make "full" random.
+    return min(len(worker.active_jobs) / MAX_JOBS, 1.0)  # type: ignore[attr-defined]
+
+
+async def entrypoint(ctx: JobContext) -> None:
+    job = ctx.job
+    hold = float(json.loads(job.metadata or "{}").get("hold", 0))
+    (MARKER_DIR / f"{job.id}.started").write_text(
+        json.dumps(
+            {
+                "job_id": job.id,
+                "dispatch_id": job.dispatch_id,
+                "room": job.room.name,
+                "metadata": job.metadata,
+                "worker_pid": os.getppid(),
+                "url": ctx._info.url,
+                "token": ctx._info.token,
+            }
+        )
+    )
+    await asyncio.sleep(hold)
+    (MARKER_DIR / f"{job.id}.done").write_text("done")
+    ctx.shutdown("done")
+
+
+if __name__ == "__main__":
+    cli.run_app(
+        WorkerOptions(
+            entrypoint_fnc=entrypoint,
+            request_fnc=request,
+            load_fnc=load,
+            load_threshold=0.99,
+            agent_name=os.environ.get("AGENT_NAME", "marker"),
+            num_idle_processes=1,
+            port=0,
+            drain_timeout=120,
+        )
+    )
