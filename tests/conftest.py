@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from livekit import api
+
+from tests.support import DEV_KEY, DEV_SECRET, Server, Worker
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server for the tests that only need the defaults; each test uses its own agent names."""
+    srv = Server(tmp_path_factory.mktemp("server"), "--availability-timeout", "3").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """Start a server of the test's own with extra `vf server` flags."""
+    servers: list[Server] = []
+
+    def start(*args: str, data_dir: Path | None = None) -> Server:
+        srv = Server(data_dir or tmp_path / f"server{len(servers)}", *args).start()
+        servers.append(srv)
+        return srv
+
+    yield start
+    for srv in servers:
+        srv.stop()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    """Start real livekit-agents workers (tests/agents/marker_agent.py); all are killed after."""
+    workers: list[Worker] = []
+
+    def start(server: Server, agent_name: str, **env: str) -> Worker:
+        worker = Worker(server, tmp_path / "markers", agent_name, **env)
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+@pytest.fixture
+def markers(tmp_path: Path) -> Path:
+    return tmp_path / "markers"
+
+
+@pytest.fixture
+async def lkapi(server: Server) -> AsyncIterator[api.LiveKitAPI]:
+    client = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
+    yield client
+    await client.aclose()

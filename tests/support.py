@@ -1,0 +1,212 @@
+"""Real parts for the tests: a `vf server` subprocess, real livekit-agents workers, waiting helpers.
+
+Everything listens on 127.0.0.1 with a free port and is stopped by the fixture that started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from voicefleet.protocol import tokens
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKER_AGENT = ROOT / "tests" / "agents" / "marker_agent.py"
+DEV_KEY, DEV_SECRET = "devkey", "secret"
+
+T = TypeVar("T")
+
+
+async def wait_for(
+    check: Callable[[], T | None | Awaitable[T | None]],
+    timeout: float = 20.0,
+    what: str = "condition",
+    interval: float = 0.05,
+) -> T:
+    """Poll `check` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result  # type: ignore[return-value]
+        last = result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+        await asyncio.sleep(interval)
+
+
+def admin_token() -> str:
+    return tokens.mint(DEV_KEY, DEV_SECRET, video={"roomAdmin": True})
+
+
+class Server:
+    """`vf server --dev` in a subprocess."""
+
+    def __init__(self, data_dir: Path, *args: str) -> None:
+        self.data_dir = data_dir
+        self.args = args
+        self.log_path = data_dir / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 30.0) -> Server:
+        ready = self.data_dir / "ready.json"
+        ready.unlink(missing_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "voicefleet", "server", "--dev", "--host", "127.0.0.1",
+                "--port", "0", "--data-dir", str(self.data_dir), "--ready-file", str(ready),
+                *self.args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vf server exited ({self.proc.returncode}):\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vf server not ready after {timeout}s:\n{self.log()}")
+            time.sleep(0.05)
+        self.url = json.loads(ready.read_text())["url"]
+        return self
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def _get(self, path: str, **params: Any) -> Any:
+        r = httpx.get(
+            self.url + path,
+            params=params,
+            headers={"Authorization": f"Bearer {admin_token()}"},
+            timeout=10,
+        )
+        r.raise_for_status()
+        return r.json()
+
+    def workers(self, agent_name: str | None = None) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = self._get("/api/v1/workers")
+        return [w for w in found if agent_name is None or w["agent_name"] == agent_name]
+
+    def jobs(self, **params: Any) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = self._get("/api/v1/jobs", limit=1000, **params)
+        return found
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        return next((j for j in self.jobs() if j["id"] == job_id), None)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample's value from /metrics (0 when absent)."""
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            key, _, value = line.rpartition(" ")
+            if key == (f"{name}{{{want}}}" if want else name):
+                return float(value)
+        return 0.0
+
+
+class Worker:
+    """A real livekit-agents worker (tests/agents/marker_agent.py) in its own process group."""
+
+    def __init__(self, server: Server, marker_dir: Path, agent_name: str, **env: str) -> None:
+        self.server = server
+        self.marker_dir = marker_dir
+        self.agent_name = agent_name
+        marker_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = marker_dir / f"worker-{agent_name}-{time.monotonic_ns()}.log"
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(MARKER_AGENT), "start"],
+            env={
+                **os.environ,
+                "LIVEKIT_URL": server.ws_url,
+                "LIVEKIT_API_KEY": DEV_KEY,
+                "LIVEKIT_API_SECRET": DEV_SECRET,
+                "MARKER_DIR": str(marker_dir),
+                "AGENT_NAME": agent_name,
+                **env,
+            },
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        self.id = ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def registered(self, timeout: float = 60.0) -> str:
+        """Wait until the server lists this worker; return its worker id."""
+
+        def find() -> str | None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited ({self.proc.returncode}):\n{self.log()}")
+            text = self.log()
+            marker = '"message": "registered worker"'
+            for line in text.splitlines():
+                if marker in line:
+                    return str(json.loads(line)["id"])
+            return None
+
+        self.id = await wait_for(find, timeout, f"worker {self.agent_name} to register")
+        return self.id
+
+    def sigterm(self) -> None:
+        os.kill(self.proc.pid, signal.SIGTERM)
+
+    def kill9(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def started(marker_dir: Path, job_id: str) -> dict[str, Any] | None:
+    path = marker_dir / f"{job_id}.started"
+    if not path.exists():
+        return None
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except ValueError:
+        return None  # still being written
+    return data
