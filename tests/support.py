@@ -28,7 +28,7 @@ T = TypeVar("T")
 
 
 async def wait_for(
-    check: Callable[[], T | None | Awaitable[T | None]],
+    check: Callable[[], T | Awaitable[T | None] | None],
     timeout: float = 20.0,
     what: str = "condition",
     interval: float = 0.05,
