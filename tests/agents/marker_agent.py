@@ -3,7 +3,8 @@
 Driven by environment variables so that one file covers every test:
   MARKER_DIR     where `<job id>.started` (JSON) and `<job id>.done` are written
   AGENT_NAME     the agent name it registers with (explicit dispatch)
-  REJECT_JOBS=1  its request_fnc refuses every job
+  REJECT_JOBS=1  its request_fnc declines every job (not available: the server tries another)
+  REJECT_JOBS=terminate  its request_fnc rejects every job for good (reject()'s default)
   MAX_JOBS       it reports FULL once it runs this many jobs (default 8)
 A job's metadata may be JSON {"hold": seconds}: the entrypoint waits that long, then ends the
 job with ctx.shutdown().
@@ -23,7 +24,10 @@ MAX_JOBS = int(os.environ.get("MAX_JOBS", "8"))
 
 
 async def request(req: JobRequest) -> None:
-    if os.environ.get("REJECT_JOBS") == "1":
+    reject = os.environ.get("REJECT_JOBS")
+    if reject == "1":
+        await req.reject(terminate=False)
+    elif reject == "terminate":
         await req.reject()
     else:
         await req.accept(identity=f"agent-{req.job.id}")
@@ -44,7 +48,7 @@ async def entrypoint(ctx: JobContext) -> None:
                 "dispatch_id": job.dispatch_id,
                 "room": job.room.name,
                 "metadata": job.metadata,
-                "worker_pid": os.getppid(),
+                "worker_pgid": os.getpgid(0),
                 "url": ctx._info.url,
                 "token": ctx._info.token,
             }

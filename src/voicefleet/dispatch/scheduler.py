@@ -10,6 +10,7 @@ worker waits in a bounded FIFO queue until one is, or fails after `queue_timeout
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -283,8 +284,10 @@ class Scheduler:
     # -- the queue ----------------------------------------------------------------------------
 
     def _park(self, key: PoolKey, job: Job) -> None:
-        # A job that was refused everywhere goes back ahead of jobs that arrived after it.
-        self._waiting.setdefault(key, deque()).appendleft(job)
+        waiting = self._waiting.setdefault(key, deque())
+        # FIFO by creation: a job that came back refused goes ahead of jobs created after it.
+        i = next((i for i, other in enumerate(waiting) if other.created_at > job.created_at), None)
+        waiting.insert(len(waiting) if i is None else i, job)
         if key not in self._pumps:
             self._wake.setdefault(key, asyncio.Event())
             self._pumps[key] = asyncio.create_task(self._pump(key))
@@ -307,8 +310,15 @@ class Scheduler:
                 worker = self._pick(key, job)
                 if worker is None:
                     wake.clear()
-                    await wake.wait()
-                    job.tried.clear()  # something changed: a new pass over the workers
+                    # A refusal can be passing (a worker counts offers it is still answering
+                    # against its load), so a refused job retries after a while even if no
+                    # worker's status changes.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            wake.wait(), self.settings.retry_interval if job.tried else None
+                        )
+                    for parked in waiting:
+                        parked.tried.clear()  # a new pass over the workers
                     continue
                 waiting.popleft()
                 self._spawn(self._dispatch(job, worker))

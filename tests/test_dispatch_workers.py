@@ -1,0 +1,192 @@
+"""The dispatcher against real livekit-agents 1.8.9 workers (tests/agents/marker_agent.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import jwt
+from livekit import api
+
+from tests.support import DEV_SECRET, Server, Worker, started, wait_for
+
+
+async def dispatch(lk: api.LiveKitAPI, agent: str, room: str, hold: float = 0) -> str:
+    """CreateDispatch through the real livekit-api client; return the job id."""
+    d = await lk.agent_dispatch.create_dispatch(
+        api.CreateAgentDispatchRequest(
+            agent_name=agent, room=room, metadata=json.dumps({"hold": hold})
+        )
+    )
+    assert len(d.state.jobs) == 1
+    return d.state.jobs[0].id
+
+
+async def job_in(server: Server, job_id: str, *states: str) -> dict:
+    return await wait_for(
+        lambda: (j := server.job(job_id)) and j["state"] in states and j,
+        30,
+        f"job {job_id} to be {'/'.join(states)}",
+        interval=0.2,
+    )
+
+
+async def workers_ready(*workers: Worker) -> list[str]:
+    return list(await asyncio.gather(*(w.registered() for w in workers)))
+
+
+async def test_worker_registers_and_a_dispatched_job_runs_with_a_room_token(
+    server: Server, lkapi: api.LiveKitAPI, start_worker: Callable[..., Worker], markers: Path
+) -> None:
+    worker = start_worker(server, "reg")
+    worker_id = await worker.registered()
+    [listed] = server.workers("reg")
+    assert listed["id"] == worker_id
+    assert listed["sdk_version"] == "1.8.9"
+    assert listed["pool"] == "unmanaged"
+
+    job_id = await dispatch(lkapi, "reg", "room-reg")
+    marker = await wait_for(lambda: started(markers, job_id), 30, "the entrypoint to run")
+    assert marker["room"] == "room-reg"
+    assert marker["worker_pgid"] == worker.pid
+    claims = jwt.decode(marker["token"], DEV_SECRET, algorithms=["HS256"])
+    assert claims["sub"] == f"agent-{job_id}"
+    assert claims["video"]["room"] == "room-reg"
+    assert claims["video"]["roomJoin"] is True
+    assert claims["attributes"]["lk.agent_name"] == "reg"
+
+    job = await job_in(server, job_id, "succeeded")
+    assert job["worker_id"] == worker_id
+    assert job["participant_identity"] == f"agent-{job_id}"
+
+
+async def test_dispatches_across_three_workers_land_round_robin(
+    server: Server, lkapi: api.LiveKitAPI, start_worker: Callable[..., Worker]
+) -> None:
+    ids = await workers_ready(*(start_worker(server, "rr") for _ in range(3)))
+    job_ids = [await dispatch(lkapi, "rr", f"room-rr-{i}", hold=5) for i in range(9)]
+    jobs = [await job_in(server, j, "assigned", "running", "succeeded") for j in job_ids]
+    order = [j["worker_id"] for j in jobs]
+    assert Counter(order) == dict.fromkeys(ids, 3)
+    # Consecutive jobs never land on the same worker: the rotation goes through all three.
+    assert all(len(set(order[i : i + 3])) == 3 for i in range(0, 9, 3)), order
+
+
+async def test_worker_whose_request_fnc_rejects_passes_the_job_to_the_next(
+    server: Server, lkapi: api.LiveKitAPI, start_worker: Callable[..., Worker], markers: Path
+) -> None:
+    refusing = start_worker(server, "reject", REJECT_JOBS="1")
+    refusing_id = await refusing.registered()
+    taking_id = await start_worker(server, "reject").registered()
+    refused_before = server.metric("voicefleet_offers_total", outcome="refused")
+
+    job_ids = [await dispatch(lkapi, "reject", f"room-reject-{i}") for i in range(4)]
+    for job_id in job_ids:
+        job = await job_in(server, job_id, "succeeded")
+        assert job["worker_id"] == taking_id
+    assert server.metric("voicefleet_offers_total", outcome="refused") > refused_before
+    assert not any(started(markers, j) and started(markers, j)["worker_pgid"] == refusing.pid
+                   for j in job_ids)  # fmt: skip
+    assert refusing_id not in {j["worker_id"] for j in server.jobs()}
+
+
+async def test_worker_that_rejects_for_good_terminates_the_job_as_livekit_does(
+    server: Server, lkapi: api.LiveKitAPI, start_worker: Callable[..., Worker]
+) -> None:
+    # livekit-agents' JobRequest.reject() defaults to terminate=True: "the job will not be
+    # assigned to another worker". The server must honour that, not pass the job on.
+    rejecting_id = await start_worker(server, "terminate", REJECT_JOBS="terminate").registered()
+    other = start_worker(server, "terminate")
+    await other.registered()
+    job_id = await dispatch(lkapi, "terminate-x", "room-none")  # no worker: stays pending
+    assert (await job_in(server, job_id, "pending"))["state"] == "pending"
+    for i in range(2):
+        job = await job_in(
+            server, await dispatch(lkapi, "terminate", f"room-term-{i}"), "terminated", "succeeded"
+        )
+        if job["state"] == "terminated":
+            assert rejecting_id in job["error"]
+            assert job["worker_id"] == ""
+            break
+    else:
+        raise AssertionError("no job was offered to the rejecting worker")
+
+
+async def test_full_worker_is_skipped(
+    server: Server, lkapi: api.LiveKitAPI, start_worker: Callable[..., Worker]
+) -> None:
+    small = start_worker(server, "full", MAX_JOBS="1")
+    small_id = await small.registered()
+    busy_job = await dispatch(lkapi, "full", "room-full-busy", hold=60)
+    await job_in(server, busy_job, "running")
+    # The worker reports FULL with its next status update (every 2.5 s).
+    await wait_for(
+        lambda: server.workers("full")[0]["status"] == "full", 20, "the worker to report FULL"
+    )
+    other_id = await start_worker(server, "full").registered()
+
+    job_ids = [await dispatch(lkapi, "full", f"room-full-{i}") for i in range(3)]
+    for job_id in job_ids:
+        assert (await job_in(server, job_id, "succeeded"))["worker_id"] == other_id
+    assert (await job_in(server, busy_job, "running"))["worker_id"] == small_id
+
+
+async def test_sigterm_mid_session_finishes_the_session_and_takes_no_new_jobs(
+    server: Server, lkapi: api.LiveKitAPI, start_worker: Callable[..., Worker], markers: Path
+) -> None:
+    leaving = start_worker(server, "term")
+    leaving_id = await leaving.registered()
+    in_flight = await dispatch(lkapi, "term", "room-term-call", hold=6)
+    await wait_for(lambda: started(markers, in_flight), 30, "the call to start")
+    staying_id = await start_worker(server, "term").registered()
+
+    leaving.sigterm()
+    await wait_for(
+        lambda: any(w["id"] == leaving_id and w["status"] != "available"
+                    for w in server.workers("term")) or leaving.proc.poll() is not None,
+        20,
+        "the SIGTERMed worker to stop taking jobs",
+    )  # fmt: skip
+    new_jobs = [await dispatch(lkapi, "term", f"room-term-{i}") for i in range(3)]
+    for job_id in new_jobs:
+        assert (await job_in(server, job_id, "succeeded"))["worker_id"] == staying_id
+
+    call = await job_in(server, in_flight, "succeeded", "failed")
+    assert call["state"] == "succeeded", call["error"]
+    assert (markers / f"{in_flight}.done").exists()
+    assert leaving.proc.wait(30) == 0
+
+
+async def test_kill9_mid_session_fails_the_job_with_a_reason_and_never_offers_it_again(
+    server: Server, lkapi: api.LiveKitAPI, start_worker: Callable[..., Worker], markers: Path
+) -> None:
+    doomed = start_worker(server, "kill")
+    doomed_id = await doomed.registered()
+    in_flight = await dispatch(lkapi, "kill", "room-kill-call", hold=60)
+    await wait_for(lambda: started(markers, in_flight), 30, "the call to start")
+    survivor_id = await start_worker(server, "kill").registered()
+
+    doomed.kill9()
+    failed = await job_in(server, in_flight, "failed")
+    assert doomed_id in failed["error"] and "disconnected" in failed["error"]
+    await wait_for(lambda: all(w["id"] != doomed_id for w in server.workers()), 10, "removal")
+
+    new_jobs = [await dispatch(lkapi, "kill", f"room-kill-{i}") for i in range(3)]
+    for job_id in new_jobs:
+        assert (await job_in(server, job_id, "succeeded"))["worker_id"] == survivor_id
+
+
+async def test_job_waits_in_the_queue_until_a_worker_arrives(
+    server: Server, lkapi: api.LiveKitAPI, start_worker: Callable[..., Worker], markers: Path
+) -> None:
+    job_id = await dispatch(lkapi, "late", "room-late")
+    assert (await job_in(server, job_id, "pending"))["worker_id"] == ""
+    assert server.metric("voicefleet_queued_jobs", agent_name="late") == 1
+
+    worker_id = await start_worker(server, "late").registered()
+    job = await job_in(server, job_id, "succeeded")
+    assert job["worker_id"] == worker_id
+    assert started(markers, job_id) is not None
