@@ -115,5 +115,24 @@ def server(
     asyncio.run(serve(settings, project))
 
 
+@app.command()
+def demo(
+    agent: Annotated[
+        Path, typer.Option(help="The LiveKit agent to run.")
+    ] = Path("examples/hello_agent/agent.py"),
+    workers: Annotated[int, typer.Option(min=1, help="Workers to start.")] = 2,
+    sessions: Annotated[int, typer.Option(min=1, help="Sessions to dispatch.")] = 6,
+    seconds: Annotated[float, typer.Option(min=0, help="Length of each session.")] = 3.0,
+) -> None:
+    """Run the embedded server with the example agent and dispatch a few sessions to it."""
+    from voicefleet.cli.demo import DemoError, run_demo
+
+    try:
+        run_demo(agent, workers, sessions, seconds)
+    except DemoError as e:
+        err.print(f"[red]demo failed:[/red] {e}")
+        raise typer.Exit(1) from None
+
+
 def main() -> None:
     app()

@@ -7,13 +7,19 @@ LiveKit tokens are HS256 JWTs: `iss` is the API key, the key's secret signs, gra
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from jwt.warnings import InsecureKeyLengthWarning
 
 from voicefleet.errors import AuthError, PermissionDenied
+
+# LiveKit's dev credentials (`devkey` / `secret`) are short by design; the server generates
+# long secrets for real projects, so the warning would only be noise.
+warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
 
 # Clock skew tolerated between the token's minter and this server, as LiveKit's verifier does.
 LEEWAY_SECONDS = 10
