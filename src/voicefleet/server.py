@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -108,17 +109,23 @@ async def serve(settings: Settings, project: Project) -> None:
         access_log=False,
         timeout_graceful_shutdown=5,
     )
-    server = uvicorn.Server(config)
-    ready = asyncio.create_task(_announce(server, settings))
-    try:
-        await server.serve()
-    finally:
-        ready.cancel()
+    await _Server(config, settings).serve()
 
 
-async def _announce(server: uvicorn.Server, settings: Settings) -> None:
-    while not server.started:
-        await asyncio.sleep(0.02)
+class _Server(uvicorn.Server):
+    """uvicorn's server, announcing where it listens once the socket is bound (port 0 too)."""
+
+    def __init__(self, config: uvicorn.Config, settings: Settings) -> None:
+        super().__init__(config)
+        self.settings = settings
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            _announce(self, self.settings)
+
+
+def _announce(server: uvicorn.Server, settings: Settings) -> None:
     host, port = server.servers[0].sockets[0].getsockname()[:2]
     url = f"http://{host}:{port}"
     log.info(

@@ -33,7 +33,7 @@ def _wait(what: str, check: Any, timeout: float, procs: list[subprocess.Popen[by
     while time.monotonic() < deadline:
         for proc in procs:
             if proc.poll() is not None:
-                raise DemoError(f"{proc.args[-1]!s} exited with {proc.returncode} while {what}")
+                raise DemoError(f"a process exited ({proc.returncode}) {what}: {proc.args!r}")
         result = check()
         if result:
             return result
@@ -85,7 +85,9 @@ def run_demo(agent: Path, workers: int, sessions: int, seconds: float) -> None:
         }
         for i in range(workers):
             spawn(f"worker{i}", [sys.executable, str(agent), "start"], env)
-        admin = {"Authorization": f"Bearer {tokens.mint(DEV_KEY, DEV_SECRET, video={'roomAdmin': True})}"}
+        admin = {
+            "Authorization": f"Bearer {tokens.mint(DEV_KEY, DEV_SECRET, video={'roomAdmin': True})}"
+        }
         client = httpx.Client(base_url=url, headers=admin, timeout=10)
         _wait(
             "waiting for the workers to register",
@@ -106,7 +108,11 @@ def run_demo(agent: Path, workers: int, sessions: int, seconds: float) -> None:
             token = tokens.mint(DEV_KEY, DEV_SECRET, video={"roomAdmin": True, "room": room})
             r = client.post(
                 "/twirp/livekit.AgentDispatchService/CreateDispatch",
-                json={"agent_name": "hello", "room": room, "metadata": json.dumps({"seconds": seconds})},
+                json={
+                    "agent_name": "hello",
+                    "room": room,
+                    "metadata": json.dumps({"seconds": seconds}),
+                },
                 headers={"Authorization": f"Bearer {token}"},
             )
             r.raise_for_status()
@@ -118,10 +124,19 @@ def run_demo(agent: Path, workers: int, sessions: int, seconds: float) -> None:
                 t.add_column(col)
             for j in sorted(jobs, key=lambda j: j["room"]):
                 latency = (
-                    f"{(j['assigned_at'] - j['created_at']) * 1000:.1f} ms" if j["assigned_at"] else ""
+                    f"{(j['assigned_at'] - j['created_at']) * 1000:.1f} ms"
+                    if j["assigned_at"]
+                    else ""
                 )
                 style = STATE_STYLE.get(j["state"], "")
-                t.add_row(j["id"], j["room"], j["worker_id"], f"[{style}]{j['state']}[/]" if style else j["state"], latency, j["error"])  # noqa: E501
+                t.add_row(
+                    j["id"],
+                    j["room"],
+                    j["worker_id"],
+                    f"[{style}]{j['state']}[/]" if style else j["state"],
+                    latency,
+                    j["error"],
+                )
             return t
 
         def ours() -> list[dict[str, Any]]:
@@ -146,7 +161,11 @@ def run_demo(agent: Path, workers: int, sessions: int, seconds: float) -> None:
             f"(round robin): {per_worker}"
         )
         metrics = client.get("/metrics").text
-        p50 = [line for line in metrics.splitlines() if line.startswith("voicefleet_dispatch_latency_seconds_count")]
+        p50 = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("voicefleet_dispatch_latency_seconds_count")
+        ]
         console.print(f"   /metrics: {p50[0] if p50 else 'no dispatch latency yet'}")
         console.print(f"   logs: {logs}")
         if done != sessions:

@@ -117,9 +117,9 @@ def server(
 
 @app.command()
 def demo(
-    agent: Annotated[
-        Path, typer.Option(help="The LiveKit agent to run.")
-    ] = Path("examples/hello_agent/agent.py"),
+    agent: Annotated[Path, typer.Option(help="The LiveKit agent to run.")] = Path(
+        "examples/hello_agent/agent.py"
+    ),
     workers: Annotated[int, typer.Option(min=1, help="Workers to start.")] = 2,
     sessions: Annotated[int, typer.Option(min=1, help="Sessions to dispatch.")] = 6,
     seconds: Annotated[float, typer.Option(min=0, help="Length of each session.")] = 3.0,

@@ -126,7 +126,7 @@ class IllegalTransition(Exception):
 
 
 class JobBook:
-    """Live jobs and dispatches. Ended jobs stay for a while (ListDispatch), then only in the store."""
+    """Live jobs and dispatches; ended jobs stay a while (ListDispatch), then only in the store."""
 
     def __init__(self, finished_in_memory: int = 10_000) -> None:
         self.jobs: dict[str, Job] = {}

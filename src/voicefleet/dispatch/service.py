@@ -142,9 +142,9 @@ class DispatchService:
         for job in jobs:
             job.worker_id = ""
             self.book.jobs[job.id] = job
-            dispatch = self.book.dispatches.get(job.dispatch_id)
-            if dispatch is not None:
-                dispatch.job_ids.append(job.id)
+            owner = self.book.dispatches.get(job.dispatch_id)
+            if owner is not None:
+                owner.job_ids.append(job.id)
             if job.state == JobState.PENDING:
                 job.created_at = max(job.created_at, now - self.settings.queue_timeout / 2)
                 self.scheduler.requeue(job)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Float, Index, Integer, String, Text
+from sqlalchemy import JSON, Float, Index, Integer, String, Table, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -48,3 +48,8 @@ class JobRow(Base):
     assigned_at: Mapped[float] = mapped_column(Float, default=0.0)
     started_at: Mapped[float] = mapped_column(Float, default=0.0)
     ended_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+# The tables themselves, for Core statements (bulk upserts) that bypass the ORM.
+DISPATCHES: Table = DispatchRow.__table__  # type: ignore[assignment]
+JOBS: Table = JobRow.__table__  # type: ignore[assignment]

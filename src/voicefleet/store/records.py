@@ -15,7 +15,7 @@ from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from voicefleet.dispatch.jobs import ENDED, Dispatch, Job, JobState
-from voicefleet.store.models import Base, DispatchRow, JobRow
+from voicefleet.store.models import DISPATCHES, JOBS, Base, DispatchRow, JobRow
 
 log = logging.getLogger("voicefleet.store")
 
@@ -92,7 +92,7 @@ class Recorder:
         try:
             async with self.engine.begin() as conn:
                 if dispatches:
-                    stmt = insert(DispatchRow.__table__)
+                    stmt = insert(DISPATCHES)
                     await conn.execute(
                         stmt.on_conflict_do_update(
                             index_elements=["id"], set_={"deleted_at": stmt.excluded.deleted_at}
@@ -100,7 +100,7 @@ class Recorder:
                         list(dispatches.values()),
                     )
                 if jobs:
-                    stmt = insert(JobRow.__table__)
+                    stmt = insert(JOBS)
                     updates = {c: stmt.excluded[c] for c in _JOB_FIELDS if c != "id"}
                     await conn.execute(
                         stmt.on_conflict_do_update(index_elements=["id"], set_=updates),
@@ -114,13 +114,9 @@ class Recorder:
 async def load_open(engine: AsyncEngine) -> tuple[list[Dispatch], list[Job]]:
     """Dispatches not deleted and jobs not ended, as the last run left them."""
     async with engine.connect() as conn:
-        drows = (
-            await conn.execute(select(DispatchRow.__table__).where(DispatchRow.deleted_at == 0))
-        ).all()
+        drows = (await conn.execute(select(DISPATCHES).where(DispatchRow.deleted_at == 0))).all()
         jrows = (
-            await conn.execute(
-                select(JobRow.__table__).where(JobRow.state.not_in([str(s) for s in ENDED]))
-            )
+            await conn.execute(select(JOBS).where(JobRow.state.not_in([str(s) for s in ENDED])))
         ).all()
     dispatches = [
         Dispatch(
@@ -148,7 +144,7 @@ async def history(
     engine: AsyncEngine, *, limit: int = 100, room: str | None = None, state: str | None = None
 ) -> list[dict[str, Any]]:
     """Recent jobs, newest first, straight from the store."""
-    query = select(JobRow.__table__).order_by(JobRow.created_at.desc()).limit(limit)
+    query = select(JOBS).order_by(JobRow.created_at.desc()).limit(limit)
     if room:
         query = query.where(JobRow.room == room)
     if state:
