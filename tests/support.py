@@ -55,9 +55,9 @@ def admin_token() -> str:
 class Server:
     """`vf server --dev` in a subprocess."""
 
-    def __init__(self, data_dir: Path, *args: str) -> None:
+    def __init__(self, data_dir: Path, *args: str, dev: bool = True) -> None:
         self.data_dir = data_dir
-        self.args = args
+        self.args = ("--dev", *args) if dev else args
         self.log_path = data_dir / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
@@ -69,7 +69,7 @@ class Server:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [
-                sys.executable, "-m", "voicefleet", "server", "--dev", "--host", "127.0.0.1",
+                sys.executable, "-m", "voicefleet", "server", "--host", "127.0.0.1",
                 "--port", "0", "--data-dir", str(self.data_dir), "--ready-file", str(ready),
                 *self.args,
             ],
