@@ -41,9 +41,7 @@ async def entrypoint(ctx: JobContext) -> None:
         frames += 1
         # Real-time pace: frame n is due n * 20 ms after the start.
         await asyncio.sleep(max(0.0, began + frames * FRAME_MS / 1000 - time.monotonic()))
-    log.info(
-        "session done", extra={"room": ctx.job.room.name, "frames": frames, "peak_rms": level}
-    )
+    log.info("session done", extra={"room": ctx.job.room.name, "frames": frames, "peak_rms": level})
     ctx.shutdown("session complete")
 
 

@@ -46,3 +46,14 @@ class ProtocolError(VoicefleetError):
 
     status = 400
     twirp_code = "malformed"
+
+
+class BundleRejected(InvalidRequest):
+    """An uploaded source bundle is unsafe or too big: path traversal, links out, size limits."""
+
+
+class BuildFailed(VoicefleetError):
+    """Building a version's environment failed; the log says why. The serving version is kept."""
+
+    status = 422
+    twirp_code = "failed_precondition"
