@@ -24,7 +24,8 @@ from voicefleet.dispatch.service import DispatchService
 from voicefleet.dispatch.twirp import agent_dispatch_service
 from voicefleet.dispatch.webhooks import WebhookReceiver
 from voicefleet.metrics import Metrics
-from voicefleet.store.records import Recorder, load_open, open_engine
+from voicefleet.store.db import open_engine
+from voicefleet.store.records import Recorder, load_open
 
 log = logging.getLogger("voicefleet")
 

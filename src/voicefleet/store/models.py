@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Float, Index, Integer, String, Table, Text
+from sqlalchemy import JSON, Float, Index, Integer, LargeBinary, String, Table, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -53,3 +53,101 @@ class JobRow(Base):
 # The tables themselves, for Core statements (bulk upserts) that bypass the ORM.
 DISPATCHES: Table = DispatchRow.__table__  # type: ignore[assignment]
 JOBS: Table = JobRow.__table__  # type: ignore[assignment]
+
+
+class AgentRow(Base):
+    """A deployable agent: `CA_…` id, the `agent_name` workers register and dispatches ask for."""
+
+    __tablename__ = "agents"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    grace_period: Mapped[float] = mapped_column(Float, default=3600.0)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class DeploymentRow(Base):
+    """A named deployment of an agent (`production`, `staging`): its serving version and size."""
+
+    __tablename__ = "deployments"
+
+    agent_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[str] = mapped_column(String(16), default="")
+    replicas: Mapped[int] = mapped_column(Integer, default=1)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class VersionRow(Base):
+    """An immutable build of an agent's source: `v1`, `v2`, …"""
+
+    __tablename__ = "versions"
+
+    agent_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    version: Mapped[str] = mapped_column(String(16), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))  # building, ready, failed
+    source_digest: Mapped[str] = mapped_column(String(80))
+    dependency_digest: Mapped[str] = mapped_column(String(80), default="")
+    python: Mapped[str] = mapped_column(Text, default="")
+    error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    built_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class InstanceRow(Base):
+    """One running worker process of a version; pid and start time identify it across restarts."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    agent_id: Mapped[str] = mapped_column(String(32), index=True)
+    deployment: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    pid_started_at: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class SecretRow(Base):
+    """An agent's secret, encrypted at rest (Fernet); never returned by the API."""
+
+    __tablename__ = "secrets"
+
+    agent_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class RolloutRow(Base):
+    """A change of a deployment from one version to another; a rollback is one too."""
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    agent_id: Mapped[str] = mapped_column(String(32), index=True)
+    deployment: Mapped[str] = mapped_column(String(64))
+    from_version: Mapped[str] = mapped_column(String(16), default="")
+    to_version: Mapped[str] = mapped_column(String(16))
+    strategy: Mapped[str] = mapped_column(String(16), default="rolling")
+    state: Mapped[str] = mapped_column(String(16))
+    step: Mapped[str] = mapped_column(String(32), default="")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class EventRow(Base):
+    """The event log: who did what to which agent, and what the platform did in answer."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    agent_id: Mapped[str] = mapped_column(String(32), index=True, default="")
+    kind: Mapped[str] = mapped_column(String(40))
+    message: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(100), default="")
+    at: Mapped[float] = mapped_column(Float)

@@ -11,11 +11,11 @@ import logging
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.dialects.sqlite import insert
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from voicefleet.dispatch.jobs import ENDED, Dispatch, Job, JobState
-from voicefleet.store.models import DISPATCHES, JOBS, Base, DispatchRow, JobRow
+from voicefleet.store.models import DISPATCHES, JOBS, DispatchRow, JobRow
 
 log = logging.getLogger("voicefleet.store")
 
@@ -44,14 +44,6 @@ def _dispatch_row(d: Dispatch) -> dict[str, Any]:
         "created_at": d.created_at,
         "deleted_at": d.deleted_at,
     }
-
-
-async def open_engine(url: str) -> AsyncEngine:
-    engine = create_async_engine(url)
-    async with engine.begin() as conn:
-        await conn.exec_driver_sql("PRAGMA journal_mode=WAL")
-        await conn.run_sync(Base.metadata.create_all)
-    return engine
 
 
 class Recorder:
@@ -89,6 +81,8 @@ class Recorder:
         self._jobs, self._dispatches, self._unwritten = {}, {}, ({}, {})
         if not jobs and not dispatches:
             return
+        # Both dialects spell an upsert the same way, from their own module.
+        insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
         try:
             async with self.engine.begin() as conn:
                 if dispatches:
