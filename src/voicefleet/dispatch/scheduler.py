@@ -22,6 +22,7 @@ from livekit.protocol import agent
 from voicefleet.config import DispatchSettings, Project
 from voicefleet.dispatch.jobs import Job, JobBook, JobState
 from voicefleet.dispatch.registry import PoolKey, Registry, Worker
+from voicefleet.dispatch.routing import RoutingTable
 from voicefleet.errors import NoCapacity
 from voicefleet.metrics import Metrics
 from voicefleet.protocol.tokens import mint_room_token
@@ -36,13 +37,23 @@ class WorkerGone(Exception):
 
 
 def pick_worker(
-    pool: Sequence[Worker], cursor: int, exclude: Collection[str]
+    pool: Sequence[Worker],
+    cursor: int,
+    exclude: Collection[str],
+    versions: Collection[str] | None = None,
 ) -> tuple[Worker | None, int]:
-    """The next available worker at or after `cursor` (round robin), and the cursor after it."""
+    """The next available worker at or after `cursor` (round robin), and the cursor after it.
+
+    `versions`, when given, limits the choice to workers of those versions (the routing table).
+    """
     n = len(pool)
     for i in range(n):
         worker = pool[(cursor + i) % n]
-        if worker.available and worker.id not in exclude:
+        if (
+            worker.available
+            and worker.id not in exclude
+            and (versions is None or worker.pool in versions)
+        ):
             return worker, (cursor + i + 1) % n
     return None, cursor
 
@@ -59,8 +70,10 @@ class Scheduler:
         project: Project,
         settings: DispatchSettings,
         metrics: Metrics,
+        routing: RoutingTable,
     ) -> None:
         self.registry = registry
+        self.routing = routing
         self.book = book
         self.project = project
         self.settings = settings
@@ -71,6 +84,7 @@ class Scheduler:
         self._pumps: dict[PoolKey, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         registry.on_capacity(self._on_capacity)
+        routing.on_change(self._on_route)
 
     @property
     def queued(self) -> int:
@@ -190,7 +204,10 @@ class Scheduler:
 
     def _pick(self, key: PoolKey, job: Job) -> Worker | None:
         worker, self._cursor[key] = pick_worker(
-            self.registry.pools.get(key, ()), self._cursor.get(key, 0), job.tried
+            self.registry.pools.get(key, ()),
+            self._cursor.get(key, 0),
+            job.tried,
+            self.routing.versions(key.agent_name),
         )
         return worker
 
@@ -296,6 +313,11 @@ class Scheduler:
         wake = self._wake.get(key)
         if wake is not None:
             wake.set()
+
+    def _on_route(self, agent_name: str) -> None:
+        for key in self._wake:
+            if key.agent_name == agent_name:
+                self._on_capacity(key)
 
     async def _pump(self, key: PoolKey) -> None:
         """Hand waiting jobs of one pool to workers in FIFO order as workers become available."""

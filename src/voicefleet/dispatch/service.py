@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from voicefleet.config import DispatchSettings, Project
 from voicefleet.dispatch.jobs import ENDED, Dispatch, Job, JobBook, JobState, new_id
 from voicefleet.dispatch.registry import Registry
+from voicefleet.dispatch.routing import RoutingTable
 from voicefleet.dispatch.scheduler import Scheduler
 from voicefleet.errors import InvalidRequest, NotFound
 from voicefleet.metrics import Metrics
@@ -23,7 +24,10 @@ class DispatchService:
         self.metrics = metrics
         self.registry = Registry()
         self.book = JobBook(settings.finished_jobs_in_memory)
-        self.scheduler = Scheduler(self.registry, self.book, project, settings, metrics)
+        self.routing = RoutingTable()
+        self.scheduler = Scheduler(
+            self.registry, self.book, project, settings, metrics, self.routing
+        )
         self.book.job_listeners.append(self._count_job)
         # Jobs that were running when the server last stopped, by adoption deadline.
         self._orphans: dict[str, float] = {}
