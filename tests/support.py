@@ -6,6 +6,7 @@ Everything listens on 127.0.0.1 with a free port and is stopped by the fixture t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import psutil
 
 from voicefleet.protocol import tokens
 
@@ -94,14 +96,21 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def stop(self, leave_instances: bool = False) -> None:
+        """SIGTERM the server; then end the agent instances it started (their own process
+        groups outlive it by design), unless `leave_instances` (a restart test)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        children = [] if leave_instances else psutil.Process(self.proc.pid).children()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for child in children:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGKILL)
 
     def _get(self, path: str, **params: Any) -> Any:
         r = httpx.get(

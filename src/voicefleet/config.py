@@ -56,6 +56,9 @@ class Settings:
     dev: bool = False
     log_level: str = "info"
     ready_file: Path | None = None
+    # Instances keep running when the server stops, and are adopted by the next start, so a
+    # server restart hangs up on nobody. False: stop them with the server (demo, tests).
+    keep_instances: bool = True
     # WebSocket-level keepalive: a worker that stops answering pings is disconnected.
     ws_ping_interval: float = 10.0
     ws_ping_timeout: float = 10.0

@@ -13,19 +13,25 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request, WebSocket
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from voicefleet import __version__
+from voicefleet.build.local import LocalBuilder
 from voicefleet.config import Project, Settings
 from voicefleet.control.api import router as api_router
+from voicefleet.control.secrets import SecretBox
+from voicefleet.control.service import ControlPlane, Paths
 from voicefleet.dispatch.endpoint import worker_endpoint
 from voicefleet.dispatch.service import DispatchService
 from voicefleet.dispatch.twirp import agent_dispatch_service
 from voicefleet.dispatch.webhooks import WebhookReceiver
+from voicefleet.errors import VoicefleetError
 from voicefleet.metrics import Metrics
+from voicefleet.runtime.local import LocalRuntime
 from voicefleet.store.db import open_engine
 from voicefleet.store.records import Recorder, load_open
+from voicefleet.store.repo import Repo
 
 log = logging.getLogger("voicefleet")
 
@@ -39,6 +45,17 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = await open_engine(settings.database_url)
+        paths = Paths(settings.data_dir)
+        plane = ControlPlane(
+            Repo(engine),
+            service,
+            LocalRuntime(),
+            LocalBuilder(paths.envs),
+            SecretBox.open(settings.data_dir),
+            paths,
+            worker_url=lambda: str(app.state.worker_url),
+        )
+        app.state.control = plane
         recorder = Recorder(engine)
         service.book.job_listeners.append(recorder.job_changed)
         service.book.dispatch_listeners.append(recorder.dispatch_changed)
@@ -56,6 +73,7 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await plane.close(leave_running=settings.keep_instances)
             await service.scheduler.close()
             await recorder.flush()
             await engine.dispose()
@@ -63,6 +81,10 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
     app = FastAPI(title="voicefleet", version=__version__, lifespan=lifespan)
     app.state.dispatch = service
     app.include_router(api_router)
+
+    @app.exception_handler(VoicefleetError)
+    async def voicefleet_error(request: Request, exc: VoicefleetError) -> Response:
+        return JSONResponse({"detail": str(exc), "code": exc.twirp_code}, status_code=exc.status)
 
     @app.websocket("/agent")
     async def agent_socket(ws: WebSocket) -> None:
@@ -99,8 +121,9 @@ async def _every(interval: float, fn: Any) -> None:
 
 
 async def serve(settings: Settings, project: Project) -> None:
+    app = create_app(settings, project)
     config = uvicorn.Config(
-        create_app(settings, project),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -108,33 +131,38 @@ async def serve(settings: Settings, project: Project) -> None:
         ws_ping_timeout=settings.ws_ping_timeout,
         ws_max_size=1 << 20,
         access_log=False,
+        # Longer than clients' own keep-alive (aiohttp, which livekit-api uses: 15 s), so a
+        # client never reuses a connection the server is closing at that moment.
+        timeout_keep_alive=75,
         timeout_graceful_shutdown=5,
     )
-    await _Server(config, settings).serve()
+    await _Server(config, app, settings).serve()
 
 
 class _Server(uvicorn.Server):
     """uvicorn's server, announcing where it listens once the socket is bound (port 0 too)."""
 
-    def __init__(self, config: uvicorn.Config, settings: Settings) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, settings: Settings) -> None:
         super().__init__(config)
-        self.settings = settings
+        self.app, self.settings = app, settings
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
-            _announce(self, self.settings)
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            app = self.app
+            app.state.worker_url = f"ws://{host}:{port}"
+            # Instances need the server's address, known only now (port 0): take them back now.
+            await app.state.control.start()
+            _announce(f"http://{host}:{port}", self.settings)
 
 
-def _announce(server: uvicorn.Server, settings: Settings) -> None:
-    host, port = server.servers[0].sockets[0].getsockname()[:2]
-    url = f"http://{host}:{port}"
+def _announce(url: str, settings: Settings) -> None:
     log.info(
-        "voicefleet %s serving on %s (workers: LIVEKIT_URL=ws://%s:%s)",
+        "voicefleet %s serving on %s (workers: LIVEKIT_URL=%s)",
         __version__,
         url,
-        host,
-        port,
+        url.replace("http://", "ws://"),
     )
     if settings.ready_file is not None:
         tmp = settings.ready_file.with_suffix(".tmp")

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from voicefleet import __version__, logs
+from voicefleet.cli.agent import app as agent_app
 from voicefleet.config import DispatchSettings, Settings
 from voicefleet.control.projects import load_project
 from voicefleet.errors import VoicefleetError
@@ -21,6 +22,7 @@ app = typer.Typer(
     add_completion=False,
 )
 err = Console(stderr=True, soft_wrap=True)
+app.add_typer(agent_app, name="agent")
 
 
 def _version(value: bool) -> None:
@@ -77,6 +79,10 @@ def server(
     ready_file: Annotated[
         Path | None, typer.Option(help="Write {url, pid} as JSON here once listening.")
     ] = None,
+    keep_instances: Annotated[
+        bool,
+        typer.Option(help="Leave agent instances running when the server stops (re-adopted)."),
+    ] = True,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the voicefleet server: LiveKit agent workers connect to it at ws://HOST:PORT."""
@@ -90,6 +96,7 @@ def server(
         dev=dev,
         log_level=log_level,
         ready_file=ready_file,
+        keep_instances=keep_instances,
         livekit_url=livekit_url,
         livekit_api_key=livekit_api_key,
         livekit_api_secret=livekit_api_secret,

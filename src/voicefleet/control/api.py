@@ -1,29 +1,37 @@
-"""`/api/v1`: the control plane's REST API (read-only views of the dispatcher for now)."""
+"""`/api/v1`: the control plane's REST API, used by the `vf` CLI (OpenAPI at /docs).
+
+Field names follow LiveKit's CloudAgent messages where they fit (agent id `CA_…`, deployment,
+version, replicas). Callers sign a token with the project's key and the `roomAdmin` grant.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
 
+from voicefleet.build.bundle import MAX_COMPRESSED_BYTES
+from voicefleet.control.service import DEFAULT_DEPLOYMENT, ControlPlane, rollout_dict
 from voicefleet.dispatch.service import DispatchService
-from voicefleet.errors import AuthError
+from voicefleet.errors import AuthError, BundleRejected
 from voicefleet.protocol import tokens
+from voicefleet.store.models import AgentRow, VersionRow
 from voicefleet.store.records import history
 
 router = APIRouter(prefix="/api/v1")
 
 
-def _service(request: Request) -> DispatchService:
-    service: DispatchService = request.app.state.dispatch
-    return service
-
-
 def admin(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> DispatchService:
-    """Callers sign a token with the project's key and the `roomAdmin` grant."""
-    service = _service(request)
+    service: DispatchService = request.app.state.dispatch
     try:
         tokens.verify(tokens.bearer(authorization), service.secret_for).require("roomAdmin")
     except AuthError as e:
@@ -31,7 +39,16 @@ def admin(
     return service
 
 
+def control(request: Request, _: Annotated[DispatchService, Depends(admin)]) -> ControlPlane:
+    plane: ControlPlane = request.app.state.control
+    return plane
+
+
 Admin = Annotated[DispatchService, Depends(admin)]
+Control = Annotated[ControlPlane, Depends(control)]
+
+
+# -- dispatcher views ---------------------------------------------------------------------------
 
 
 @router.get("/workers")
@@ -67,3 +84,257 @@ async def list_jobs(
     """Jobs newest first, from the store (history survives restarts)."""
     await request.app.state.recorder.flush()
     return await history(request.app.state.engine, limit=limit, room=room, state=state)
+
+
+# -- agents -------------------------------------------------------------------------------------
+
+
+class CreateAgent(BaseModel):
+    name: str
+    grace_period: float = Field(3600.0, ge=0)
+
+
+class ConfigureAgent(BaseModel):
+    grace_period: float | None = Field(None, ge=0)
+
+
+class Rollback(BaseModel):
+    deployment: str = DEFAULT_DEPLOYMENT
+    version: str | None = None
+
+
+class Scale(BaseModel):
+    deployment: str = DEFAULT_DEPLOYMENT
+    replicas: int = Field(ge=0, le=100)
+
+
+class Promote(BaseModel):
+    source: str = Field("staging", alias="from")
+    target: str = Field(DEFAULT_DEPLOYMENT, alias="to")
+
+
+class Secrets(BaseModel):
+    secrets: dict[str, str]
+
+
+def agent_dict(a: AgentRow) -> dict[str, Any]:
+    return {"id": a.id, "name": a.name, "grace_period": a.grace_period, "created_at": a.created_at}
+
+
+def version_dict(v: VersionRow) -> dict[str, Any]:
+    return {
+        "version": v.version,
+        "status": v.status,
+        "source_digest": v.source_digest,
+        "dependency_digest": v.dependency_digest,
+        "error": v.error,
+        "created_at": v.created_at,
+        "built_at": v.built_at,
+    }
+
+
+@router.post("/agents", status_code=201)
+async def create_agent(body: CreateAgent, plane: Control) -> dict[str, Any]:
+    return agent_dict(await plane.create_agent(body.name, body.grace_period))
+
+
+@router.get("/agents")
+async def list_agents(plane: Control) -> list[dict[str, Any]]:
+    out = []
+    for agent in await plane.repo.agents():
+        deployments = await plane.repo.deployments(agent.id)
+        out.append({**agent_dict(agent), "deployments": {d.name: d.version for d in deployments}})
+    return out
+
+
+@router.get("/agents/{agent}")
+async def agent_status(agent: str, plane: Control) -> dict[str, Any]:
+    return await plane.status(await plane.agent(agent))
+
+
+@router.patch("/agents/{agent}")
+async def configure_agent(agent: str, body: ConfigureAgent, plane: Control) -> dict[str, Any]:
+    row = await plane.configure(await plane.agent(agent), grace_period=body.grace_period)
+    return agent_dict(row)
+
+
+@router.delete("/agents/{agent}", status_code=204)
+async def delete_agent(agent: str, plane: Control) -> None:
+    await plane.delete_agent(await plane.agent(agent))
+
+
+@router.post("/agents/{agent}/versions", status_code=201)
+async def upload_version(
+    agent: str,
+    request: Request,
+    plane: Control,
+    deployment: str = DEFAULT_DEPLOYMENT,
+) -> dict[str, Any]:
+    """Upload a source bundle (tar.gz body): it becomes the next version, is built, then
+    rolled out to `deployment`. Follow the build at .../versions/{version}/log?follow=true."""
+    row = await plane.agent(agent)
+    uploads = plane.paths.data_dir / "uploads"
+    uploads.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=uploads, suffix=".tar.gz")
+    path = Path(name)
+    try:
+        size = 0
+        with os.fdopen(fd, "wb") as out:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_COMPRESSED_BYTES:
+                    raise BundleRejected(
+                        f"bundle is over the {MAX_COMPRESSED_BYTES // 2**20} MB upload limit"
+                    )
+                out.write(chunk)
+        version = await plane.upload(row, path, deployment)
+    finally:
+        path.unlink(missing_ok=True)
+    return version_dict(version)
+
+
+@router.get("/agents/{agent}/versions")
+async def list_versions(agent: str, plane: Control) -> list[dict[str, Any]]:
+    row = await plane.agent(agent)
+    serving = {d.version: d.name for d in await plane.repo.deployments(row.id)}
+    return [
+        {**version_dict(v), "deployment": serving.get(v.version, "")}
+        for v in await plane.versions(row)
+    ]
+
+
+@router.get("/agents/{agent}/versions/{version}/log")
+async def build_log(
+    agent: str, version: str, plane: Control, follow: bool = False
+) -> StreamingResponse:
+    row = await plane.agent(agent)
+    await plane.version(row, version)
+    path = plane.paths.build_log(row.id, version)
+
+    async def done() -> bool:
+        v = await plane.version(row, version)
+        return v.status != "building"
+
+    return StreamingResponse(_tail(path, follow, done), media_type="text/plain")
+
+
+@router.post("/agents/{agent}/rollback", status_code=202)
+async def rollback(agent: str, body: Rollback, plane: Control) -> dict[str, Any]:
+    rollout = await plane.rollback(await plane.agent(agent), body.deployment, body.version)
+    return rollout_dict(rollout)
+
+
+@router.post("/agents/{agent}/restart", status_code=202)
+async def restart(
+    agent: str, plane: Control, deployment: str = DEFAULT_DEPLOYMENT
+) -> dict[str, Any]:
+    return rollout_dict(await plane.restart(await plane.agent(agent), deployment))
+
+
+@router.post("/agents/{agent}/promote", status_code=202)
+async def promote(agent: str, body: Promote, plane: Control) -> dict[str, Any]:
+    row = await plane.agent(agent)
+    source = await plane.deployment(row, body.source)
+    if not source.version:
+        raise HTTPException(400, f"deployment {body.source} serves no version to promote")
+    return rollout_dict(await plane.roll_to(row, body.target, source.version, kind="promote"))
+
+
+@router.post("/agents/{agent}/scale")
+async def scale(agent: str, body: Scale, plane: Control) -> dict[str, Any]:
+    dep = await plane.scale(await plane.agent(agent), body.deployment, body.replicas)
+    return {"deployment": dep.name, "version": dep.version, "replicas": dep.replicas}
+
+
+@router.get("/agents/{agent}/rollouts/{rollout_id}")
+async def get_rollout(agent: str, rollout_id: str, plane: Control) -> dict[str, Any]:
+    row = await plane.agent(agent)
+    rollout = await plane.repo.rollout(rollout_id)
+    if rollout is None or rollout.agent_id != row.id:
+        raise HTTPException(404, f"no rollout '{rollout_id}' for agent {row.name}")
+    return rollout_dict(rollout)
+
+
+@router.get("/agents/{agent}/rollouts")
+async def list_rollouts(
+    agent: str, plane: Control, version: str | None = None
+) -> list[dict[str, Any]]:
+    row = await plane.agent(agent)
+    rollouts = await plane.repo.rollouts(row.id)
+    return [rollout_dict(r) for r in rollouts if version is None or r.to_version == version]
+
+
+@router.get("/agents/{agent}/events")
+async def events(agent: str, plane: Control, limit: int = 100) -> list[dict[str, Any]]:
+    row = await plane.agent(agent)
+    return [
+        {"kind": e.kind, "message": e.message, "actor": e.actor, "at": e.at}
+        for e in await plane.repo.events(row.id, limit)
+    ]
+
+
+@router.get("/agents/{agent}/logs")
+async def instance_logs(
+    agent: str, plane: Control, instance: str | None = None, follow: bool = False
+) -> StreamingResponse:
+    """Instances' stdout/stderr (one instance, or all the agent's instances in turn)."""
+    row = await plane.agent(agent)
+    folder = plane.paths.instance_logs(row.id)
+    if instance is not None:
+        paths = [folder / f"{instance}.log"]
+        if not paths[0].exists():
+            raise HTTPException(404, f"no logs for instance '{instance}'")
+    else:
+        paths = sorted(folder.glob("*.log"), key=lambda p: p.stat().st_mtime)
+
+    async def never() -> bool:
+        return False
+
+    async def stream() -> AsyncIterator[bytes]:
+        for path in paths[:-1] if follow else paths:
+            async for chunk in _tail(path, False, never):
+                yield chunk
+        if follow and paths:
+            async for chunk in _tail(paths[-1], True, never):
+                yield chunk
+
+    return StreamingResponse(stream(), media_type="text/plain")
+
+
+@router.get("/agents/{agent}/secrets")
+async def list_secrets(agent: str, plane: Control) -> list[dict[str, Any]]:
+    return await plane.secret_names(await plane.agent(agent))
+
+
+@router.put("/agents/{agent}/secrets")
+async def set_secrets(agent: str, body: Secrets, plane: Control) -> dict[str, Any]:
+    names = await plane.set_secrets(await plane.agent(agent), body.secrets)
+    return {"set": names}
+
+
+@router.delete("/agents/{agent}/secrets")
+async def unset_secrets(
+    agent: str, plane: Control, name: Annotated[list[str], Query()]
+) -> dict[str, Any]:
+    return {"removed": await plane.unset_secrets(await plane.agent(agent), name)}
+
+
+async def _tail(path: Path, follow: bool, finished: Any) -> AsyncIterator[bytes]:
+    """A file's content, then (following) what is appended until `finished()` says so."""
+    offset = 0
+    while True:
+        if path.exists():
+            if path.stat().st_size < offset:
+                offset = 0  # rotated (copy-truncate): start over on the new content
+            with open(path, "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            if chunk:
+                offset += len(chunk)
+                yield chunk
+                continue
+        if not follow or await finished():
+            if path.exists() and path.stat().st_size > offset:
+                continue  # the last lines arrived with the end
+            return
+        await asyncio.sleep(0.2)

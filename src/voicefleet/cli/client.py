@@ -1,0 +1,112 @@
+"""How the CLI reaches a server: where, with which credentials, and what its errors mean.
+
+Server and credentials come from flags, else VF_URL / VF_API_KEY / VF_API_SECRET, else the
+LIVEKIT_* variables an agent folder already has, else the config file
+(~/.config/voicefleet/config.toml or $VF_CONFIG: `url`, `api_key`, `api_secret`), else the
+dev server's defaults (http://127.0.0.1:7880, devkey / secret).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import httpx
+import typer
+from rich.console import Console
+
+from voicefleet.protocol import tokens
+
+# Exit codes a script can rely on.
+OK, FAILED, USAGE, AUTH, NOT_FOUND, UNREACHABLE = 0, 1, 2, 3, 4, 5
+
+err = Console(stderr=True, soft_wrap=True)
+
+
+def fail(message: str, code: int = FAILED) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+@dataclass(frozen=True)
+class Target:
+    url: str
+    api_key: str
+    api_secret: str
+
+
+def resolve(url: str | None, api_key: str | None, api_secret: str | None) -> Target:
+    file: dict[str, Any] = {}
+    path = Path(os.environ.get("VF_CONFIG", Path.home() / ".config" / "voicefleet" / "config.toml"))
+    if path.exists():
+        try:
+            file = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            fail(f"{path} is not valid TOML: {e}", USAGE)
+
+    def pick(flag: str | None, names: tuple[str, ...], key: str, default: str) -> str:
+        if flag:
+            return flag
+        for name in names:
+            if os.environ.get(name):
+                return os.environ[name]
+        return str(file.get(key) or default)
+
+    server = pick(url, ("VF_URL", "LIVEKIT_URL"), "url", "http://127.0.0.1:7880")
+    server = server.replace("wss://", "https://").replace("ws://", "http://").rstrip("/")
+    return Target(
+        url=server,
+        api_key=pick(api_key, ("VF_API_KEY", "LIVEKIT_API_KEY"), "api_key", "devkey"),
+        api_secret=pick(
+            api_secret, ("VF_API_SECRET", "LIVEKIT_API_SECRET"), "api_secret", "secret"
+        ),
+    )
+
+
+class Client:
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        token = tokens.mint(target.api_key, target.api_secret, video={"roomAdmin": True}, ttl=3600)
+        self.http = httpx.Client(
+            base_url=target.url + "/api/v1",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=httpx.Timeout(30, read=None),
+        )
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            r = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as e:
+            fail(f"cannot reach the voicefleet server at {self.target.url}: {e}", UNREACHABLE)
+        check(r)
+        return r.json() if r.content else None
+
+    def lines(self, path: str, **params: Any) -> Iterator[str]:
+        """A streamed text response (a log being followed), line by line."""
+        try:
+            with self.http.stream("GET", path, params=params) as r:
+                if not r.is_success:
+                    r.read()
+                    check(r)
+                yield from r.iter_lines()
+        except httpx.TransportError as e:
+            fail(f"lost the voicefleet server at {self.target.url}: {e}", UNREACHABLE)
+
+
+def check(r: httpx.Response) -> None:
+    if r.is_success:
+        return
+    try:
+        detail = r.json().get("detail", r.text)
+    except ValueError:
+        detail = r.text
+    if isinstance(detail, list):  # FastAPI validation errors
+        detail = "; ".join(
+            f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail
+        )
+    code = {401: AUTH, 403: AUTH, 404: NOT_FOUND}.get(r.status_code, FAILED)
+    fail(f"{detail} (HTTP {r.status_code})", code)

@@ -1,0 +1,38 @@
+"""Secrets at rest: Fernet-encrypted with a key kept in the data directory (mode 0600)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cryptography.fernet import Fernet, InvalidToken
+
+from voicefleet.errors import VoicefleetError
+
+KEY_FILE = "secrets.key"
+
+
+class SecretBox:
+    def __init__(self, key: bytes) -> None:
+        self._fernet = Fernet(key)
+
+    @classmethod
+    def open(cls, data_dir: Path) -> SecretBox:
+        path = data_dir / KEY_FILE
+        if not path.exists():
+            data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(Fernet.generate_key())
+        return cls(path.read_bytes().strip())
+
+    def seal(self, value: str) -> bytes:
+        return self._fernet.encrypt(value.encode())
+
+    def open_value(self, sealed: bytes) -> str:
+        try:
+            return self._fernet.decrypt(sealed).decode()
+        except InvalidToken:
+            raise VoicefleetError(
+                f"a secret cannot be decrypted with {KEY_FILE}: was the key file replaced?"
+            ) from None

@@ -1,0 +1,1 @@
+"""Rollout strategies: state machines over the routing table and the runtime."""

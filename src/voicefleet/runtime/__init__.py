@@ -1,0 +1,61 @@
+"""Where instances run: the `Runtime` protocol and its data; `local` runs child processes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+
+class InstanceStatus(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    instance_id: str
+    agent_id: str
+    version: str
+    workdir: Path
+    python: Path
+    env: dict[str, str] = field(repr=False)
+    log_dir: Path
+    entry: str = "agent.py"
+    grace_period: float = 3600.0
+
+
+@dataclass
+class InstanceState:
+    spec: InstanceSpec
+    status: InstanceStatus = InstanceStatus.STARTING
+    pid: int = 0
+    started_at: float = 0.0
+    health_port: int = 0
+    restarts: int = 0
+    last_exit: int | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.spec.log_dir / f"{self.spec.instance_id}.log"
+
+
+ChangeListener = Callable[[str, InstanceStatus], None]
+
+
+class Runtime(Protocol):
+    def on_change(self, listener: ChangeListener) -> None: ...
+    async def start(self, spec: InstanceSpec) -> InstanceState: ...
+    async def drain(self, instance_id: str, grace: float | None = None) -> None: ...
+    async def stop(self, instance_id: str) -> None: ...
+    async def adopt(
+        self, spec: InstanceSpec, pid: int, started_at: float
+    ) -> InstanceState | None: ...
+    def get(self, instance_id: str) -> InstanceState | None: ...
+    def list(self) -> list[InstanceState]: ...
+    async def close(self, leave_running: bool) -> None: ...

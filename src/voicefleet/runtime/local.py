@@ -1,0 +1,272 @@
+"""The local runtime: each instance is a child process in its own process group.
+
+One supervisor task per instance does everything for it, in this order each tick: notice the
+process ended (restart it with backoff unless it was draining or stopping), check its health
+port, rotate its log. The process writes its output straight to a file and lives in its own
+session, so it outlives a restart of the server, which then adopts it back by pid and start time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+from voicefleet.runtime import ChangeListener, InstanceSpec, InstanceState, InstanceStatus
+
+log = logging.getLogger("voicefleet.runtime")
+
+LAUNCHER = Path(__file__).with_name("launch.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+@dataclass(eq=False)
+class _Instance:
+    state: InstanceState
+    proc: asyncio.subprocess.Process | None = None  # None when adopted after a restart
+    draining: bool = False
+    stopping: bool = False
+    unhealthy: int = 0
+    supervisor: asyncio.Task[None] | None = None
+    killer: asyncio.Task[None] | None = None
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class LocalRuntime:
+    def __init__(
+        self,
+        *,
+        backoff_initial: float = 1.0,
+        backoff_max: float = 30.0,
+        stable_after: float = 60.0,
+        tick: float = 0.5,
+        stop_timeout: float = 10.0,
+        log_max_bytes: int = 20 * 2**20,
+        log_keep: int = 3,
+    ) -> None:
+        self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
+        self.stable_after, self.tick, self.stop_timeout = stable_after, tick, stop_timeout
+        self.log_max_bytes, self.log_keep = log_max_bytes, log_keep
+        self._instances: dict[str, _Instance] = {}
+        self._listeners: list[ChangeListener] = []
+        self._http = httpx.AsyncClient(timeout=2.0)
+
+    def on_change(self, listener: ChangeListener) -> None:
+        self._listeners.append(listener)
+
+    def _set(self, inst: _Instance, status: InstanceStatus) -> None:
+        if inst.state.status == status:
+            return
+        inst.state.status = status
+        log.info("instance %s", status, extra={"instance": inst.state.spec.instance_id})
+        for listener in self._listeners:
+            listener(inst.state.spec.instance_id, status)
+
+    def get(self, instance_id: str) -> InstanceState | None:
+        inst = self._instances.get(instance_id)
+        return inst.state if inst else None
+
+    def list(self) -> list[InstanceState]:
+        return [i.state for i in self._instances.values()]
+
+    # -- starting -----------------------------------------------------------------------------
+
+    async def start(self, spec: InstanceSpec) -> InstanceState:
+        inst = _Instance(InstanceState(spec=spec))
+        self._instances[spec.instance_id] = inst
+        await self._spawn(inst)
+        inst.supervisor = asyncio.create_task(self._supervise(inst))
+        return inst.state
+
+    async def _spawn(self, inst: _Instance) -> None:
+        spec = inst.state.spec
+        port = _free_port()
+        spec.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(inst.state.log_path, "ab") as out:
+            out.write(f"--- voicefleet: starting {spec.instance_id} ({spec.version})\n".encode())
+            out.flush()
+            inst.proc = await asyncio.create_subprocess_exec(
+                str(spec.python), str(LAUNCHER), "--port", str(port), spec.entry, "start",
+                cwd=spec.workdir,
+                env={**spec.env, "PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"},
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,  # its own group: signals reach its job processes too
+            )  # fmt: skip
+        inst.state.pid = inst.proc.pid
+        inst.state.started_at = psutil.Process(inst.proc.pid).create_time()
+        inst.state.health_port = port
+        inst.exited.clear()
+        self._set(inst, InstanceStatus.STARTING)
+
+    async def adopt(self, spec: InstanceSpec, pid: int, started_at: float) -> InstanceState | None:
+        """Take back an instance a previous server started, if that very process still runs."""
+        try:
+            proc = psutil.Process(pid)
+            # A pid can be reused: the start time tells our process from a newer one.
+            if abs(proc.create_time() - started_at) > 1.0 or not _alive(pid):
+                return None
+            cmdline = proc.cmdline()
+            port = int(cmdline[cmdline.index("--port") + 1])
+        except (psutil.Error, ValueError, IndexError):
+            return None
+        state = InstanceState(spec=spec, pid=pid, started_at=started_at, health_port=port)
+        inst = _Instance(state)
+        self._instances[spec.instance_id] = inst
+        inst.supervisor = asyncio.create_task(self._supervise(inst))
+        return state
+
+    # -- the supervisor -----------------------------------------------------------------------
+
+    async def _exit_code(self, inst: _Instance) -> int | None:
+        """The exit code if the process ended (None if it still runs)."""
+        if inst.proc is not None:
+            return inst.proc.returncode
+        if _alive(inst.state.pid):
+            return None
+        return -1  # adopted: not our child, its code is lost
+
+    async def _supervise(self, inst: _Instance) -> None:
+        backoff = self.backoff_initial
+        while True:
+            await asyncio.sleep(self.tick)
+            code = await self._exit_code(inst)
+            if code is None:
+                await self._check_health(inst)
+                self._rotate(inst)
+                if time.time() - inst.state.started_at > self.stable_after:
+                    backoff = self.backoff_initial
+                continue
+            inst.state.last_exit = code
+            inst.exited.set()
+            if inst.killer is not None:
+                inst.killer.cancel()
+            _signal_group(inst.state.pid, signal.SIGKILL)  # leftovers of its group, if any
+            if inst.draining or inst.stopping:
+                self._set(inst, InstanceStatus.STOPPED)
+                return
+            inst.state.restarts += 1
+            self._set(inst, InstanceStatus.FAILED)
+            log.warning(
+                "instance exited; restarting",
+                extra={"instance": inst.state.spec.instance_id, "code": code, "in": backoff},
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.backoff_max)
+            if inst.draining or inst.stopping:
+                self._set(inst, InstanceStatus.STOPPED)
+                return
+            await self._spawn(inst)
+
+    async def _check_health(self, inst: _Instance) -> None:
+        if inst.draining:
+            return
+        try:
+            r = await self._http.get(f"http://127.0.0.1:{inst.state.health_port}/")
+            healthy = r.status_code == 200
+        except httpx.HTTPError:
+            healthy = False
+        if healthy:
+            inst.unhealthy = 0
+            self._set(inst, InstanceStatus.READY)
+        elif inst.state.status == InstanceStatus.READY:
+            inst.unhealthy += 1
+            if inst.unhealthy in (3, 30, 300):
+                log.warning("instance unhealthy", extra={"instance": inst.state.spec.instance_id})
+
+    def _rotate(self, inst: _Instance) -> None:
+        path = inst.state.log_path
+        try:
+            if path.stat().st_size <= self.log_max_bytes:
+                return
+        except FileNotFoundError:
+            return
+        # Copy-truncate: the process keeps its O_APPEND descriptor and writes on at offset 0.
+        for i in range(self.log_keep - 1, 0, -1):
+            older = path.with_name(f"{path.name}.{i}")
+            if older.exists():
+                older.replace(path.with_name(f"{path.name}.{i + 1}"))
+        shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+        with open(path, "r+b") as f:
+            f.truncate(0)
+
+    # -- stopping -----------------------------------------------------------------------------
+
+    async def drain(self, instance_id: str, grace: float | None = None) -> None:
+        """SIGTERM now (livekit-agents finishes its sessions, then exits); SIGKILL after grace."""
+        inst = self._instances.get(instance_id)
+        if inst is None or inst.draining or inst.exited.is_set():
+            return
+        inst.draining = True
+        self._set(inst, InstanceStatus.DRAINING)
+        grace = inst.state.spec.grace_period if grace is None else grace
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(inst.state.pid, signal.SIGTERM)
+        inst.killer = asyncio.create_task(self._kill_after(inst, grace))
+
+    async def _kill_after(self, inst: _Instance, grace: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(inst.exited.wait(), grace)
+            return
+        log.warning(
+            "grace period over: killing instance",
+            extra={"instance": inst.state.spec.instance_id, "grace": grace},
+        )
+        _signal_group(inst.state.pid, signal.SIGKILL)
+
+    async def stop(self, instance_id: str) -> None:
+        """Stop now: SIGTERM, then SIGKILL after `stop_timeout`. For instances with no sessions."""
+        inst = self._instances.get(instance_id)
+        if inst is None:
+            return
+        inst.stopping = True
+        if not inst.exited.is_set() and inst.state.pid:
+            _signal_group(inst.state.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(inst.exited.wait(), self.stop_timeout)
+            except TimeoutError:
+                _signal_group(inst.state.pid, signal.SIGKILL)
+        self._set(inst, InstanceStatus.STOPPED)
+
+    async def close(self, leave_running: bool) -> None:
+        if not leave_running:
+            await asyncio.gather(*(self.stop(i) for i in list(self._instances)))
+        for inst in self._instances.values():
+            for task in (inst.supervisor, inst.killer):
+                if task is not None:
+                    task.cancel()
+        await self._http.aclose()
+
+
+if sys.platform == "win32":  # pragma: no cover
+    raise ImportError("the local runtime needs POSIX process groups")

@@ -1,0 +1,168 @@
+"""The control plane's reads and writes, as methods; the services hold no SQL."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+
+from voicefleet.store.models import (
+    AgentRow,
+    Base,
+    DeploymentRow,
+    EventRow,
+    InstanceRow,
+    RolloutRow,
+    SecretRow,
+    VersionRow,
+)
+
+RowT = TypeVar("RowT", bound=Base)
+
+
+class Repo:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._session = async_sessionmaker(engine, expire_on_commit=False)
+
+    async def _all(self, query: Any) -> list[Any]:
+        async with self._session() as s:
+            return list((await s.scalars(query)).all())
+
+    async def _one(self, query: Any) -> Any:
+        async with self._session() as s:
+            return (await s.scalars(query)).first()
+
+    async def save(self, *rows: Base) -> None:
+        """Insert or update rows (merge by primary key) in one transaction."""
+        async with self._session() as s, s.begin():
+            for row in rows:
+                await s.merge(row)
+
+    async def remove(self, *rows: Base) -> None:
+        async with self._session() as s, s.begin():
+            for row in rows:
+                await s.delete(await s.merge(row))
+
+    # -- agents -------------------------------------------------------------------------------
+
+    async def agent(self, key: str) -> AgentRow | None:
+        """An agent by id (`CA_…`) or by name."""
+        row: AgentRow | None = await self._one(
+            select(AgentRow).where((AgentRow.id == key) | (AgentRow.name == key))
+        )
+        return row
+
+    async def agents(self) -> list[AgentRow]:
+        return await self._all(select(AgentRow).order_by(AgentRow.created_at))
+
+    async def delete_agent(self, agent_id: str) -> None:
+        async with self._session() as s, s.begin():
+            for table in (DeploymentRow, VersionRow, InstanceRow, SecretRow, RolloutRow):
+                await s.execute(delete(table).where(table.agent_id == agent_id))
+            await s.execute(delete(AgentRow).where(AgentRow.id == agent_id))
+
+    # -- deployments and versions -------------------------------------------------------------
+
+    async def deployment(self, agent_id: str, name: str) -> DeploymentRow | None:
+        row: DeploymentRow | None = await self._one(
+            select(DeploymentRow).where(
+                DeploymentRow.agent_id == agent_id, DeploymentRow.name == name
+            )
+        )
+        return row
+
+    async def deployments(self, agent_id: str | None = None) -> list[DeploymentRow]:
+        query = select(DeploymentRow).order_by(DeploymentRow.agent_id, DeploymentRow.name)
+        if agent_id is not None:
+            query = query.where(DeploymentRow.agent_id == agent_id)
+        return await self._all(query)
+
+    async def next_version_number(self, agent_id: str) -> int:
+        async with self._session() as s:
+            top = await s.scalar(
+                select(func.max(VersionRow.number)).where(VersionRow.agent_id == agent_id)
+            )
+        return int(top or 0) + 1
+
+    async def version(self, agent_id: str, version: str) -> VersionRow | None:
+        row: VersionRow | None = await self._one(
+            select(VersionRow).where(VersionRow.agent_id == agent_id, VersionRow.version == version)
+        )
+        return row
+
+    async def versions(self, agent_id: str) -> list[VersionRow]:
+        return await self._all(
+            select(VersionRow)
+            .where(VersionRow.agent_id == agent_id)
+            .order_by(VersionRow.number.desc())
+        )
+
+    # -- instances ----------------------------------------------------------------------------
+
+    async def instances(
+        self, agent_id: str | None = None, statuses: Sequence[str] | None = None
+    ) -> list[InstanceRow]:
+        query = select(InstanceRow).order_by(InstanceRow.created_at)
+        if agent_id is not None:
+            query = query.where(InstanceRow.agent_id == agent_id)
+        if statuses is not None:
+            query = query.where(InstanceRow.status.in_(statuses))
+        return await self._all(query)
+
+    async def set_instance_status(self, instance_id: str, status: str, **fields: Any) -> None:
+        async with self._session() as s, s.begin():
+            row = await s.get(InstanceRow, instance_id)
+            if row is not None:
+                row.status = status
+                row.updated_at = time.time()
+                for name, value in fields.items():
+                    setattr(row, name, value)
+
+    # -- secrets ------------------------------------------------------------------------------
+
+    async def secrets(self, agent_id: str) -> list[SecretRow]:
+        return await self._all(
+            select(SecretRow).where(SecretRow.agent_id == agent_id).order_by(SecretRow.name)
+        )
+
+    async def unset_secrets(self, agent_id: str, names: Sequence[str]) -> int:
+        async with self._session() as s, s.begin():
+            result = await s.execute(
+                delete(SecretRow).where(SecretRow.agent_id == agent_id, SecretRow.name.in_(names))
+            )
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    # -- rollouts and events ------------------------------------------------------------------
+
+    async def rollout(self, rollout_id: str) -> RolloutRow | None:
+        row: RolloutRow | None = await self._one(
+            select(RolloutRow).where(RolloutRow.id == rollout_id)
+        )
+        return row
+
+    async def rollouts(
+        self, agent_id: str | None = None, states: Sequence[str] | None = None, limit: int = 50
+    ) -> list[RolloutRow]:
+        query = select(RolloutRow).order_by(RolloutRow.created_at.desc()).limit(limit)
+        if agent_id is not None:
+            query = query.where(RolloutRow.agent_id == agent_id)
+        if states is not None:
+            query = query.where(RolloutRow.state.in_(states))
+        return await self._all(query)
+
+    async def event(self, agent_id: str, kind: str, message: str, actor: str = "") -> None:
+        await self.save(
+            EventRow(agent_id=agent_id, kind=kind, message=message, actor=actor, at=time.time())
+        )
+
+    async def events(self, agent_id: str, limit: int = 100) -> list[EventRow]:
+        return await self._all(
+            select(EventRow)
+            .where(EventRow.agent_id == agent_id)
+            .order_by(EventRow.id.desc())
+            .limit(limit)
+        )

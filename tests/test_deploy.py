@@ -1,0 +1,180 @@
+"""Deploys, rollbacks and secrets with real processes: `vf agent …`, the local runtime, builds.
+
+The agent is tests/agents/deployable, copied to a temp folder; its instances are real
+livekit-agents 1.8.9 workers in uv-built environments, started by the server's local runtime.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from livekit import api
+
+from tests.support import DEV_KEY, DEV_SECRET, ROOT, Server, admin_token, started, wait_for
+
+AGENT_SRC = ROOT / "tests" / "agents" / "deployable"
+SECRET = "s3cr3t-value-that-must-never-show"
+
+
+def vf(
+    server: Server, folder: Path, *args: str, ok: bool = True
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "VF_URL": server.url, "VF_API_KEY": DEV_KEY, "VF_API_SECRET": DEV_SECRET}
+    result = subprocess.run(
+        [sys.executable, "-m", "voicefleet", "agent", *args],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if ok:
+        assert result.returncode == 0, (
+            f"vf agent {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def api_get(server: Server, path: str) -> Any:
+    r = httpx.get(
+        f"{server.url}/api/v1{path}",
+        headers={"Authorization": f"Bearer {admin_token()}"},
+        timeout=30,
+    )
+    r.raise_for_status()
+    return r.json()
+
+
+@pytest.fixture
+def agent_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "my-agent"
+    shutil.copytree(AGENT_SRC, folder)
+    (folder / "VERSION").write_text("one")
+    return folder
+
+
+async def dispatch(lk: api.LiveKitAPI, room: str, hold: float = 0) -> str:
+    d = await lk.agent_dispatch.create_dispatch(
+        api.CreateAgentDispatchRequest(
+            agent_name="my-agent", room=room, metadata=json.dumps({"hold": hold})
+        )
+    )
+    return d.state.jobs[0].id
+
+
+def job_state(server: Server, job_id: str, *states: str) -> Callable[[], dict[str, Any] | None]:
+    return lambda: ((j := server.job(job_id)) and j["state"] in states and j) or None
+
+
+async def test_deploy_during_20_live_sessions_finishes_them_all_and_rollback_needs_no_build(
+    start_server: Callable[..., Server], agent_dir: Path, tmp_path: Path
+) -> None:
+    server = start_server()
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    vf(server, agent_dir, "create")
+    vf(server, agent_dir, "secrets", "set", f"MARKER_DIR={markers}", f"VF_TEST_SECRET={SECRET}")
+    vf(server, agent_dir, "scale", "2")
+    first = vf(server, agent_dir, "deploy")
+    assert "v1" in first.stdout
+
+    status = api_get(server, "/agents/my-agent")
+    v1_instances = {i["id"] for i in status["instances"] if i["status"] in ("ready", "starting")}
+    assert len(v1_instances) == 2
+
+    lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
+    try:
+        calls = [await dispatch(lk, f"call-{i}", hold=15) for i in range(20)]
+        for job_id in calls:
+            await wait_for(lambda j=job_id: started(markers, j), 60, f"call {job_id} to start")
+        assert {started(markers, j)["version"] for j in calls} == {"v1"}  # type: ignore[index]
+        assert {started(markers, j)["secret"] for j in calls} == {SECRET}  # type: ignore[index]
+
+        (agent_dir / "VERSION").write_text("two")
+        second = vf(server, agent_dir, "deploy")
+        assert "v2" in second.stdout
+        assert "reused cached environment" in second.stdout  # same requirements: no reinstall
+
+        after = [await dispatch(lk, f"after-{i}") for i in range(6)]
+        for job_id in after:
+            job = await wait_for(job_state(server, job_id, "succeeded", "failed"), 60, job_id)
+            assert job["state"] == "succeeded" and job["version"] == "v2", job
+
+        # Every call that was in flight during the deploy finishes normally on v1.
+        for job_id in calls:
+            job = await wait_for(job_state(server, job_id, "succeeded", "failed"), 60, job_id)
+            assert job["state"] == "succeeded", job
+            assert job["version"] == "v1"
+            assert (markers / f"{job_id}.done").exists()
+
+        # The drained v1 instances exit by themselves once their sessions are done.
+        await wait_for(
+            lambda: all(
+                i["status"] == "stopped"
+                for i in api_get(server, "/agents/my-agent")["instances"]
+                if i["id"] in v1_instances
+            ),
+            60,
+            "the v1 instances to stop after draining",
+        )
+
+        def builds() -> list[tuple[str, float]]:
+            return [(v["version"], v["built_at"]) for v in api_get(server, "/agents/my-agent/versions")]
+
+        builds_before = builds()
+        rolled = vf(server, agent_dir, "rollback")
+        assert "rollback to v1: complete" in rolled.stdout
+        assert builds() == builds_before  # no new version, nothing rebuilt
+        back = await dispatch(lk, "back-on-v1")
+        job = await wait_for(job_state(server, back, "succeeded"), 60, "a session on v1")
+        assert job["version"] == "v1"
+    finally:
+        await lk.aclose()
+
+    # The secret reached the agent, and nothing else: no API response, log or CLI output.
+    listed = vf(server, agent_dir, "secrets", "list")
+    everything = [
+        first.stdout, first.stderr, second.stdout, second.stderr, listed.stdout, server.log(),
+        json.dumps(api_get(server, "/agents/my-agent")),
+        json.dumps(api_get(server, "/agents/my-agent/secrets")),
+        json.dumps(api_get(server, "/agents/my-agent/events")),
+    ]  # fmt: skip
+    for text in everything:
+        assert SECRET not in text
+
+
+def test_hostile_bundle_and_broken_livekit_toml_get_clear_errors(
+    server: Server, agent_dir: Path, tmp_path: Path
+) -> None:
+    vf(server, agent_dir, "create", "--name", "hostile")
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as tar:
+        info = tarfile.TarInfo("../../escape.py")
+        data = b"print('owned')"
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    r = httpx.post(
+        f"{server.url}/api/v1/agents/hostile/versions",
+        content=evil.read_bytes(),
+        headers={"Authorization": f"Bearer {admin_token()}", "Content-Type": "application/gzip"},
+    )
+    assert r.status_code == 400, r.text
+    assert "escape.py" in r.json()["detail"]
+    assert not (tmp_path / "escape.py").exists()
+    assert api_get(server, "/agents/hostile/versions") == []
+
+    (agent_dir / "livekit.toml").write_text("[agent\nid = ")
+    broken = vf(server, agent_dir, "status", ok=False)
+    assert broken.returncode == 2
+    assert "livekit.toml is not valid TOML" in broken.stderr
