@@ -130,7 +130,9 @@ async def test_deploy_during_20_live_sessions_finishes_them_all_and_rollback_nee
         )
 
         def builds() -> list[tuple[str, float]]:
-            return [(v["version"], v["built_at"]) for v in api_get(server, "/agents/my-agent/versions")]
+            return [
+                (v["version"], v["built_at"]) for v in api_get(server, "/agents/my-agent/versions")
+            ]
 
         builds_before = builds()
         rolled = vf(server, agent_dir, "rollback")

@@ -37,7 +37,7 @@ class DispatchSettings:
     # A job no worker can take waits this long in the queue, then fails with a reason.
     queue_timeout: float = 60.0
     # A job every available worker refused is offered again after this long.
-    retry_interval: float = 1.0
+    retry_interval: float = 0.25
     # Jobs waiting for a worker, all agents together; past this CreateDispatch is refused.
     queue_limit: int = 10_000
     # A worker that sends nothing (workers report status every 2.5 s) for this long is dead.

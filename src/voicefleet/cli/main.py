@@ -124,18 +124,19 @@ def server(
 
 @app.command()
 def demo(
-    agent: Annotated[Path, typer.Option(help="The LiveKit agent to run.")] = Path(
-        "examples/hello_agent/agent.py"
+    agent: Annotated[Path, typer.Option(help="The agent folder to deploy.")] = Path(
+        "examples/voice_agent"
     ),
-    workers: Annotated[int, typer.Option(min=1, help="Workers to start.")] = 2,
+    replicas: Annotated[int, typer.Option(min=1, help="Instances to run.")] = 2,
     sessions: Annotated[int, typer.Option(min=1, help="Sessions to dispatch.")] = 6,
-    seconds: Annotated[float, typer.Option(min=0, help="Length of each session.")] = 3.0,
+    seconds: Annotated[float, typer.Option(min=0, help="Length of each session.")] = 8.0,
 ) -> None:
-    """Run the embedded server with the example agent and dispatch a few sessions to it."""
+    """Start the embedded server, deploy the example agent, serve sessions, deploy again."""
     from voicefleet.cli.demo import DemoError, run_demo
 
+    logs.setup("warning")
     try:
-        run_demo(agent, workers, sessions, seconds)
+        run_demo(agent, replicas, sessions, seconds)
     except DemoError as e:
         err.print(f"[red]demo failed:[/red] {e}")
         raise typer.Exit(1) from None
