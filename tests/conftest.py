@@ -22,8 +22,9 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Start a server of the test's own with extra `vf server` flags."""
     servers: list[Server] = []
 
-    def start(*args: str, data_dir: Path | None = None, dev: bool = True) -> Server:
-        srv = Server(data_dir or tmp_path / f"server{len(servers)}", *args, dev=dev).start()
+    def start(*args: str, data_dir: Path | None = None, dev: bool = True, port: int = 0) -> Server:
+        srv = Server(data_dir or tmp_path / f"server{len(servers)}", *args, dev=dev, port=port)
+        srv.start()
         servers.append(srv)
         return srv
 

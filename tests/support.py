@@ -57,9 +57,10 @@ def admin_token() -> str:
 class Server:
     """`vf server --dev` in a subprocess."""
 
-    def __init__(self, data_dir: Path, *args: str, dev: bool = True) -> None:
+    def __init__(self, data_dir: Path, *args: str, dev: bool = True, port: int = 0) -> None:
         self.data_dir = data_dir
         self.args = ("--dev", *args) if dev else args
+        self.port = port
         self.log_path = data_dir / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
@@ -72,7 +73,7 @@ class Server:
         self.proc = subprocess.Popen(
             [
                 sys.executable, "-m", "voicefleet", "server", "--host", "127.0.0.1",
-                "--port", "0", "--data-dir", str(self.data_dir), "--ready-file", str(ready),
+                "--port", str(self.port), "--data-dir", str(self.data_dir), "--ready-file", str(ready),
                 *self.args,
             ],
             stdout=log,

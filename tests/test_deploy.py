@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from livekit import api
 
@@ -180,3 +181,90 @@ def test_hostile_bundle_and_broken_livekit_toml_get_clear_errors(
     broken = vf(server, agent_dir, "status", ok=False)
     assert broken.returncode == 2
     assert "livekit.toml is not valid TOML" in broken.stderr
+
+
+async def test_crashing_version_is_aborted_and_the_previous_one_keeps_serving(
+    start_server: Callable[..., Server], agent_dir: Path, tmp_path: Path
+) -> None:
+    server = start_server()
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    vf(server, agent_dir, "create")
+    vf(server, agent_dir, "secrets", "set", f"MARKER_DIR={markers}")
+    vf(server, agent_dir, "deploy")
+
+    (agent_dir / "CRASH").write_text("yes")
+    broken = vf(server, agent_dir, "deploy", ok=False)
+    assert broken.returncode == 1
+    assert "rollout of v2 aborted" in broken.stderr and "crashed while starting" in broken.stderr
+
+    status = api_get(server, "/agents/my-agent")
+    assert status["deployments"][0]["version"] == "v1"
+    assert {i["status"] for i in status["instances"] if i["version"] == "v2"} == {"stopped"}
+    lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
+    try:
+        job_id = await dispatch(lk, "still-v1")
+        job = await wait_for(job_state(server, job_id, "succeeded"), 60, "a session on v1")
+        assert job["version"] == "v1"
+    finally:
+        await lk.aclose()
+
+
+async def test_server_restart_mid_rollout_adopts_instances_resumes_and_cuts_no_session(
+    start_server: Callable[..., Server], agent_dir: Path, tmp_path: Path
+) -> None:
+    server = start_server()
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    vf(server, agent_dir, "create")
+    vf(server, agent_dir, "secrets", "set", f"MARKER_DIR={markers}")
+    vf(server, agent_dir, "deploy")
+    [v1] = api_get(server, "/agents/my-agent")["instances"]
+
+    lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
+    calls = [await dispatch(lk, f"call-{i}", hold=20) for i in range(3)]
+    await lk.aclose()
+    for job_id in calls:
+        await wait_for(lambda j=job_id: started(markers, j), 60, f"call {job_id} to start")
+
+    # Start the v2 rollout, and stop the server while it waits for v2 to come up.
+    (agent_dir / "VERSION").write_text("two")
+    deploy = subprocess.Popen(
+        [sys.executable, "-m", "voicefleet", "agent", "deploy"],
+        cwd=agent_dir,
+        env={**os.environ, "VF_URL": server.url},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    await wait_for(
+        lambda: any(r["step"] == "wait" for r in api_get(server, "/agents/my-agent")["rollouts"]),
+        60,
+        "the rollout to wait for v2",
+        interval=0.1,
+    )
+    port = int(server.url.rsplit(":", 1)[1])
+    server.stop(leave_instances=True)
+    deploy.wait(30)
+    assert psutil.pid_exists(v1["pid"]), "v1 must keep serving while the server is down"
+
+    again = start_server(data_dir=server.data_dir, port=port)
+    rollout = await wait_for(
+        lambda: (
+            (r := api_get(again, "/agents/my-agent")["rollouts"][0])["state"] != "progressing" and r
+        ),
+        120,
+        "the resumed rollout to finish",
+        interval=0.5,
+    )
+    assert rollout["state"] == "complete" and rollout["to_version"] == "v2", rollout
+
+    for job_id in calls:
+        job = await wait_for(job_state(again, job_id, "succeeded", "failed"), 90, job_id)
+        assert job["state"] == "succeeded", job
+        assert (markers / f"{job_id}.done").exists()
+    lk = api.LiveKitAPI(again.url, DEV_KEY, DEV_SECRET)
+    try:
+        job_id = await dispatch(lk, "after-restart")
+        assert (await wait_for(job_state(again, job_id, "succeeded"), 60, "v2"))["version"] == "v2"
+    finally:
+        await lk.aclose()

@@ -156,6 +156,10 @@ class _Server(uvicorn.Server):
             await app.state.control.start()
             _announce(f"http://{host}:{port}", self.settings)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.app.state.dispatch.closing = True
+        await super().shutdown(sockets)
+
 
 def _announce(url: str, settings: Settings) -> None:
     log.info(

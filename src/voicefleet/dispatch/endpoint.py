@@ -63,7 +63,9 @@ async def worker_endpoint(ws: WebSocket, service: DispatchService) -> None:
     except WebSocketDisconnect:
         reason = "disconnected"
     finally:
-        if worker is not None:
+        if worker is not None and service.closing:
+            service.registry.remove(worker)  # its jobs go on; the next start adopts them
+        elif worker is not None:
             service.scheduler.worker_gone(worker, reason)
             log.info("worker gone", extra={"worker": worker.id, "reason": reason})
 

@@ -29,6 +29,9 @@ class DispatchService:
             self.registry, self.book, project, settings, metrics, self.routing
         )
         self.book.job_listeners.append(self._count_job)
+        # Set when this server stops: workers then lose their connection because of us, not
+        # because they died, so their jobs stay running in the store for the next start.
+        self.closing = False
         # Jobs that were running when the server last stopped, by adoption deadline.
         self._orphans: dict[str, float] = {}
         metrics.gauge(
