@@ -73,8 +73,8 @@ class Server:
         self.proc = subprocess.Popen(
             [
                 sys.executable, "-m", "voicefleet", "server", "--host", "127.0.0.1",
-                "--port", str(self.port), "--data-dir", str(self.data_dir), "--ready-file", str(ready),
-                *self.args,
+                "--port", str(self.port), "--data-dir", str(self.data_dir),
+                "--ready-file", str(ready), *self.args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
