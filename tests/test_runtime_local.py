@@ -1,0 +1,140 @@
+"""The local runtime with real child processes and real livekit-agents workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from livekit import api
+
+from tests.support import DEV_KEY, DEV_SECRET, MARKER_AGENT, Server, started, wait_for
+from voicefleet.runtime import InstanceSpec, InstanceStatus
+from voicefleet.runtime.local import LocalRuntime
+
+# An agent as users write it: no port= anywhere, so `start` would bind :8081.
+PLAIN_AGENT = """
+from livekit.agents import JobContext, WorkerOptions, cli
+
+async def entrypoint(ctx: JobContext) -> None:
+    ctx.shutdown()
+
+if __name__ == "__main__":
+    cli.run_app(WorkerOptions(entrypoint_fnc=entrypoint, num_idle_processes=1))
+"""
+
+
+@pytest.fixture
+async def runtime() -> AsyncIterator[LocalRuntime]:
+    rt = LocalRuntime(backoff_initial=0.2, tick=0.1, stop_timeout=5)
+    yield rt
+    await rt.close(leave_running=False)
+
+
+def spec(
+    server: Server, workdir: Path, name: str, entry: str = "agent.py", **env: str
+) -> InstanceSpec:
+    return InstanceSpec(
+        instance_id=f"{name}-{os.urandom(3).hex()}",
+        agent_id="CA_test",
+        version="v1",
+        workdir=workdir,
+        python=Path(sys.executable),
+        entry=entry,
+        env={
+            "LIVEKIT_URL": server.ws_url,
+            "LIVEKIT_API_KEY": DEV_KEY,
+            "LIVEKIT_API_SECRET": DEV_SECRET,
+            "LIVEKIT_AGENT_NAME_OVERRIDE": name,
+            **env,
+        },
+        log_dir=workdir / "logs",
+    )
+
+
+async def test_two_instances_of_an_agent_without_a_port_both_start_on_ports_of_their_own(
+    server: Server, runtime: LocalRuntime, tmp_path: Path
+) -> None:
+    (tmp_path / "agent.py").write_text(PLAIN_AGENT)
+    states = [await runtime.start(spec(server, tmp_path, "plain")) for _ in range(2)]
+    await wait_for(lambda: len(server.workers("plain")) == 2, 60, "both instances to register")
+    await wait_for(
+        lambda: all(s.status == InstanceStatus.READY for s in states), 30, "both to be healthy"
+    )
+    ports = {s.health_port for s in states}
+    assert len(ports) == 2 and 8081 not in ports
+    for port in ports:
+        assert httpx.get(f"http://127.0.0.1:{port}/").text == "OK"
+    for s in states:
+        assert "registered worker" in s.log_path.read_text()
+
+
+async def test_crashing_instance_is_restarted_with_backoff(
+    server: Server, runtime: LocalRuntime, tmp_path: Path
+) -> None:
+    (tmp_path / "agent.py").write_text("import sys\nsys.exit('boom at import')\n")
+    changes: list[InstanceStatus] = []
+    runtime.on_change(lambda _, status: changes.append(status))
+    state = await runtime.start(spec(server, tmp_path, "crashy"))
+    await wait_for(lambda: state.restarts >= 3, 30, "three restarts")
+    assert state.last_exit == 1
+    assert InstanceStatus.FAILED in changes
+    assert state.log_path.read_text().count("--- voicefleet: starting") >= 3
+    assert "boom at import" in state.log_path.read_text()
+
+
+async def test_drain_kills_only_after_the_grace_period(
+    server: Server, runtime: LocalRuntime, tmp_path: Path
+) -> None:
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    state = await runtime.start(
+        spec(server, MARKER_AGENT.parent, "graceful", entry=MARKER_AGENT.name, MARKER_DIR=str(markers),
+             AGENT_NAME="graceful")
+    )  # fmt: skip
+    await wait_for(lambda: server.workers("graceful"), 60, "the worker to register")
+    lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
+    try:
+        d = await lk.agent_dispatch.create_dispatch(
+            api.CreateAgentDispatchRequest(
+                agent_name="graceful", room="long-call", metadata=json.dumps({"hold": 120})
+            )
+        )
+    finally:
+        await lk.aclose()
+    job_id = d.state.jobs[0].id
+    await wait_for(lambda: started(markers, job_id), 30, "the call to start")
+
+    await runtime.drain(state.spec.instance_id, grace=3)
+    assert state.status == InstanceStatus.DRAINING
+    assert psutil.pid_exists(state.pid)  # SIGTERM only: the call goes on for now
+    await wait_for(lambda: state.status == InstanceStatus.STOPPED, 30, "SIGKILL after grace")
+    assert not (markers / f"{job_id}.done").exists()
+    job = await wait_for(
+        lambda: (j := server.job(job_id)) and j["state"] == "failed" and j, 30, "fail"
+    )
+    assert "disconnected" in job["error"]
+
+
+async def test_adoption_takes_back_the_same_process_and_refuses_a_reused_pid(
+    server: Server, runtime: LocalRuntime, tmp_path: Path
+) -> None:
+    (tmp_path / "agent.py").write_text(PLAIN_AGENT)
+    s = spec(server, tmp_path, "adoptee")
+    state = await runtime.start(s)
+    await wait_for(lambda: state.status == InstanceStatus.READY, 60, "the instance to be healthy")
+
+    after_restart = LocalRuntime(tick=0.1)
+    try:
+        assert await after_restart.adopt(s, state.pid, state.started_at - 100) is None
+        adopted = await after_restart.adopt(s, state.pid, state.started_at)
+        assert adopted is not None and adopted.health_port == state.health_port
+        await wait_for(lambda: adopted.status == InstanceStatus.READY, 30, "adopted health")
+    finally:
+        await after_restart.close(leave_running=True)
+    assert psutil.pid_exists(state.pid)  # leave_running: the instance outlives its runtime
