@@ -93,10 +93,10 @@ async def test_drain_kills_only_after_the_grace_period(
 ) -> None:
     markers = tmp_path / "markers"
     markers.mkdir()
-    state = await runtime.start(
-        spec(server, MARKER_AGENT.parent, "graceful", entry=MARKER_AGENT.name, MARKER_DIR=str(markers),
-             AGENT_NAME="graceful")
-    )  # fmt: skip
+    agent = spec(
+        server, MARKER_AGENT.parent, "graceful", entry=MARKER_AGENT.name, MARKER_DIR=str(markers)
+    )
+    state = await runtime.start(agent)
     await wait_for(lambda: server.workers("graceful"), 60, "the worker to register")
     lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
     try:
