@@ -113,7 +113,7 @@ def test_garbage_and_truncated_bundles_are_rejected(tmp_path: Path, content: byt
     for i, data in enumerate([content, good.read_bytes()[:3000]]):
         path = tmp_path / f"bad{i}.tar.gz"
         path.write_bytes(data)
-        with pytest.raises(BundleRejected, match="not a tar.gz bundle|no files"):
+        with pytest.raises(BundleRejected, match=r"not a tar\.gz bundle|no files"):
             extract_bundle(path, tmp_path / f"out{i}")
         assert not (tmp_path / f"out{i}").exists()
 
