@@ -1,0 +1,212 @@
+"""The worker endpoint against hand-written peers: tokens, frames, silence, unanswered offers."""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from collections.abc import Callable
+
+import aiohttp
+import httpx
+import jwt
+import pytest
+from livekit import api
+from livekit.protocol import agent
+
+from tests.peers import Peer, worker_jwt
+from tests.support import DEV_KEY, DEV_SECRET, Server, wait_for
+from voicefleet.protocol import tokens
+
+
+def upgrade(server: Server, authorization: str | None) -> httpx.Response:
+    headers = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+    }
+    if authorization is not None:
+        headers["Authorization"] = authorization
+    return httpx.get(server.url + "/agent", headers=headers)
+
+
+def signed(claims: dict[str, object], secret: str = DEV_SECRET) -> str:
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+NOW = int(time.time())
+BAD_TOKENS = {
+    "missing": (None, 401, "missing Authorization header"),
+    "garbage": ("Bearer not.a.jwt", 401, "malformed access token"),
+    "expired": (
+        "Bearer " + signed({"iss": DEV_KEY, "exp": NOW - 3600, "video": {"agent": True}}),
+        401,
+        "expired",
+    ),
+    "not yet valid": (
+        "Bearer "
+        + signed({"iss": DEV_KEY, "nbf": NOW + 3600, "exp": NOW + 7200, "video": {"agent": True}}),
+        401,
+        "not valid yet",
+    ),
+    "wrong secret": ("Bearer " + worker_jwt(secret="not-the-secret"), 401, "signature does not"),
+    "unknown key": ("Bearer " + worker_jwt(key="nobody"), 401, "unknown API key 'nobody'"),
+    "no agent grant": (
+        "Bearer " + tokens.mint(DEV_KEY, DEV_SECRET, video={"roomJoin": True}),
+        403,
+        "lacks the 'agent' grant",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TOKENS))
+def test_bad_worker_tokens_are_rejected_before_the_upgrade_with_a_reason(
+    server: Server, case: str
+) -> None:
+    authorization, status, reason = BAD_TOKENS[case]
+    r = upgrade(server, authorization)
+    assert r.status_code == status
+    assert reason in r.text
+
+
+async def test_worker_token_tags_the_worker_and_a_bad_one_is_refused(server: Server) -> None:
+    identity = tokens.WorkerIdentity(agent="CA_tagged", version="v7", instance="tagged-v7-1")
+    peer = await Peer.connect(
+        server.ws_url,
+        "tagged",
+        params={"worker_token": tokens.mint_worker_token(DEV_SECRET, identity)},
+        deployment="staging",
+    )
+    try:
+        [w] = server.workers("tagged")
+        assert (w["pool"], w["agent_id"], w["instance"]) == ("v7", "CA_tagged", "tagged-v7-1")
+        assert w["deployment"] == "staging"
+    finally:
+        await peer.close()
+    with pytest.raises(aiohttp.WSServerHandshakeError) as denied:
+        await Peer.connect(server.ws_url, "tagged", params={"worker_token": "forged"})
+    assert denied.value.status == 401
+
+
+async def _closed_with(peer: Peer) -> int | None:
+    await wait_for(peer.closed.is_set, 10, "the server to close the connection")
+    return peer.ws.close_code
+
+
+@pytest.mark.parametrize(
+    "frame", [b"\xff\x00garbage", "a text frame", agent.WorkerMessage().SerializeToString()]
+)
+async def test_malformed_frames_close_that_connection_only(
+    server: Server, frame: bytes | str
+) -> None:
+    good = await Peer.connect(server.ws_url, "frames")
+    bad = await Peer.connect(server.ws_url, "frames")
+    try:
+        if isinstance(frame, str):
+            await bad.ws.send_str(frame)
+        else:
+            await bad.ws.send_bytes(frame)
+        assert await _closed_with(bad) == 1007
+        await wait_for(lambda: len(server.workers("frames")) == 1, 10, "the bad peer's removal")
+
+        lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
+        try:
+            d = await lk.agent_dispatch.create_dispatch(
+                api.CreateAgentDispatchRequest(agent_name="frames", room=f"frames-{os.getpid()}")
+            )
+        finally:
+            await lk.aclose()
+        job = await wait_for(lambda: server.job(d.state.jobs[0].id), 10, "the job")
+        await wait_for(lambda: good.assignments, 10, "the good peer to get the job")
+        assert job["worker_id"] in ("", good.worker_id)
+    finally:
+        await good.close()
+        await bad.close()
+
+
+async def test_first_message_must_be_register(server: Server) -> None:
+    peer = await Peer.connect(server.ws_url, "unregistered", register=False)
+    try:
+        await peer.send(agent.WorkerMessage(ping=agent.WorkerPing(timestamp=1)))
+        assert await _closed_with(peer) == 1007
+    finally:
+        await peer.close()
+
+
+async def test_protocol_ping_gets_a_pong_echoing_its_timestamp(server: Server) -> None:
+    peer = await Peer.connect(server.ws_url, "pinger")
+    try:
+        await peer.send(agent.WorkerMessage(ping=agent.WorkerPing(timestamp=123456)))
+        [pong] = await wait_for(lambda: peer.pongs, 10, "a pong")
+        assert pong.last_timestamp == 123456 and pong.timestamp > 0
+    finally:
+        await peer.close()
+
+
+async def dispatch(server: Server, agent_name: str, room: str) -> str:
+    lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
+    try:
+        d = await lk.agent_dispatch.create_dispatch(
+            api.CreateAgentDispatchRequest(agent_name=agent_name, room=room)
+        )
+    finally:
+        await lk.aclose()
+    return d.state.jobs[0].id
+
+
+async def test_job_of_a_worker_that_sends_garbage_fails_with_the_reason(server: Server) -> None:
+    peer = await Peer.connect(server.ws_url, "garbler")
+    peer.end_jobs = False
+    try:
+        job_id = await dispatch(server, "garbler", "garbled-call")
+        await wait_for(lambda: peer.assignments, 10, "the assignment")
+        await peer.ws.send_bytes(b"\x08\xff\xff")
+        job = await wait_for(
+            lambda: (j := server.job(job_id)) and j["state"] == "failed" and j, 10, "the failure"
+        )
+        assert peer.worker_id in job["error"] and "protocol error" in job["error"]
+    finally:
+        await peer.close()
+
+
+async def test_peer_that_never_answers_an_offer_loses_the_job_to_the_next_after_the_timeout(
+    start_server: Callable[..., Server],
+) -> None:
+    server = start_server("--availability-timeout", "1")
+    mute = await Peer.connect(server.ws_url, "mute")
+    mute.answer = "ignore"
+    taker = await Peer.connect(server.ws_url, "mute")
+    try:
+        jobs = [await dispatch(server, "mute", f"mute-{i}") for i in range(2)]
+        for job_id in jobs:
+            job = await wait_for(
+                lambda j=job_id: (x := server.job(j)) and x["state"] == "succeeded" and x,
+                10,
+                f"{job_id} to succeed on the answering peer",
+            )
+            assert job["worker_id"] == taker.worker_id
+        assert mute.offers  # it was asked, and did not answer
+        assert server.metric("voicefleet_offers_total", outcome="timeout") >= 1
+        slow = [j for j in map(server.job, jobs) if j and j["assigned_at"] - j["created_at"] >= 1]
+        assert slow, "the job offered to the mute peer waited for the timeout"
+    finally:
+        await mute.close()
+        await taker.close()
+
+
+async def test_silent_worker_is_disconnected_and_its_jobs_fail_with_the_reason(
+    start_server: Callable[..., Server],
+) -> None:
+    server = start_server("--worker-silence-timeout", "1.5")
+    peer = await Peer.connect(server.ws_url, "silent")
+    peer.end_jobs = False
+    try:
+        job_id = await dispatch(server, "silent", "silent-call")
+        job = await wait_for(
+            lambda: (j := server.job(job_id)) and j["state"] == "failed" and j, 15, "the failure"
+        )
+        assert "sent nothing for 1.5s" in job["error"]
+        assert server.workers("silent") == []
+    finally:
+        await peer.close()
