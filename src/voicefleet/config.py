@@ -67,6 +67,9 @@ class Settings:
     livekit_api_secret: str = ""
     dispatch: DispatchSettings = field(default_factory=DispatchSettings)
 
+    # SQLAlchemy URL of the store; empty: SQLite in the data directory.
+    database: str = ""
+
     @property
     def database_url(self) -> str:
-        return f"sqlite+aiosqlite:///{self.data_dir / 'voicefleet.db'}"
+        return self.database or f"sqlite+aiosqlite:///{self.data_dir / 'voicefleet.db'}"

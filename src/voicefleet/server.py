@@ -15,6 +15,7 @@ import uvicorn
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.routing import Route
 
 from voicefleet import __version__
 from voicefleet.build.local import LocalBuilder
@@ -90,9 +91,13 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
     async def agent_socket(ws: WebSocket) -> None:
         await worker_endpoint(ws, service)
 
-    @app.post("/twirp/livekit.AgentDispatchService/{method}", include_in_schema=False)
-    async def twirp(request: Request, method: str) -> Response:
-        return await agent_dispatch_service(request, service, method)
+    async def twirp(request: Request) -> Response:
+        return await agent_dispatch_service(request, service, request.path_params["method"])
+
+    # The dispatch hot path: a plain Starlette route (no dependency resolution), matched first.
+    app.router.routes.insert(
+        0, Route("/twirp/livekit.AgentDispatchService/{method}", twirp, methods=["POST"])
+    )
 
     @app.post("/webhooks/livekit")
     async def livekit_webhook(request: Request) -> Response:

@@ -47,6 +47,13 @@ def server(
     data_dir: Annotated[
         Path, typer.Option(envvar="VF_DATA_DIR", help="Where the database and credentials live.")
     ] = Path(".voicefleet"),
+    database_url: Annotated[
+        str,
+        typer.Option(
+            envvar="VF_DATABASE_URL",
+            help="Store URL, e.g. postgresql+asyncpg://user@host/db (default: SQLite in data dir).",
+        ),
+    ] = "",
     dev: Annotated[
         bool,
         typer.Option(help="Dev project: API key 'devkey', secret 'secret' (as livekit-server)."),
@@ -97,6 +104,7 @@ def server(
         log_level=log_level,
         ready_file=ready_file,
         keep_instances=keep_instances,
+        database=database_url,
         livekit_url=livekit_url,
         livekit_api_key=livekit_api_key,
         livekit_api_secret=livekit_api_secret,

@@ -131,19 +131,30 @@ class JobBook:
     def __init__(self, finished_in_memory: int = 10_000) -> None:
         self.jobs: dict[str, Job] = {}
         self.dispatches: dict[str, Dispatch] = {}
+        self._by_room: dict[str, dict[str, Dispatch]] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._finished_cap = finished_in_memory
         self.job_listeners: list[JobListener] = []
         self.dispatch_listeners: list[DispatchListener] = []
 
-    def add_dispatch(self, dispatch: Dispatch) -> None:
+    def add_dispatch(self, dispatch: Dispatch, record: bool = True) -> None:
         self.dispatches[dispatch.id] = dispatch
-        self._dispatch_changed(dispatch)
+        self._by_room.setdefault(dispatch.room, {})[dispatch.id] = dispatch
+        if record:
+            self._dispatch_changed(dispatch)
+
+    def _forget_dispatch(self, dispatch: Dispatch) -> None:
+        self.dispatches.pop(dispatch.id, None)
+        room = self._by_room.get(dispatch.room)
+        if room is not None:
+            room.pop(dispatch.id, None)
+            if not room:
+                del self._by_room[dispatch.room]
 
     def delete_dispatch(self, dispatch: Dispatch) -> None:
         dispatch.deleted_at = time.time()
         self._dispatch_changed(dispatch)
-        del self.dispatches[dispatch.id]
+        self._forget_dispatch(dispatch)
 
     def add_job(self, job: Job) -> None:
         self.jobs[job.id] = job
@@ -182,14 +193,14 @@ class JobBook:
             if old is not None:
                 dispatch = self.dispatches.get(old.dispatch_id)
                 if dispatch is not None and all(self.jobs.get(j) is None for j in dispatch.job_ids):
-                    del self.dispatches[dispatch.id]
+                    self._forget_dispatch(dispatch)
 
     def _dispatch_changed(self, dispatch: Dispatch) -> None:
         for listener in self.dispatch_listeners:
             listener(dispatch)
 
     def in_room(self, room: str) -> list[Dispatch]:
-        return [d for d in self.dispatches.values() if d.room == room]
+        return list(self._by_room.get(room, {}).values())
 
     def dispatch_proto(self, dispatch: Dispatch) -> agent_dispatch.AgentDispatch:
         jobs = [self.jobs[j].to_proto() for j in dispatch.job_ids if j in self.jobs]

@@ -144,7 +144,7 @@ class DispatchService:
         """Take back what the last run left open: queue pending jobs again; running jobs wait
         `adopt_within` seconds for their worker to reconnect and report them."""
         for dispatch in dispatches:
-            self.book.dispatches[dispatch.id] = dispatch
+            self.book.add_dispatch(dispatch, record=False)
         now = time.time()
         for job in jobs:
             job.worker_id = ""

@@ -1,0 +1,184 @@
+"""The store on SQLite and on a real PostgreSQL server: migrations, repositories, job history.
+
+PostgreSQL runs from Debian's package (`.ci/run` installs it): a throwaway cluster in a temp
+folder on a free port, started and stopped by the fixture. Without PostgreSQL binaries the
+PostgreSQL cases are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from voicefleet.dispatch.jobs import Dispatch, Job, JobState
+from voicefleet.store.db import open_engine
+from voicefleet.store.models import AgentRow, InstanceRow, RolloutRow, SecretRow, VersionRow
+from voicefleet.store.records import Recorder, history, load_open
+from voicefleet.store.repo import Repo
+
+
+def _pg_bindir() -> Path | None:
+    try:
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    bindir = Path(out.stdout.strip())
+    return bindir if (bindir / "initdb").exists() else None
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    bindir = _pg_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL binaries not installed (pg_config --bindir); .ci/run installs them")
+    # Not under pytest's tmp root: that is private to root, and the server may run as postgres.
+    root = Path(tempfile.mkdtemp(prefix="voicefleet-pg-"))
+    data = root / "data"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # PostgreSQL refuses to run as root: run it as the package's `postgres` user then.
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(root, "postgres")
+    subprocess.run(
+        [
+            *as_user,
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "vf",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-o",
+         f"-h 127.0.0.1 -p {port} -k {root}", "start"],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    try:
+        subprocess.run(
+            [
+                str(bindir / "createdb"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-U",
+                "vf",
+                "voicefleet",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        yield f"postgresql+asyncpg://vf@127.0.0.1:{port}/voicefleet"
+    finally:
+        subprocess.run(
+            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+            capture_output=True,
+        )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+    else:
+        url = request.getfixturevalue("postgres")
+    eng = await open_engine(url)
+    if request.param == "postgresql":  # one database for the module: start each test empty
+        async with eng.begin() as conn:
+            for table in ("jobs", "dispatches", "agents", "deployments", "versions", "instances",
+                          "secrets", "rollouts", "events"):  # fmt: skip
+                await conn.exec_driver_sql(f"DELETE FROM {table}")
+    yield eng
+    await eng.dispose()
+
+
+async def test_migrations_are_idempotent_and_reach_head(engine: AsyncEngine) -> None:
+    again = await open_engine(str(engine.url.render_as_string(hide_password=False)))
+    async with again.connect() as conn:
+        version = (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).scalar()
+    await again.dispose()
+    assert version == "0001"
+
+
+async def test_repositories_round_trip_the_control_plane(engine: AsyncEngine) -> None:
+    repo = Repo(engine)
+    now = time.time()
+    await repo.save(AgentRow(id="CA_1", name="bot", grace_period=60, created_at=now))
+    assert (await repo.agent("bot")).id == "CA_1"  # type: ignore[union-attr]
+    assert (await repo.agent("CA_1")).name == "bot"  # type: ignore[union-attr]
+    assert await repo.next_version_number("CA_1") == 1
+    for n in (1, 2):
+        await repo.save(
+            VersionRow(agent_id="CA_1", version=f"v{n}", number=n, status="ready",
+                       source_digest=f"s{n}", created_at=now + n)
+        )  # fmt: skip
+    assert await repo.next_version_number("CA_1") == 3
+    assert [v.version for v in await repo.versions("CA_1")] == ["v2", "v1"]
+
+    await repo.save(
+        InstanceRow(id="i1", agent_id="CA_1", deployment="production", version="v2",
+                    status="starting", created_at=now, updated_at=now)
+    )  # fmt: skip
+    await repo.set_instance_status("i1", "ready", pid=42)
+    [inst] = await repo.instances("CA_1", ["ready"])
+    assert inst.pid == 42
+
+    await repo.save(SecretRow(agent_id="CA_1", name="K", value=b"sealed", updated_at=now))
+    assert [s.name for s in await repo.secrets("CA_1")] == ["K"]
+    assert await repo.unset_secrets("CA_1", ["K", "missing"]) == 1
+
+    await repo.save(
+        RolloutRow(id="RO_1", agent_id="CA_1", deployment="production", to_version="v2",
+                   state="progressing", created_at=now, updated_at=now)
+    )  # fmt: skip
+    assert [r.id for r in await repo.rollouts(states=["progressing"])] == ["RO_1"]
+    await repo.event("CA_1", "deployed", "v2 is live")
+    assert (await repo.events("CA_1"))[0].message == "v2 is live"
+
+    await repo.delete_agent("CA_1")
+    assert await repo.agent("CA_1") is None and await repo.versions("CA_1") == []
+
+
+async def test_recorder_upserts_job_history_and_reads_back_what_was_open(
+    engine: AsyncEngine,
+) -> None:
+    recorder = Recorder(engine)
+    dispatch = Dispatch(id="AD_1", agent_name="bot", room="r1", attributes={"a": "b"})
+    jobs = [Job(id=f"AJ_{i}", dispatch_id="AD_1", agent_name="bot", room="r1", room_sid="RM_1")
+            for i in range(3)]  # fmt: skip
+    recorder.dispatch_changed(dispatch)
+    for job in jobs:
+        recorder.job_changed(job)
+    await recorder.flush()
+    jobs[0].state, jobs[0].worker_id = JobState.RUNNING, "AW_1"
+    jobs[1].state, jobs[1].error = JobState.FAILED, "worker gone"
+    for job in jobs[:2]:
+        recorder.job_changed(job)
+    await recorder.flush()
+
+    rows = {r["id"]: r for r in await history(engine)}
+    assert rows["AJ_0"]["state"] == "running" and rows["AJ_0"]["worker_id"] == "AW_1"
+    assert rows["AJ_1"]["error"] == "worker gone"
+    assert rows["AJ_2"]["state"] == "pending"
+    dispatches, open_jobs = await load_open(engine)
+    assert [d.id for d in dispatches] == ["AD_1"] and dispatches[0].attributes == {"a": "b"}
+    assert sorted(j.id for j in open_jobs) == ["AJ_0", "AJ_2"]
