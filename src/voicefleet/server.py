@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from voicefleet import __version__
 from voicefleet.build.local import LocalBuilder
@@ -94,10 +95,8 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
     async def twirp(request: Request) -> Response:
         return await agent_dispatch_service(request, service, request.path_params["method"])
 
-    # The dispatch hot path: a plain Starlette route (no dependency resolution), matched first.
-    app.router.routes.insert(
-        0, Route("/twirp/livekit.AgentDispatchService/{method}", twirp, methods=["POST"])
-    )
+    # Listed for completeness; requests reach it through `_HotPath` below, ahead of FastAPI.
+    app.router.routes.append(Route(TWIRP_PREFIX + "{method}", twirp, methods=["POST"]))
 
     @app.post("/webhooks/livekit")
     async def livekit_webhook(request: Request) -> Response:
@@ -125,10 +124,33 @@ async def _every(interval: float, fn: Any) -> None:
         fn()
 
 
+TWIRP_PREFIX = "/twirp/livekit.AgentDispatchService/"
+
+
+class _HotPath:
+    """CreateDispatch is the one request made thousands of times a second: it goes straight to
+    its handler, skipping FastAPI's middleware and routing (a third of its cost, profiled)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.service: DispatchService = app.state.dispatch
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and scope["method"] == "POST" and path.startswith(TWIRP_PREFIX):
+            request = Request(scope, receive)
+            response = await agent_dispatch_service(
+                request, self.service, path[len(TWIRP_PREFIX) :]
+            )
+            await response(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
 async def serve(settings: Settings, project: Project) -> None:
     app = create_app(settings, project)
     config = uvicorn.Config(
-        app,
+        _HotPath(app),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

@@ -69,7 +69,7 @@ def _dispatch_row(d: Dispatch) -> dict[str, Any]:
 
 
 class Recorder:
-    def __init__(self, engine: AsyncEngine, interval: float = 0.2) -> None:
+    def __init__(self, engine: AsyncEngine, interval: float = 0.5) -> None:
         self.engine = engine
         self.interval = interval
         self._jobs: dict[str, Job] = {}
