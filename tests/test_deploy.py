@@ -198,6 +198,10 @@ async def test_crashing_version_is_aborted_and_the_previous_one_keeps_serving(
     assert broken.returncode == 1
     assert "rollout of v2 aborted" in broken.stderr and "crashed while starting" in broken.stderr
 
+    logs = vf(server, agent_dir, "logs")
+    assert "this version is broken on purpose" in logs.stdout  # the crash, as the agent said it
+    assert "registered worker" in logs.stdout  # and v1's instance, serving
+
     status = api_get(server, "/agents/my-agent")
     assert status["deployments"][0]["version"] == "v1"
     assert {i["status"] for i in status["instances"] if i["version"] == "v2"} == {"stopped"}

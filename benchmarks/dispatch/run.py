@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -235,6 +236,8 @@ async def latency_phase(url: str, workers: int, rate: float, duration: float) ->
         fleet = Fleet(url)
         await fleet.start(session, workers)
         ping = await fleet.ping_rtt(session, 500)
+        gc.collect()
+        gc.freeze()  # the load generator's own GC pauses would count as dispatch latency
         dispatcher = Dispatcher(session, url.replace("ws://", "http://"))
         total = int(rate * duration)
         began = time.perf_counter()

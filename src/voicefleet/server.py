@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -175,6 +176,10 @@ class _Server(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
+        # What exists now (imported frameworks, the app) lives as long as the process: keep
+        # it out of the cyclic GC, whose full passes over it stalled dispatches (p99 x20).
+        gc.collect()
+        gc.freeze()
         if self.started:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             app = self.app
