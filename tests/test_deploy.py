@@ -81,7 +81,7 @@ def job_state(server: Server, job_id: str, *states: str) -> Callable[[], dict[st
 async def test_deploy_during_20_live_sessions_finishes_them_all_and_rollback_needs_no_build(
     start_server: Callable[..., Server], agent_dir: Path, tmp_path: Path
 ) -> None:
-    server = start_server()
+    server = start_server("--keep-warm", "1")
     markers = tmp_path / "markers"
     markers.mkdir()
     vf(server, agent_dir, "create")
@@ -119,7 +119,8 @@ async def test_deploy_during_20_live_sessions_finishes_them_all_and_rollback_nee
             assert job["version"] == "v1"
             assert (markers / f"{job_id}.done").exists()
 
-        # The drained v1 instances exit by themselves once their sessions are done.
+        # The replaced v1 instances are retired (no new sessions, calls go on), then drained
+        # and stopped once idle: they exit by themselves.
         await wait_for(
             lambda: all(
                 i["status"] == "stopped"
@@ -270,5 +271,33 @@ async def test_server_restart_mid_rollout_adopts_instances_resumes_and_cuts_no_s
     try:
         job_id = await dispatch(lk, "after-restart")
         assert (await wait_for(job_state(again, job_id, "succeeded"), 60, "v2"))["version"] == "v2"
+    finally:
+        await lk.aclose()
+
+
+async def test_rollback_within_keep_warm_takes_the_running_instances_back(
+    start_server: Callable[..., Server], agent_dir: Path, tmp_path: Path
+) -> None:
+    server = start_server()  # keep-warm: 60 s
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    vf(server, agent_dir, "create")
+    vf(server, agent_dir, "secrets", "set", f"MARKER_DIR={markers}")
+    vf(server, agent_dir, "deploy")
+    [v1] = api_get(server, "/agents/my-agent")["instances"]
+    (agent_dir / "VERSION").write_text("two")
+    vf(server, agent_dir, "deploy")
+    retired = [i for i in api_get(server, "/agents/my-agent")["instances"] if i["id"] == v1["id"]]
+    assert retired[0]["status"] == "retiring"
+
+    vf(server, agent_dir, "rollback")
+    instances = {i["id"]: i for i in api_get(server, "/agents/my-agent")["instances"]}
+    assert instances[v1["id"]]["status"] == "ready" and instances[v1["id"]]["pid"] == v1["pid"]
+    assert len([i for i in instances.values() if i["version"] == "v1"]) == 1  # none started
+    lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
+    try:
+        job_id = await dispatch(lk, "back-to-warm-v1")
+        job = await wait_for(job_state(server, job_id, "succeeded"), 60, "a session on v1")
+        assert job["instance"] == v1["id"]
     finally:
         await lk.aclose()

@@ -1,6 +1,6 @@
 """Deploy benchmark: how fast new sessions move to a new version, and whether any is dropped.
 
-    python benchmarks/deploy/run.py [--replicas 2 --session-seconds 3 --interval 0.05]
+    python benchmarks/deploy/run.py [--replicas 2 --session-seconds 3 --interval 0.1]
 
 Starts `vf server`, deploys examples/voice_agent (v1), then keeps a steady stream of sessions
 going (one every --interval seconds, each --session-seconds long) while it:
@@ -88,9 +88,12 @@ class Bench:
         return {v["version"]: v for v in found}
 
 
-def all_on_from(jobs: list[dict[str, Any]], version: str, after: float) -> float | None:
-    """Creation time of the first job after `after` from which every later job ran `version`."""
-    later = [j for j in jobs if j["created_at"] >= after]
+def all_on_from(
+    jobs: list[dict[str, Any]], version: str, after: float, before: float
+) -> float | None:
+    """Creation time of the first job in [after, before) from which every later one there
+    ran `version`."""
+    later = [j for j in jobs if after <= j["created_at"] < before]
     t = None
     for j in later:
         if j["version"] != version:
@@ -142,7 +145,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise SystemExit("sessions did not end")
             await asyncio.sleep(0.5)
         versions = await bench.versions()
-        v2_all = all_on_from(jobs, "v2", deploy_started)
+        v2_all = all_on_from(jobs, "v2", deploy_started, rollback_started)
+        (work / "jobs.json").write_text(json.dumps(jobs))
+        print(
+            f"deploy {deploy_started:.3f} rollback {rollback_started:.3f} v2 worker {v2_registered:.3f}"
+        )
         v1_back = next(
             (
                 j["created_at"]
@@ -152,6 +159,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             None,
         )
         v2 = versions["v2"]
+        for j in jobs:
+            if j["state"] != "succeeded":
+                print(f"not succeeded: {j['room']} {j['version']} {j['state']}: {j['error']}")
         return {
             "replicas": args.replicas,
             "sessions": len(jobs),
@@ -167,7 +177,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}")
 
 
 if __name__ == "__main__":
@@ -176,8 +189,9 @@ if __name__ == "__main__":
     )
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--session-seconds", type=float, default=3)
-    parser.add_argument("--interval", type=float, default=0.05)
+    parser.add_argument("--interval", type=float, default=0.1)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--keep", action="store_true", help="keep the server's data and logs")
     args = parser.parse_args()
     result = asyncio.run(run(args))
     for key, value in result.items():

@@ -101,5 +101,17 @@ async def entrypoint(ctx: JobContext) -> None:
     ctx.shutdown("session complete")
 
 
+def load(worker: object) -> float:
+    # Load by sessions, not CPU (the default): a worker of a voice agent is full at a number of
+    # calls, and CPU-based load makes serving workers report full while new instances start
+    # on a small machine. MAX_SESSIONS calls make it full.
+    sessions = len(worker.active_jobs)  # type: ignore[attr-defined]
+    return min(sessions / int(os.environ.get("MAX_SESSIONS", "25")), 1.0)
+
+
 if __name__ == "__main__":
-    cli.run_app(WorkerOptions(entrypoint_fnc=entrypoint, num_idle_processes=1))
+    cli.run_app(
+        WorkerOptions(
+            entrypoint_fnc=entrypoint, load_fnc=load, load_threshold=0.99, num_idle_processes=1
+        )
+    )

@@ -59,6 +59,9 @@ class Settings:
     # Instances keep running when the server stops, and are adopted by the next start, so a
     # server restart hangs up on nobody. False: stop them with the server (demo, tests).
     keep_instances: bool = True
+    # A version replaced by a deploy keeps its idle instances running this long, so that a
+    # rollback takes them back at once instead of starting new ones.
+    keep_warm: float = 60.0
     # WebSocket-level keepalive: a worker that stops answering pings is disconnected.
     ws_ping_interval: float = 10.0
     ws_ping_timeout: float = 10.0

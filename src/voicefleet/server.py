@@ -57,6 +57,7 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
             SecretBox.open(settings.data_dir),
             paths,
             worker_url=lambda: str(app.state.worker_url),
+            keep_warm=settings.keep_warm,
         )
         app.state.control = plane
         recorder = Recorder(engine)

@@ -90,6 +90,10 @@ def server(
         bool,
         typer.Option(help="Leave agent instances running when the server stops (re-adopted)."),
     ] = True,
+    keep_warm: Annotated[
+        float,
+        typer.Option(help="Seconds a replaced version's idle instances stay up for rollback."),
+    ] = Settings.keep_warm,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the voicefleet server: LiveKit agent workers connect to it at ws://HOST:PORT."""
@@ -104,6 +108,7 @@ def server(
         log_level=log_level,
         ready_file=ready_file,
         keep_instances=keep_instances,
+        keep_warm=keep_warm,
         database=database_url,
         livekit_url=livekit_url,
         livekit_api_key=livekit_api_key,

@@ -39,6 +39,10 @@ log = logging.getLogger("voicefleet.control")
 
 DEFAULT_DEPLOYMENT = "production"
 LIVE = ("starting", "ready", "failed")  # instances that count towards a deployment's size
+# Replaced by a newer version: no new sessions (routing), sessions in flight go on, process
+# untouched. A rollback within `keep_warm` takes it back at once; past that, once idle (or at
+# the end of the grace period), it drains: SIGTERM, then SIGKILL after the rest of the grace.
+RETIRING = "retiring"
 AGENT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
@@ -81,6 +85,7 @@ class ControlPlane:
         paths: Paths,
         worker_url: Callable[[], str],
         serving_timeout: float = 180.0,
+        keep_warm: float = 60.0,
     ) -> None:
         self.repo = repo
         self.dispatch = dispatch
@@ -90,6 +95,7 @@ class ControlPlane:
         self.paths = paths
         self.worker_url = worker_url
         self.serving_timeout = serving_timeout
+        self.keep_warm = keep_warm
         self._tasks: set[asyncio.Task[Any]] = set()
         self._agent_locks: dict[str, asyncio.Lock] = {}
         runtime.on_change(self._instance_changed)
@@ -102,8 +108,9 @@ class ControlPlane:
             agent = await self.repo.agent(dep.agent_id)
             if agent is not None and dep.version:
                 self.dispatch.routing.route(agent.name, {dep.version})
-        for row in await self.repo.instances(statuses=[*LIVE, "draining"]):
+        for row in await self.repo.instances(statuses=[*LIVE, RETIRING, "draining"]):
             await self._adopt_or_restart(row)
+        self._spawn(self._reap_retired())
         for rollout in await self.repo.rollouts(states=[PROGRESSING], limit=1000):
             log.info("resuming rollout", extra={"rollout": rollout.id, "step": rollout.step})
             self._spawn(self._run_rollout(rollout))
@@ -171,7 +178,7 @@ class ControlPlane:
     async def delete_agent(self, agent: AgentRow) -> None:
         """Stop routing to the agent and drain its instances; sessions in flight finish."""
         self.dispatch.routing.route(agent.name, set())
-        for row in await self.repo.instances(agent.id, [*LIVE, "draining"]):
+        for row in await self.repo.instances(agent.id, [*LIVE, RETIRING]):
             await self._drain(row, agent.grace_period)
         await self.repo.delete_agent(agent.id)
         await self.repo.event(agent.id, "agent_deleted", f"agent {agent.name} deleted")
@@ -346,11 +353,16 @@ class ControlPlane:
         dep = await self.deployment(agent, deployment)
         rows = [
             r
-            for r in await self.repo.instances(agent_id, LIVE)
+            for r in await self.repo.instances(agent_id, [*LIVE, RETIRING])
             if r.deployment == deployment
             and r.version == version
             and (fresh_since is None or r.created_at >= fresh_since)
-        ]
+            and (r.status != RETIRING or self._warm(r.id))
+        ][: max(dep.replicas, 1)]
+        for row in rows:
+            if row.status == RETIRING:  # a rollback: take the warm instance back
+                await self.repo.set_instance_status(row.id, "ready")
+                log.info("retired instance taken back", extra={"instance": row.id})
         while len(rows) < dep.replicas:
             rows.append(await self._start_instance(agent, deployment, version))
         return [r.id for r in rows]
@@ -358,10 +370,12 @@ class ControlPlane:
     async def wait_serving(self, instance_ids: list[str]) -> None:
         deadline = time.monotonic() + self.serving_timeout
         pending = set(instance_ids)
+        # A crash now fails the rollout; restarts an instance had before (a warm one) do not.
+        restarts = {i: s.restarts for i in instance_ids if (s := self.runtime.get(i))}
         while pending:
             for instance_id in list(pending):
                 state = self.runtime.get(instance_id)
-                if state is None or state.restarts > 0:
+                if state is None or state.restarts > restarts.get(instance_id, 0):
                     exit_info = f" (last exit: {state.last_exit})" if state else ""
                     raise RolloutFailed(f"instance {instance_id} crashed while starting{exit_info}")
                 registered = any(
@@ -386,12 +400,42 @@ class ControlPlane:
 
     async def drain_others(self, agent_id: str, deployment: str, keep: list[str]) -> list[str]:
         agent = await self.agent(agent_id)
+        serving = (await self.deployment(agent, deployment)).version
         drained = []
         for row in await self.repo.instances(agent_id, LIVE):
-            if row.deployment == deployment and row.id not in keep:
+            if row.deployment != deployment or row.id in keep:
+                continue
+            if row.version == serving:
+                # A restart: routing by version cannot tell these from their replacements.
                 await self._drain(row, agent.grace_period)
-                drained.append(row.id)
+            else:
+                await self.repo.set_instance_status(row.id, RETIRING)
+            drained.append(row.id)
         return drained
+
+    def _warm(self, instance_id: str) -> bool:
+        """Running, healthy and registered: it can take sessions again the moment it is routed."""
+        state = self.runtime.get(instance_id)
+        return (
+            state is not None
+            and state.status == InstanceStatus.READY
+            and any(
+                w.identity.instance == instance_id and w.available
+                for w in self.dispatch.registry.workers.values()
+            )
+        )
+
+    async def _reap_retired(self, interval: float = 1.0) -> None:
+        """Drain retired instances once idle past `keep_warm`, or at the end of the grace."""
+        while True:
+            await asyncio.sleep(interval)
+            now = time.time()
+            for row in await self.repo.instances(statuses=[RETIRING]):
+                agent = await self.repo.agent(row.agent_id)
+                grace = agent.grace_period if agent else 0.0
+                age = now - row.updated_at
+                if (self._sessions(row.id) == 0 and age >= self.keep_warm) or age >= grace:
+                    await self._drain(row, max(0.0, grace - age))
 
     async def stop_instances(self, instance_ids: list[str]) -> None:
         for instance_id in instance_ids:
@@ -474,7 +518,7 @@ class ControlPlane:
             if row.status == "draining":
                 await self.runtime.drain(row.id, agent.grace_period)
             return
-        if row.status == "draining":
+        if row.status in ("draining", RETIRING):
             await self.repo.set_instance_status(row.id, "stopped")
             return
         state = await self.runtime.start(spec)
@@ -491,7 +535,9 @@ class ControlPlane:
         fields: dict[str, Any] = {}
         if state is not None and state.pid:
             fields = {"pid": state.pid, "pid_started_at": state.started_at or 0.0}
-        await self.repo.set_instance_status(instance_id, str(status.value), **fields)
+        # A retired instance that restarts after a crash stays retired: routing excludes it.
+        unless = RETIRING if status != InstanceStatus.STOPPED else None
+        await self.repo.set_instance_status(instance_id, str(status.value), unless=unless, **fields)
 
     # -- secrets ------------------------------------------------------------------------------
 

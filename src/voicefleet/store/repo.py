@@ -113,10 +113,13 @@ class Repo:
             query = query.where(InstanceRow.status.in_(statuses))
         return await self._all(query)
 
-    async def set_instance_status(self, instance_id: str, status: str, **fields: Any) -> None:
+    async def set_instance_status(
+        self, instance_id: str, status: str, unless: str | None = None, **fields: Any
+    ) -> None:
+        """Set an instance's status (and fields), unless its status is now `unless`."""
         async with self._session() as s, s.begin():
             row = await s.get(InstanceRow, instance_id)
-            if row is not None:
+            if row is not None and row.status != unless:
                 row.status = status
                 row.updated_at = time.time()
                 for name, value in fields.items():
