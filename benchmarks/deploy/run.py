@@ -9,7 +9,9 @@ going (one every --interval seconds, each --session-seconds long) while it:
 and reports, from the server's own records (job created_at / assigned version, worker
 registered_at, version created_at / built_at):
   rebuild      upload -> version built, unchanged dependencies            (target <= 3 s)
-  cutover      first v2 worker registered -> every later session on v2    (target <= 1 s)
+  shift        first v2 worker registered -> new sessions routed to v2    (target <= 1 s)
+               (sessions queued meanwhile go to v2 at that moment, so "every later session on
+               v2" can start before the first v2 worker registered: a negative figure)
   deploy       deploy command -> every later session on v2
   rollback     rollback command -> first session on v1                    (target <= 3 s)
   dropped      sessions that failed                                        (must be 0)
@@ -110,7 +112,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     ready = work / "ready.json"
     server = subprocess.Popen(
         [sys.executable, "-m", "voicefleet", "server", "--dev", "--port", "0", "--data-dir",
-         str(work / "data"), "--ready-file", str(ready), "--no-keep-instances", "--log-level", "warning"],
+         str(work / "data"), "--ready-file", str(ready), "--no-keep-instances", "--log-level", args.log_level],
         stdout=open(work / "server.log", "wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -158,6 +160,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             ),
             None,
         )
+        events = (await bench.http.get("/api/v1/agents/voice-agent/events")).json()
+        shifted = [e["at"] for e in events if e["kind"] == "rollout_shifted"]
+        v2_shift = min((t for t in shifted if deploy_started <= t < rollback_started), default=None)
         v2 = versions["v2"]
         for j in jobs:
             if j["state"] != "succeeded":
@@ -167,7 +172,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "sessions": len(jobs),
             "dropped": sum(j["state"] != "succeeded" for j in jobs),
             "rebuild_s": v2["built_at"] - v2["created_at"],
-            "cutover_after_first_v2_worker_s": (v2_all - v2_registered) if v2_all else None,
+            "shift_after_first_v2_worker_s": (v2_shift - v2_registered) if v2_shift else None,
+            "all_new_on_v2_after_first_v2_worker_s": (v2_all - v2_registered) if v2_all else None,
             "deploy_command_to_all_new_on_v2_s": (v2_all - deploy_started) if v2_all else None,
             "rollback_command_to_first_v1_session_s": (v1_back - rollback_started)
             if v1_back
@@ -192,6 +198,7 @@ if __name__ == "__main__":
     parser.add_argument("--interval", type=float, default=0.1)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the server's data and logs")
+    parser.add_argument("--log-level", default="warning", help="the server's log level")
     args = parser.parse_args()
     result = asyncio.run(run(args))
     for key, value in result.items():
