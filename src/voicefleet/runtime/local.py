@@ -137,12 +137,14 @@ class LocalRuntime:
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,  # its own group: signals reach its job processes too
-                # Starting a worker (imports, prewarmed processes) takes seconds of CPU; at a
-                # lower priority it does not slow the instances serving calls meanwhile.
-                preexec_fn=lambda: os.nice(STARTING_NICENESS),
             )  # fmt: skip
         inst.state.pid = inst.proc.pid
-        inst.state.started_at = psutil.Process(inst.proc.pid).create_time()
+        proc = psutil.Process(inst.proc.pid)
+        inst.state.started_at = proc.create_time()
+        # Starting a worker (imports, prewarmed processes) takes seconds of CPU; at a lower
+        # priority it slows the instances serving calls less. Back to normal once healthy.
+        with contextlib.suppress(psutil.Error):
+            proc.nice(STARTING_NICENESS)
         inst.state.health_port = port
         inst.exited.clear()
         self._set(inst, InstanceStatus.STARTING)
