@@ -37,7 +37,12 @@ async def runtime() -> AsyncIterator[LocalRuntime]:
 
 
 def spec(
-    server: Server, workdir: Path, name: str, entry: str = "agent.py", **env: str
+    server: Server,
+    workdir: Path,
+    name: str,
+    entry: str = "agent.py",
+    log_dir: Path | None = None,
+    **env: str,
 ) -> InstanceSpec:
     return InstanceSpec(
         instance_id=f"{name}-{os.urandom(3).hex()}",
@@ -53,7 +58,7 @@ def spec(
             "LIVEKIT_AGENT_NAME_OVERRIDE": name,
             **env,
         },
-        log_dir=workdir / "logs",
+        log_dir=log_dir or workdir / "logs",
     )
 
 
@@ -94,8 +99,9 @@ async def test_drain_kills_only_after_the_grace_period(
     markers = tmp_path / "markers"
     markers.mkdir()
     agent = spec(
-        server, MARKER_AGENT.parent, "graceful", entry=MARKER_AGENT.name, MARKER_DIR=str(markers)
-    )
+        server, MARKER_AGENT.parent, "graceful", entry=MARKER_AGENT.name,
+        log_dir=tmp_path / "logs", MARKER_DIR=str(markers),
+    )  # fmt: skip
     state = await runtime.start(agent)
     await wait_for(lambda: server.workers("graceful"), 60, "the worker to register")
     lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
