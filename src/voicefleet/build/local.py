@@ -83,7 +83,7 @@ class LocalBuilder:
             log(f"dependencies unchanged (digest {digest[:12]}): reusing {env}")
             return Artifact(env, env / "bin" / "python", digest, cached=True)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.cache_dir / f"{digest[:24]}.lock", "w") as lock:  # noqa: ASYNC230
+        with open(self.cache_dir / f"{digest[:24]}.lock", "w") as lock:
             await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
             if (env / COMPLETE).exists():  # built by a concurrent build meanwhile
                 log(f"dependencies unchanged (digest {digest[:12]}): reusing {env}")
