@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import pathspec
 
@@ -42,7 +42,7 @@ class BundleInfo:
     digest: str
 
 
-def _ignore_spec(folder: Path) -> pathspec.PathSpec[Any]:
+def _ignore_spec(folder: Path) -> pathspec.PathSpec:  # type: ignore[type-arg, unused-ignore]
     lines = list(ALWAYS_EXCLUDED)
     for name in IGNORE_FILES:
         path = folder / name
