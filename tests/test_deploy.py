@@ -6,10 +6,12 @@ livekit-agents 1.8.9 workers in uv-built environments, started by the server's l
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -273,6 +275,11 @@ async def test_server_restart_mid_rollout_adopts_instances_resumes_and_cuts_no_s
         assert (await wait_for(job_state(again, job_id, "succeeded"), 60, "v2"))["version"] == "v2"
     finally:
         await lk.aclose()
+        # The adopted instances are not the new server's children: end them here.
+        for instance in api_get(again, "/agents/my-agent")["instances"]:
+            if instance["pid"] > 0 and instance["status"] != "stopped":
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(instance["pid"], signal.SIGKILL)
 
 
 async def test_rollback_within_keep_warm_takes_the_running_instances_back(

@@ -67,9 +67,14 @@ async def test_dispatches_across_three_workers_land_round_robin(
     server: Server, lkapi: api.LiveKitAPI, start_worker: Callable[..., Worker]
 ) -> None:
     ids = await workers_ready(*(start_worker(server, "rr") for _ in range(3)))
-    job_ids = [await dispatch(lkapi, "rr", f"room-rr-{i}", hold=5) for i in range(9)]
-    jobs = [await job_in(server, j, "assigned", "running", "succeeded") for j in job_ids]
-    order = [j["worker_id"] for j in jobs]
+    order = []
+    for i in range(9):
+        # One at a time: livekit-agents may refuse an offer that overlaps another it is still
+        # reserving a process for, and a refusal rightly moves the job to the next worker.
+        job = await job_in(
+            server, await dispatch(lkapi, "rr", f"room-rr-{i}", hold=5), "running", "succeeded"
+        )
+        order.append(job["worker_id"])
     assert Counter(order) == dict.fromkeys(ids, 3)
     # Consecutive jobs never land on the same worker: the rotation goes through all three.
     assert all(len(set(order[i : i + 3])) == 3 for i in range(0, 9, 3)), order

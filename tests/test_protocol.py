@@ -89,6 +89,24 @@ async def test_worker_token_tags_the_worker_and_a_bad_one_is_refused(server: Ser
     assert denied.value.status == 401
 
 
+async def test_instance_key_names_the_worker_and_cannot_drive_the_control_api(
+    server: Server,
+) -> None:
+    identity = tokens.WorkerIdentity(agent="CA_keyed", version="v3", instance="keyed-v3-1")
+    key, secret = tokens.instance_credentials(DEV_SECRET, identity)
+    peer = await Peer.connect(server.ws_url, "keyed", token=worker_jwt(key, secret))
+    try:
+        [w] = server.workers("keyed")
+        assert (w["pool"], w["agent_id"], w["instance"]) == ("v3", "CA_keyed", "keyed-v3-1")
+    finally:
+        await peer.close()
+    forged = worker_jwt(key, "not-derived-from-the-project-secret")
+    assert upgrade(server, f"Bearer {forged}").status_code == 401
+    admin = tokens.mint(key, secret, video={"roomAdmin": True})
+    r = httpx.get(server.url + "/api/v1/agents", headers={"Authorization": f"Bearer {admin}"})
+    assert r.status_code == 403 and "project's key" in r.text
+
+
 async def _closed_with(peer: Peer) -> int | None:
     await wait_for(peer.closed.is_set, 10, "the server to close the connection")
     return peer.ws.close_code

@@ -33,9 +33,12 @@ def admin(
 ) -> DispatchService:
     service: DispatchService = request.app.state.dispatch
     try:
-        tokens.verify(tokens.bearer(authorization), service.secret_for).require("roomAdmin")
+        claims = tokens.verify(tokens.bearer(authorization), service.secret_for)
+        claims.require("roomAdmin")
     except AuthError as e:
         raise HTTPException(e.status, str(e)) from None
+    if claims.api_key != service.project.api_key:
+        raise HTTPException(403, "the control API takes the project's key, not an instance's")
     return service
 
 

@@ -22,7 +22,7 @@ from voicefleet.build.local import LocalBuilder
 from voicefleet.control.secrets import SecretBox
 from voicefleet.dispatch.service import DispatchService
 from voicefleet.errors import BuildFailed, InvalidRequest, NotFound, VoicefleetError
-from voicefleet.protocol.tokens import WorkerIdentity, mint_worker_token
+from voicefleet.protocol.tokens import WorkerIdentity, instance_credentials
 from voicefleet.rollout.rolling import PROGRESSING, RolloutFailed, run_rolling
 from voicefleet.runtime import InstanceSpec, InstanceStatus, Runtime
 from voicefleet.store.models import (
@@ -420,7 +420,8 @@ class ControlPlane:
             state is not None
             and state.status == InstanceStatus.READY
             and any(
-                w.identity.instance == instance_id and w.available
+                # Connected and not draining; FULL is passing and does not count against it.
+                w.identity.instance == instance_id and w.connected and not w.draining
                 for w in self.dispatch.registry.workers.values()
             )
         )
@@ -457,12 +458,12 @@ class ControlPlane:
         row = await self.version(agent, version)
         project = self.dispatch.project
         identity = WorkerIdentity(agent=agent.id, version=row.version, instance=instance_id)
+        key, secret = instance_credentials(project.api_secret, identity)
         env = {s.name: self.box.open_value(s.value) for s in await self.repo.secrets(agent.id)}
         env.update(
             LIVEKIT_URL=self.worker_url(),
-            LIVEKIT_API_KEY=project.api_key,
-            LIVEKIT_API_SECRET=project.api_secret,
-            LIVEKIT_WORKER_TOKEN=mint_worker_token(project.api_secret, identity),
+            LIVEKIT_API_KEY=key,
+            LIVEKIT_API_SECRET=secret,
             LIVEKIT_AGENT_DEPLOYMENT=deployment,
             LIVEKIT_AGENT_NAME_OVERRIDE=agent.name,
             VOICEFLEET_AGENT_ID=agent.id,

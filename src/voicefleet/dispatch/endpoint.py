@@ -33,7 +33,8 @@ def _authenticate(ws: WebSocket, service: DispatchService) -> tuple[str, tokens.
         raise AuthError("missing Authorization header with a LiveKit access token")
     claims = tokens.verify(token, service.secret_for)
     claims.require("agent")
-    identity = tokens.UNMANAGED
+    # A managed instance signs with a key of its own, which names it; anything else is unmanaged.
+    identity = tokens.instance_identity(claims.api_key) or tokens.UNMANAGED
     worker_token = ws.query_params.get("worker_token")
     if worker_token:
         identity = tokens.verify_worker_token(worker_token, service.project.api_secret)

@@ -13,6 +13,7 @@ from voicefleet.dispatch.routing import RoutingTable
 from voicefleet.dispatch.scheduler import Scheduler
 from voicefleet.errors import InvalidRequest, NotFound
 from voicefleet.metrics import Metrics
+from voicefleet.protocol import tokens
 
 log = logging.getLogger("voicefleet.dispatch")
 
@@ -54,7 +55,12 @@ class DispatchService:
         )
 
     def secret_for(self, api_key: str) -> str | None:
-        return self.project.api_secret if api_key == self.project.api_key else None
+        """The secret of the project's key, or of an instance key derived from it."""
+        if api_key == self.project.api_key:
+            return self.project.api_secret
+        if tokens.instance_identity(api_key) is not None:
+            return tokens.instance_secret(self.project.api_secret, api_key)
+        return None
 
     def _count_job(self, job: Job, previous: JobState | None) -> None:
         self.metrics.jobs_total.labels(str(job.state)).inc()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from google.protobuf import json_format
@@ -13,6 +14,8 @@ from starlette.responses import JSONResponse, Response
 from voicefleet.dispatch.service import DispatchService
 from voicefleet.errors import InvalidRequest, NotFound, ProtocolError, VoicefleetError
 from voicefleet.protocol import tokens
+
+log = logging.getLogger("voicefleet.dispatch")
 
 PROTOBUF = "application/protobuf"
 JSON = "application/json"
@@ -32,10 +35,13 @@ async def _decode(request: Request, message: Message) -> str:
         if kind == PROTOBUF:
             message.ParseFromString(body)
         elif kind == JSON:
-            json_format.Parse(body or b"{}", message, ignore_unknown_fields=True)
+            text = body.decode("utf-8") if body else "{}"
+            if not text.lstrip().startswith("{"):
+                raise ProtocolError(f"JSON body must be an object ({message.DESCRIPTOR.full_name})")
+            json_format.Parse(text, message, ignore_unknown_fields=True)
         else:
             raise InvalidRequest(f"Content-Type must be {PROTOBUF} or {JSON}, got '{kind}'")
-    except (DecodeError, json_format.ParseError) as e:
+    except (DecodeError, json_format.ParseError, UnicodeDecodeError) as e:
         raise ProtocolError(f"body is not a valid {message.DESCRIPTOR.full_name}: {e}") from None
     return kind
 
@@ -112,3 +118,7 @@ async def agent_dispatch_service(
     except VoicefleetError as e:
         status = 400 if e.status >= 500 else e.status
         return twirp_error(e.twirp_code, str(e), status)
+    except Exception:
+        # Twirp clients read the error from a JSON body; never answer with a bare 500 page.
+        log.exception("AgentDispatchService.%s failed", method)
+        return twirp_error("internal", f"{method} failed inside voicefleet (see its log)", 500)

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from voicefleet.dispatch.service import DispatchService
-from voicefleet.errors import AuthError, VoicefleetError
+from voicefleet.errors import AuthError, InvalidRequest, VoicefleetError
 from voicefleet.protocol import tokens
 
 log = logging.getLogger("voicefleet.dispatch")
@@ -43,26 +43,27 @@ class WebhookReceiver:
         signed = claims.raw.get("sha256")
         if not isinstance(signed, str) or not signed:
             raise AuthError("webhook token has no sha256 claim")
-        digest = base64.b64encode(hashlib.sha256(body).digest()).decode()
-        if not hmac.compare_digest(digest, signed):
+        digest = base64.b64encode(hashlib.sha256(body).digest())
+        # Bytes: compare_digest refuses str with non-ASCII characters (TypeError, a 500).
+        if not hmac.compare_digest(digest, signed.encode()):
             raise AuthError("webhook body does not match the token's sha256 claim")
+        # Signed by the SFU but unreadable: a bad request, not an authentication failure.
         event = webhook.WebhookEvent()
         try:
-            json_format.Parse(body, event, ignore_unknown_fields=True)
-        except json_format.ParseError as e:
-            raise AuthError(f"webhook body is not a WebhookEvent: {e}") from None
+            text = body.decode("utf-8")
+            if not text.lstrip().startswith("{"):
+                raise InvalidRequest("webhook body is not a WebhookEvent: not a JSON object")
+            json_format.Parse(text, event, ignore_unknown_fields=True)
+        except (json_format.ParseError, UnicodeDecodeError) as e:
+            raise InvalidRequest(f"webhook body is not a WebhookEvent: {e}") from None
         return event
 
     def handle(self, event: webhook.WebhookEvent) -> list[str]:
         """Dispatch the configured agents to a started room; return the new dispatch ids."""
         if event.event != "room_started" or not event.room.name:
             return []
-        if event.id:
-            if event.id in self._seen:
-                return []
-            self._seen[event.id] = None
-            while len(self._seen) > 10_000:
-                self._seen.popitem(last=False)
+        if event.id in self._seen:
+            return []
         created = []
         existing = {d.agent_name for d in self.service.book.in_room(event.room.name)}
         for agent_name in self.service.settings.auto_dispatch:
@@ -75,6 +76,12 @@ class WebhookReceiver:
                 metadata=event.room.metadata,
             )
             created.append(dispatch.id)
+        # Only once every agent is dispatched: a refused dispatch (queue full) answers non-2xx,
+        # LiveKit sends the event again, and that retry must not be dropped as a duplicate.
+        if event.id:
+            self._seen[event.id] = None
+            while len(self._seen) > 10_000:
+                self._seen.popitem(last=False)
         log.info("room started", extra={"room": event.room.name, "dispatches": created})
         return created
 

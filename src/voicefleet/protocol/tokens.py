@@ -6,6 +6,8 @@ LiveKit tokens are HS256 JWTs: `iss` is the API key, the key's secret signs, gra
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -145,8 +147,38 @@ class WorkerIdentity:
 UNMANAGED = WorkerIdentity(agent="", version="", instance="")
 
 
+INSTANCE_KEY_PREFIX = "vf/"
+
+
+def instance_credentials(project_secret: str, identity: WorkerIdentity) -> tuple[str, str]:
+    """The API key and secret an instance's worker signs with.
+
+    The key names the agent, version and instance; the secret is derived from the project's, so
+    the server knows both from the key alone and stores nothing. (Not `LIVEKIT_WORKER_TOKEN`:
+    with it, livekit-agents believes it runs on LiveKit Cloud and replaces the agent's own
+    load_fnc and load_threshold by its CPU-based defaults.)
+    """
+    key = f"{INSTANCE_KEY_PREFIX}{identity.agent}/{identity.version}/{identity.instance}"
+    return key, instance_secret(project_secret, key)
+
+
+def instance_secret(project_secret: str, key: str) -> str:
+    return hmac.new(project_secret.encode(), key.encode(), hashlib.sha256).hexdigest()
+
+
+def instance_identity(key: str) -> WorkerIdentity | None:
+    """The identity an instance key names, or None for any other key."""
+    if not key.startswith(INSTANCE_KEY_PREFIX):
+        return None
+    parts = key[len(INSTANCE_KEY_PREFIX) :].split("/")
+    if len(parts) != 3 or not all(parts):
+        return None
+    return WorkerIdentity(agent=parts[0], version=parts[1], instance=parts[2])
+
+
 def mint_worker_token(api_secret: str, identity: WorkerIdentity, ttl: float = 365 * 86400) -> str:
-    """The `LIVEKIT_WORKER_TOKEN` the runtime gives an instance: names its agent and version."""
+    """A `worker_token` (LiveKit's hosted-mode query parameter) naming agent, version and
+    instance. Accepted from workers that send one; voicefleet's own runtime uses instance keys."""
     now = int(time.time())
     claims = {
         "iss": WORKER_TOKEN_ISSUER,
