@@ -33,10 +33,13 @@ class WebhookReceiver:
         self._seen: OrderedDict[str, None] = OrderedDict()
 
     def _secret_for(self, api_key: str) -> str | None:
-        key, secret = self.service.project.room_token_key
-        if api_key == key:
-            return secret
-        return self.service.secret_for(api_key)
+        """Only the SFU signs webhooks: its key, or the project's when no SFU is configured.
+        Not an instance key: those are held by agent code, which must not fake a room start."""
+        project = self.service.project
+        for key, secret in (project.room_token_key, (project.api_key, project.api_secret)):
+            if api_key == key:
+                return secret
+        return None
 
     def verify(self, body: bytes, authorization: str | None) -> webhook.WebhookEvent:
         claims = tokens.verify(tokens.bearer(authorization), self._secret_for)

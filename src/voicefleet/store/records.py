@@ -74,6 +74,10 @@ class Recorder:
         self.interval = interval
         self._jobs: dict[str, Job] = {}
         self._dispatches: dict[str, Dispatch] = {}
+        # One flush at a time: a second one would find nothing left to write and return before
+        # the first committed (a reader that flushes first would miss the newest states), and
+        # two could commit out of order.
+        self._flushing = asyncio.Lock()
         # Rows of a flush that failed, written again (under newer ones) by the next flush.
         self._unwritten: tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]] = ({}, {})
 
@@ -132,6 +136,10 @@ class Recorder:
             )
 
     async def flush(self) -> None:
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         # Snapshot rows now: the objects keep changing while the write awaits.
         old_jobs, old_dispatches = self._unwritten
         jobs = {**old_jobs, **{i: _job_row(j) for i, j in self._jobs.items()}}
@@ -154,11 +162,18 @@ class Recorder:
 
 
 async def load_open(engine: AsyncEngine) -> tuple[list[Dispatch], list[Job]]:
-    """Dispatches not deleted and jobs not ended, as the last run left them."""
+    """Jobs not ended, and the (not deleted) dispatches they belong to, as the last run left
+    them. Finished dispatches stay in the store only: memory holds what is live."""
+    still_open = JobRow.state.not_in([str(s) for s in ENDED])
     async with engine.connect() as conn:
-        drows = (await conn.execute(select(DISPATCHES).where(DispatchRow.deleted_at == 0))).all()
-        jrows = (
-            await conn.execute(select(JOBS).where(JobRow.state.not_in([str(s) for s in ENDED])))
+        jrows = (await conn.execute(select(JOBS).where(still_open))).all()
+        drows = (
+            await conn.execute(
+                select(DISPATCHES).where(
+                    DispatchRow.deleted_at == 0,
+                    DispatchRow.id.in_(select(JobRow.dispatch_id).where(still_open)),
+                )
+            )
         ).all()
     dispatches = [
         Dispatch(
