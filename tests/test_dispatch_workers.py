@@ -90,8 +90,12 @@ async def test_worker_whose_request_fnc_rejects_passes_the_job_to_the_next(
 
     job_ids = [await dispatch(lkapi, "reject", f"room-reject-{i}") for i in range(4)]
     for job_id in job_ids:
-        job = await job_in(server, job_id, "succeeded")
+        # Ended, not necessarily succeeded: livekit-agents 1.8.9 now and then reports a job whose
+        # entrypoint finished as failed (its process exits 255 after ctx.shutdown()). What this
+        # test is about is where the job went and that its entrypoint ran there.
+        job = await job_in(server, job_id, "succeeded", "failed")
         assert job["worker_id"] == taking_id
+        assert (markers / f"{job_id}.done").exists()
     assert server.metric("voicefleet_offers_total", outcome="refused") > refused_before
     assert not any(started(markers, j) and started(markers, j)["worker_pgid"] == refusing.pid
                    for j in job_ids)  # fmt: skip
