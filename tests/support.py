@@ -128,7 +128,7 @@ class Server:
         return [w for w in found if agent_name is None or w["agent_name"] == agent_name]
 
     def jobs(self, **params: Any) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = self._get("/api/v1/jobs", limit=1000, **params)
+        found: list[dict[str, Any]] = self._get("/api/v1/jobs", **{"limit": 1000, **params})
         return found
 
     def job(self, job_id: str) -> dict[str, Any] | None:

@@ -13,6 +13,9 @@ keep-alive HTTP, protobuf) run here, so both clocks are this process's. Phases:
               latency = CreateDispatch sent -> assignment received by the worker
   throughput  closed-loop, --concurrency dispatches in flight: assignments per second
   memory      --memory-workers workers hold --memory-jobs live jobs; server RSS
+  routing     latency and throughput again with a two-version routing table (workers signing
+              with version keys v1/v2, new sessions split 90/10 by hash of the dispatch), to
+              compare with the single-version figures of the same run
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class Fleet:
 
     url: str
     hold: bool = False
+    versions: int = 1  # > 1: workers sign with version keys v1, v2, ... in turn
     assigned_at: dict[str, float] = field(default_factory=dict)  # room -> time received
     sockets: list[aiohttp.ClientWebSocketResponse] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -66,8 +70,13 @@ class Fleet:
     async def start(self, _: aiohttp.ClientSession, n: int) -> None:
         # A session of its own, without a connection limit: every worker holds a connection.
         self.session = session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        token = tokens.mint(KEY, SECRET, video={"agent": True})
-        for _ in range(n):
+        for i in range(n):
+            if self.versions > 1:
+                identity = tokens.WorkerIdentity(AGENT, f"v{i % self.versions + 1}", f"w{i}")
+                key, secret = tokens.instance_credentials(SECRET, identity)
+            else:
+                key, secret = KEY, SECRET
+            token = tokens.mint(key, secret, video={"agent": True})
             ws = await session.ws_connect(
                 f"{self.url}/agent", headers={"Authorization": f"Bearer {token}"}, max_msg_size=0
             )
@@ -231,9 +240,28 @@ async def wait_assigned(fleet: Fleet, n: int, timeout: float) -> None:
             await asyncio.wait_for(fleet.arrived.wait(), timeout)
 
 
-async def latency_phase(url: str, workers: int, rate: float, duration: float) -> dict[str, Any]:
+async def route_split(url: str, versions: int) -> None:
+    """90 % of new sessions to v1, the rest shared by the other versions."""
+    if versions < 2:
+        return
+    weights = {"v1": 90.0, **{f"v{i}": 10.0 / (versions - 1) for i in range(2, versions + 1)}}
+    token = tokens.mint(KEY, SECRET, video={"roomAdmin": True})
+    async with aiohttp.ClientSession() as session:
+        r = await session.put(
+            f"{url.replace('ws://', 'http://')}/api/v1/routing/{AGENT}",
+            json={"weights": weights},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        if r.status != 200:
+            raise SystemExit(f"could not set the routing table: {r.status} {await r.text()}")
+
+
+async def latency_phase(
+    url: str, workers: int, rate: float, duration: float, versions: int = 1
+) -> dict[str, Any]:
+    await route_split(url, versions)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
-        fleet = Fleet(url)
+        fleet = Fleet(url, versions=versions)
         await fleet.start(session, workers)
         ping = await fleet.ping_rtt(session, 500)
         gc.collect()
@@ -264,9 +292,12 @@ async def latency_phase(url: str, workers: int, rate: float, duration: float) ->
     }  # fmt: skip
 
 
-async def throughput_phase(url: str, workers: int, concurrency: int, total: int) -> dict[str, Any]:
+async def throughput_phase(
+    url: str, workers: int, concurrency: int, total: int, versions: int = 1
+) -> dict[str, Any]:
+    await route_split(url, versions)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
-        fleet = Fleet(url)
+        fleet = Fleet(url, versions=versions)
         await fleet.start(session, workers)
         dispatcher = Dispatcher(session, url.replace("ws://", "http://"))
         queue = iter(range(total))
@@ -316,8 +347,12 @@ async def memory_phase(url: str, pid: int, workers: int, jobs: int) -> dict[str,
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": f"{os.cpu_count()} cores"}
     phases = (
-        {"reference", "latency", "throughput", "memory"} if args.phase == "all" else {args.phase}
+        {"reference", "latency", "throughput", "memory", "routing"}
+        if args.phase == "all"
+        else {args.phase}
     )
+    if "routing" in phases:
+        phases |= {"latency", "throughput"}  # the single-version figures to compare with
     with tempfile.TemporaryDirectory() as tmp:
         if "reference" in phases or "latency" in phases:
             echo = await echo_rtt(2000)
@@ -325,7 +360,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 "echo_p50_ms": pct(echo, 50) * 1e3,
                 "echo_p99_ms": pct(echo, 99) * 1e3,
             }
-        for phase in ("latency", "throughput", "memory"):
+        for phase in ("latency", "throughput", "routing", "memory"):
             if phase not in phases:
                 continue
             data = Path(tmp) / phase
@@ -340,6 +375,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     results[phase] = await throughput_phase(
                         url, args.workers, args.concurrency, args.total
                     )
+                elif phase == "routing":
+                    results[phase] = {
+                        "latency": await latency_phase(
+                            url, args.workers, args.rate, args.duration, versions=2
+                        ),
+                        "throughput": await throughput_phase(
+                            url, args.workers, args.concurrency, args.total, versions=2
+                        ),
+                    }
                 else:
                     results[phase] = await memory_phase(
                         url, proc.pid, args.memory_workers, args.memory_jobs
@@ -376,6 +420,19 @@ def report(results: dict[str, Any]) -> None:
             f"throughput: {t['assigned']}/{t['dispatched']} assigned with {t['concurrency']} in flight: "
             f"{t['assignments_per_s']:.0f} assignments/s (target >= 3000/s), {t['errors']} errors"
         )
+    if "routing" in results:
+        lat, t = results["routing"]["latency"], results["routing"]["throughput"]
+        print(
+            f"two-version routing (90/10): latency p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms; "
+            f"throughput {t['assignments_per_s']:.0f}/s"
+        )
+        if "latency" in results and "throughput" in results:
+            p99 = lat["p99_ms"] / results["latency"]["p99_ms"]
+            tput = t["assignments_per_s"] / results["throughput"]["assignments_per_s"]
+            print(
+                f"  vs single version in this run: p99 x{p99:.2f}, throughput x{tput:.2f} "
+                "(target: within 10 %)"
+            )
     if "memory" in results:
         m = results["memory"]
         print(
@@ -389,7 +446,9 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--phase", default="all", choices=["all", "reference", "latency", "throughput", "memory"]
+        "--phase",
+        default="all",
+        choices=["all", "reference", "latency", "throughput", "memory", "routing"],
     )
     parser.add_argument("--workers", type=int, default=200)
     parser.add_argument("--rate", type=float, default=500)

@@ -54,6 +54,13 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.routing_overflow = Counter(
+            "voicefleet_routing_overflow_total",
+            "Sessions whose routed version had no free worker and went to another routed version.",
+            ["agent_name", "routed", "served"],
+            registry=self.registry,
+        )
+
     def gauge(self, name: str, doc: str, label: str, read: Callable[[], Mapping[str, int]]) -> None:
         """Publish a gauge whose values `read()` gives at scrape time."""
         self.registry.register(_Gauges(name, doc, label, read))

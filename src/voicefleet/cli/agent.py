@@ -139,11 +139,90 @@ def deploy(
     agent: AgentOpt = None,
     deployment: Deployment = "production",
     folder: Annotated[Path, typer.Argument(help="The agent's folder.")] = Path("."),
+    version: Annotated[
+        str | None,
+        typer.Option("--version", help="Roll out this built version again (no upload, no build)."),
+    ] = None,
+    strategy: Annotated[
+        str | None, typer.Option(help="rolling (default), canary or bluegreen.")
+    ] = None,
+    canary: Annotated[
+        float | None,
+        typer.Option(help="Canary: this % of new sessions, held until `vf agent canary promote`."),
+    ] = None,
+    steps: Annotated[
+        str | None, typer.Option(help="Canary steps in %, e.g. 10,25,50,100 (100 promotes).")
+    ] = None,
+    interval: Annotated[str, typer.Option(help="Canary: time at each step (30s, 5m, 1h).")] = "5m",
+    max_failure_increase: Annotated[
+        float, typer.Option(help="Canary: abort above stable's failure rate + this (0.05 = 5%).")
+    ] = 0.05,
+    min_sessions: Annotated[
+        int, typer.Option(help="Canary: sessions before failure rates are judged.")
+    ] = 5,
+    max_restarts: Annotated[
+        int, typer.Option(help="Canary: instance restarts (crashes) tolerated.")
+    ] = 0,
+    smoke_sessions: Annotated[
+        int, typer.Option(help="Blue-green: synthetic sessions sent to green.")
+    ] = 3,
+    smoke_command: Annotated[
+        str, typer.Option(help="Blue-green: a command run in the agent folder; exit 0 passes.")
+    ] = "",
+    smoke_timeout: Annotated[
+        float, typer.Option(help="Blue-green: smoke test time limit, s.")
+    ] = 60,
+    smoke_metadata: Annotated[
+        str, typer.Option(help="Blue-green: job metadata of the synthetic sessions.")
+    ] = '{"smoke": true}',
 ) -> None:
-    """Upload FOLDER as a new version, build it, and roll it out without dropping a session."""
+    """Upload FOLDER as a new version, build it, and roll it out without dropping a session.
+
+    Rolling by default; --canary 10 or --steps 10,25,50,100 --interval 5m for a canary that is
+    compared with stable and aborted automatically when worse; --strategy bluegreen for green
+    beside blue, smoke-tested, then switched."""
     key = _agent(agent)
     client = state.client
     quiet = state.json
+    if strategy is None:
+        strategy = "canary" if canary is not None or steps is not None else "rolling"
+    plan: dict[str, Any] = {"strategy": strategy}
+    if strategy == "canary":
+        try:
+            shares = (
+                [canary] if canary is not None else [float(x) for x in (steps or "").split(",")]
+            )
+        except ValueError:
+            fail(f"--steps '{steps}' is not a list of percentages like 10,25,50,100", USAGE)
+        plan.update(
+            steps=shares,
+            interval=_duration(interval),
+            thresholds={
+                "max_failure_rate_increase": max_failure_increase,
+                "min_sessions": min_sessions,
+                "max_restarts": max_restarts,
+            },
+        )
+    elif strategy == "bluegreen":
+        plan["smoke"] = {
+            "sessions": smoke_sessions,
+            "timeout": smoke_timeout,
+            "command": smoke_command,
+            "metadata": smoke_metadata,
+        }
+    elif strategy != "rolling":
+        fail(f"unknown strategy '{strategy}' (rolling, canary or bluegreen)", USAGE)
+    if version is not None:
+        started = client.request(
+            "POST",
+            f"/agents/{key}/rollouts",
+            json={"version": version, "deployment": deployment, "plan": plan},
+        )
+        rollout = _watch_rollout(key, version, quiet, started["id"])
+        if quiet:
+            _print_json({"rollout": rollout})
+        _report(rollout)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "bundle.tar.gz"
         try:
@@ -156,14 +235,14 @@ def deploy(
             console=Console(stderr=True), disable=quiet, transient=False,
         ) as progress:  # fmt: skip
             task = progress.add_task("upload", total=size)
-            version = client.request(
+            uploaded = client.request(
                 "POST",
                 f"/agents/{key}/versions",
-                params={"deployment": deployment},
+                params={"deployment": deployment, "plan": json.dumps(plan)},
                 content=_chunks(bundle, progress, task),
                 headers={"Content-Type": "application/gzip"},
             )
-    v = version["version"]
+    v = uploaded["version"]
     if not quiet:
         out.print(f"uploaded {info.files} files as [bold]{v}[/bold]; building:")
     for line in client.lines(f"/agents/{key}/versions/{v}/log", follow="true"):
@@ -177,21 +256,58 @@ def deploy(
     rollout = _watch_rollout(key, v, quiet)
     if quiet:
         _print_json({"version": built, "rollout": rollout})
-    if rollout["state"] != "complete":
-        fail(f"rollout of {v} {rollout['state']}: {rollout['reason']}", FAILED)
+    _report(rollout)
 
 
-STEPS = ["start", "wait", "shift", "drain", "done"]
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        fail(f"'{text}' is not a duration like 30s, 5m or 1h", USAGE)
+
+
+def _report(rollout: Any) -> None:
+    """Say how a rollout ended (or where a canary stands) and exit non-zero if it failed."""
+    state_, v = rollout["state"], rollout["to_version"]
+    if state_ in ("progressing", "paused") and rollout["strategy"] == "canary":
+        if not state.json:
+            out.print(
+                f"canary {v} takes {rollout['weight']:g}% of new sessions; "
+                "follow with `vf agent canary status`"
+            )
+        return
+    if state_ not in ("complete", "promoted"):
+        fail(f"rollout of {v} {state_}: {rollout['reason']}", FAILED)
+    if not state.json:
+        if rollout["strategy"] == "rolling":  # its reason is what started it: deploy, rollback
+            out.print(f"{rollout['reason']} to {v}: {state_}")
+        else:
+            out.print(rollout["reason"])
+
+
+STEPS = {
+    "rolling": ["start", "wait", "shift", "drain", "done"],
+    "bluegreen": ["start", "wait", "smoke", "shift", "drain", "done"],
+    "canary": ["start", "wait", "step", "promote", "done"],
+}
 STEP_TEXT = {
     "start": "starting instances",
     "wait": "waiting for instances to register",
+    "smoke": "smoke-testing green",
     "shift": "routing new sessions",
+    "step": "canary taking its share",
+    "promote": "promoting",
     "drain": "draining old instances",
     "done": "done",
 }
 
 
-def _watch_rollout(key: str, version: str, quiet: bool, rollout_id: str | None = None) -> Any:
+def _watch_rollout(
+    key: str, version: str, quiet: bool, rollout_id: str | None = None, to_end: bool = False
+) -> Any:
     client = state.client
     deadline = time.monotonic() + 600
     with Progress(
@@ -208,10 +324,15 @@ def _watch_rollout(key: str, version: str, quiet: bool, rollout_id: str | None =
                 )
                 rollout = found[0] if found else None
             if rollout is not None:
-                step = rollout["step"] or "start"
-                progress.update(task, completed=STEPS.index(step), step=STEP_TEXT[step])
+                steps = STEPS.get(rollout["strategy"], STEPS["rolling"])
+                step = (rollout["step"] or "start").split(":")[0]
+                progress.update(
+                    task, total=len(steps) - 1, completed=steps.index(step), step=STEP_TEXT[step]
+                )
                 if rollout["state"] != "progressing":
                     return rollout
+                if step == "step" and not to_end:
+                    return rollout  # a canary runs for minutes or hours: report where it is
             if time.monotonic() > deadline:
                 fail(f"rollout of {version} still in progress after 10 minutes", FAILED)
             time.sleep(0.25)
@@ -227,9 +348,19 @@ def status(agent: AgentOpt = None) -> None:
     a = data["agent"]
     out.print(f"[bold]{a['name']}[/bold] ({a['id']}), grace period {a['grace_period']:g}s")
     for d in data["deployments"]:
+        routing = ", ".join(f"{v} {w:g}%" for v, w in d.get("routing", {}).items())
         out.print(
             f"  {d['name']}: {d['version'] or '(nothing deployed)'}, {d['replicas']} replica(s)"
+            + (f"; new sessions: {routing}" if routing else "")
         )
+        if d.get("decision"):
+            dec = d["decision"]
+            out.print(f"    autoscaler: {dec['desired']} instance(s) because {dec['reason']}")
+        for v, n in d.get("draining", {}).items():
+            out.print(
+                f"    draining {v}: {n['sessions']} active session(s) "
+                f"on {n['instances']} instance(s)"
+            )
     t = Table(title="instances")
     for col in ("instance", "deployment", "version", "status", "sessions", "restarts", "pid"):
         t.add_column(col)
@@ -318,31 +449,169 @@ def promote(
     )
 
 
-def _finish(key: str, started: Any) -> None:
-    rollout = _watch_rollout(key, started["to_version"], state.json, started["id"])
+def _finish(key: str, started: Any, to_end: bool = False) -> None:
+    rollout = _watch_rollout(key, started["to_version"], state.json, started["id"], to_end)
     if state.json:
         _print_json(rollout)
+    _report(rollout)
+
+
+canary_app = typer.Typer(help="Watch and steer a running canary.", no_args_is_help=True)
+app.add_typer(canary_app, name="canary")
+
+
+@canary_app.command("status")
+def canary_status(agent: AgentOpt = None, deployment: Deployment = "production") -> None:
+    """The canary's share, step and its comparison with stable over the current step."""
+    data = state.client.request("GET", f"/agents/{_agent(agent)}")
+    canaries = [
+        r for r in data["rollouts"] if r["strategy"] == "canary" and r["deployment"] == deployment
+    ]
+    if state.json:
+        _print_json(canaries[0] if canaries else None)
+        return
+    if not canaries:
+        fail(f"no canary on {deployment}", NOT_FOUND)
+    r = canaries[0]
+    out.print(
+        f"canary {r['to_version']} vs stable {r['from_version']}: {r['state']} at "
+        f"{r['weight']:g}% ({r['step']}); steps {r['plan'].get('steps')}, "
+        f"interval {r['plan'].get('interval', 0):g}s"
+    )
+    if r.get("analysis"):
+        t = Table(title="this step so far")
+        for col in ("version", "ended", "failed", "failure rate", "started", "start p50 (s)"):
+            t.add_column(col)
+        for role, version in (("canary", r["to_version"]), ("stable", r["from_version"])):
+            w = r["analysis"][role]
+            t.add_row(
+                f"{version} ({role})", str(w["ended"]), str(w["failed"]),
+                f"{w['failure_rate']:.1%}", str(w["started"]), f"{w['start_delay_p50']:.2f}",
+            )  # fmt: skip
+        out.print(t)
+    if r["reason"] and r["state"] not in ("progressing", "paused"):
+        out.print(r["reason"])
+    for o in data.get("overflow", []):
+        out.print(
+            f"overflow: {o['sessions']} session(s) routed to {o['routed']} served by {o['served']}"
+        )
+
+
+def _canary(command: str, agent: str | None, deployment: str) -> None:
+    key = _agent(agent)
+    data = state.client.request(
+        "POST", f"/agents/{key}/canary/{command}", params={"deployment": deployment}
+    )
+    if command in ("promote", "abort"):
+        _finish(key, data, to_end=True)
+    elif state.json:
+        _print_json(data)
     else:
-        out.print(f"{rollout['reason']} to {rollout['to_version']}: {rollout['state']}")
-    if rollout["state"] != "complete":
-        fail(f"rollout {rollout['state']}: {rollout['reason']}", FAILED)
+        out.print(f"canary {data['to_version']}: {command} requested")
+
+
+@canary_app.command("pause")
+def canary_pause(agent: AgentOpt = None, deployment: Deployment = "production") -> None:
+    """Hold the canary at its current share (analysis and automatic abort go on)."""
+    _canary("pause", agent, deployment)
+
+
+@canary_app.command("resume")
+def canary_resume(agent: AgentOpt = None, deployment: Deployment = "production") -> None:
+    """Carry on with the steps."""
+    _canary("resume", agent, deployment)
+
+
+@canary_app.command("promote")
+def canary_promote(agent: AgentOpt = None, deployment: Deployment = "production") -> None:
+    """Make the canary the serving version now (the old one drains)."""
+    _canary("promote", agent, deployment)
+
+
+@canary_app.command("abort")
+def canary_abort(agent: AgentOpt = None, deployment: Deployment = "production") -> None:
+    """All new sessions back to stable; the canary's instances drain."""
+    _canary("abort", agent, deployment)
 
 
 @app.command()
 def scale(
-    replicas: Annotated[int, typer.Argument(min=0, max=100, help="Instances to run.")],
+    replicas: Annotated[
+        int | None,
+        typer.Argument(min=0, max=100, help="A fixed number of instances (autoscaling off)."),
+    ] = None,
     agent: AgentOpt = None,
     deployment: Deployment = "production",
+    min_: Annotated[int | None, typer.Option("--min", help="Autoscale: fewest instances.")] = None,
+    max_: Annotated[int | None, typer.Option("--max", help="Autoscale: most instances.")] = None,
+    scale_up_load: Annotated[
+        float | None, typer.Option(help="Autoscale: target load per instance (default 0.5).")
+    ] = None,
+    load_threshold: Annotated[
+        float | None, typer.Option(help="The load at which workers turn FULL (default 0.75).")
+    ] = None,
+    up_window: Annotated[
+        str | None, typer.Option(help="Stabilization going up (default 15s).")
+    ] = None,
+    down_window: Annotated[
+        str | None, typer.Option(help="Stabilization going down (default 300s).")
+    ] = None,
+    sessions_per_instance: Annotated[
+        int | None, typer.Option(help="Hint: sessions one instance serves comfortably.")
+    ] = None,
+    idle_to_zero: Annotated[
+        str | None, typer.Option(help="Scale to zero after this long without a session.")
+    ] = None,
+    warm: Annotated[
+        int | None, typer.Option(help="Spare instances kept warm on top of the load's need.")
+    ] = None,
 ) -> None:
-    """Set the number of instances; scaling down drains idle instances first."""
-    data = state.client.request(
-        "POST",
-        f"/agents/{_agent(agent)}/scale",
-        json={"deployment": deployment, "replicas": replicas},
-    )
-    _print_json(data) if state.json else out.print(
-        f"{data['deployment']}: {data['replicas']} instance(s)"
-    )
+    """Set a fixed number of instances, or an autoscaling policy (any policy option turns
+    autoscaling on; `vf agent scale N` turns it off). Scaling down drains idle instances first
+    and never cuts a session."""
+    durations = {
+        "up_window": up_window,
+        "down_window": down_window,
+        "idle_to_zero": idle_to_zero,
+    }
+    policy: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "min_instances": min_,
+            "max_instances": max_,
+            "scale_up_load": scale_up_load,
+            "load_threshold": load_threshold,
+            "sessions_per_instance": sessions_per_instance,
+            "warm": warm,
+            **{k: _duration(v) for k, v in durations.items() if v is not None},
+        }.items()
+        if v is not None
+    }
+    if replicas is not None and policy:
+        fail("give either a number of instances or autoscaling options, not both", USAGE)
+    if replicas is None and not policy:
+        fail("give a number of instances or autoscaling options (--min, --max, ...)", USAGE)
+    body: dict[str, Any] = {"deployment": deployment}
+    body.update({"autoscale": policy} if policy else {"replicas": replicas})
+    data = state.client.request("POST", f"/agents/{_agent(agent)}/scale", json=body)
+    if state.json:
+        _print_json(data)
+    elif data["autoscale"]:
+        a = data["autoscale"]
+        out.print(
+            f"{data['deployment']}: autoscaling {a['min_instances']}-{a['max_instances']} "
+            f"instance(s) at load {a['scale_up_load']:g} (workers full at "
+            f"{a['load_threshold']:g}); up after {a['up_window']:g}s, down after "
+            f"{a['down_window']:g}s"
+            + (
+                f", to zero after {a['idle_to_zero']:g}s idle"
+                if a["idle_to_zero"] is not None
+                else ""
+            )
+            + (f", {a['warm']} warm" if a["warm"] else "")
+        )
+    else:
+        out.print(f"{data['deployment']}: {data['replicas']} instance(s)")
 
 
 @app.command()

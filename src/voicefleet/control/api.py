@@ -7,6 +7,7 @@ version, replicas). Callers sign a token with the project's key and the `roomAdm
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import tempfile
 from collections.abc import AsyncIterator
@@ -18,7 +19,12 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from voicefleet.build.bundle import MAX_COMPRESSED_BYTES
-from voicefleet.control.service import DEFAULT_DEPLOYMENT, ControlPlane, rollout_dict
+from voicefleet.control.service import (
+    DEFAULT_DEPLOYMENT,
+    ControlPlane,
+    rollout_dict,
+    strategy_plan,
+)
 from voicefleet.dispatch.service import DispatchService
 from voicefleet.errors import AuthError, BundleRejected
 from voicefleet.protocol import tokens
@@ -76,6 +82,33 @@ def list_workers(service: Admin) -> list[dict[str, Any]]:
     ]
 
 
+@router.get("/routing")
+def get_routing(service: Admin) -> dict[str, dict[str, float]]:
+    """Every routing entry: `agent_name/deployment` -> {version: weight}."""
+    return service.routing.snapshot()
+
+
+class Weights(BaseModel):
+    deployment: str = ""
+    # {version: weight}; null removes the entry (any worker of the agent name will do).
+    weights: dict[str, float] | None
+
+
+@router.put("/routing/{agent_name}")
+async def set_routing(agent_name: str, body: Weights, request: Request, service: Admin) -> Any:
+    """Route an agent name's sessions by worker version, for workers that are not deployed by
+    voicefleet but sign with version keys of their own (`vf/<agent>/<version>/<instance>`).
+    Deployed agents are routed by their rollouts: use `vf agent deploy`."""
+    plane: ControlPlane = request.app.state.control
+    if await plane.repo.agent(agent_name) is not None:
+        raise HTTPException(409, f"{agent_name} is a deployed agent: its rollouts route it")
+    try:
+        service.routing.set_weights(agent_name, body.weights, body.deployment)
+    except ValueError as e:
+        raise HTTPException(400, str(e)) from None
+    return service.routing.weights(agent_name, body.deployment)
+
+
 @router.get("/jobs")
 async def list_jobs(
     request: Request,
@@ -108,7 +141,9 @@ class Rollback(BaseModel):
 
 class Scale(BaseModel):
     deployment: str = DEFAULT_DEPLOYMENT
-    replicas: int = Field(ge=0, le=100)
+    replicas: int | None = Field(default=None, ge=0, le=100)
+    # Policy fields to set (see voicefleet.autoscale.policy.Policy); turns autoscaling on.
+    autoscale: dict[str, Any] | None = None
 
 
 class Promote(BaseModel):
@@ -172,10 +207,13 @@ async def upload_version(
     request: Request,
     plane: Control,
     deployment: str = DEFAULT_DEPLOYMENT,
+    plan: str = "",
 ) -> dict[str, Any]:
     """Upload a source bundle (tar.gz body): it becomes the next version, is built, then
-    rolled out to `deployment`. Follow the build at .../versions/{version}/log?follow=true."""
+    rolled out to `deployment` by `plan` (JSON: {"strategy": "canary", "steps": [...], ...};
+    rolling when empty). Follow the build at .../versions/{version}/log?follow=true."""
     row = await plane.agent(agent)
+    rollout_plan = _plan(plan)
     uploads = plane.paths.data_dir / "uploads"
     uploads.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=uploads, suffix=".tar.gz")
@@ -190,7 +228,7 @@ async def upload_version(
                         f"bundle is over the {MAX_COMPRESSED_BYTES // 2**20} MB upload limit"
                     )
                 out.write(chunk)
-        version = await plane.upload(row, path, deployment)
+        version = await plane.upload(row, path, deployment, rollout_plan)
     finally:
         path.unlink(missing_ok=True)
     return version_dict(version)
@@ -245,8 +283,50 @@ async def promote(agent: str, body: Promote, plane: Control) -> dict[str, Any]:
 
 @router.post("/agents/{agent}/scale")
 async def scale(agent: str, body: Scale, plane: Control) -> dict[str, Any]:
-    dep = await plane.scale(await plane.agent(agent), body.deployment, body.replicas)
-    return {"deployment": dep.name, "version": dep.version, "replicas": dep.replicas}
+    """A fixed number of instances (`replicas`: autoscaling off), or an autoscaling policy."""
+    dep = await plane.scale(
+        await plane.agent(agent), body.deployment, body.replicas, body.autoscale
+    )
+    return {
+        "deployment": dep.name,
+        "version": dep.version,
+        "replicas": dep.replicas,
+        "autoscale": dep.autoscale,
+    }
+
+
+def _plan(text: str) -> dict[str, Any] | None:
+    if not text:
+        return None
+    try:
+        plan = json.loads(text)
+    except ValueError as e:
+        raise HTTPException(400, f"plan is not JSON: {e}") from None
+    if not isinstance(plan, dict):
+        raise HTTPException(400, "plan must be a JSON object")
+    return strategy_plan(plan)
+
+
+class Deploy(BaseModel):
+    version: str
+    deployment: str = DEFAULT_DEPLOYMENT
+    plan: dict[str, Any] = Field(default_factory=dict)
+
+
+@router.post("/agents/{agent}/rollouts", status_code=202)
+async def deploy_version(agent: str, body: Deploy, plane: Control) -> dict[str, Any]:
+    """Roll an existing (built) version out again, with any strategy. No rebuild."""
+    row = await plane.agent(agent)
+    return rollout_dict(await plane.roll_to(row, body.deployment, body.version, plan=body.plan))
+
+
+@router.post("/agents/{agent}/canary/{command}", status_code=202)
+async def canary_command(
+    agent: str, command: str, plane: Control, deployment: str = DEFAULT_DEPLOYMENT
+) -> dict[str, Any]:
+    """pause, resume, promote or abort the canary running on `deployment`."""
+    rollout = await plane.rollout_command(await plane.agent(agent), deployment, command)
+    return rollout_dict(rollout)
 
 
 @router.get("/agents/{agent}/rollouts/{rollout_id}")

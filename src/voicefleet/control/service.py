@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets as pysecrets
 import shutil
 import time
@@ -17,13 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from voicefleet.autoscale.loop import Autoscaler
+from voicefleet.autoscale.policy import InstanceSignal, Policy, pick_victims
 from voicefleet.build.bundle import extract_bundle
 from voicefleet.build.local import LocalBuilder
 from voicefleet.control.secrets import SecretBox
 from voicefleet.dispatch.service import DispatchService
+from voicefleet.dispatch.stats import Window
 from voicefleet.errors import BuildFailed, InvalidRequest, NotFound, VoicefleetError
 from voicefleet.protocol.tokens import WorkerIdentity, instance_credentials
-from voicefleet.rollout.rolling import PROGRESSING, RolloutFailed, run_rolling
+from voicefleet.rollout.bluegreen import SmokeTest, run_bluegreen
+from voicefleet.rollout.canary import COMMANDS, PAUSED, PROMOTED, CanaryPlan, run_canary
+from voicefleet.rollout.rolling import COMPLETE, PROGRESSING, RolloutFailed, run_rolling
 from voicefleet.runtime import InstanceSpec, InstanceStatus, Runtime
 from voicefleet.store.models import (
     AgentRow,
@@ -98,7 +104,10 @@ class ControlPlane:
         self.keep_warm = keep_warm
         self._tasks: set[asyncio.Task[Any]] = set()
         self._agent_locks: dict[str, asyncio.Lock] = {}
+        # The latest operator command for a running canary (pause, resume, promote, abort).
+        self._commands: dict[str, str] = {}
         runtime.on_change(self._instance_changed)
+        self.autoscaler = Autoscaler(self)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -107,11 +116,12 @@ class ControlPlane:
         for dep in await self.repo.deployments():
             agent = await self.repo.agent(dep.agent_id)
             if agent is not None and dep.version:
-                self.dispatch.routing.route(agent.name, {dep.version})
+                self.dispatch.routing.set_weights(agent.name, {dep.version: 100}, dep.name)
         for row in await self.repo.instances(statuses=[*LIVE, RETIRING, "draining"]):
             await self._adopt_or_restart(row)
         self._spawn(self._reap_retired())
-        for rollout in await self.repo.rollouts(states=[PROGRESSING], limit=1000):
+        self._spawn(self.autoscaler.run())
+        for rollout in await self.repo.rollouts(states=[PROGRESSING, PAUSED], limit=1000):
             log.info("resuming rollout", extra={"rollout": rollout.id, "step": rollout.step})
             self._spawn(self._run_rollout(rollout))
         for agent in await self.repo.agents():
@@ -177,7 +187,8 @@ class ControlPlane:
 
     async def delete_agent(self, agent: AgentRow) -> None:
         """Stop routing to the agent and drain its instances; sessions in flight finish."""
-        self.dispatch.routing.route(agent.name, set())
+        for dep in await self.repo.deployments(agent.id):
+            self.dispatch.routing.set_weights(agent.name, {}, dep.name)
         for row in await self.repo.instances(agent.id, [*LIVE, RETIRING]):
             await self._drain(row, agent.grace_period)
         await self.repo.delete_agent(agent.id)
@@ -185,9 +196,16 @@ class ControlPlane:
 
     # -- versions -----------------------------------------------------------------------------
 
-    async def upload(self, agent: AgentRow, bundle: Path, deployment: str) -> VersionRow:
+    async def upload(
+        self,
+        agent: AgentRow,
+        bundle: Path,
+        deployment: str,
+        plan: dict[str, Any] | None = None,
+    ) -> VersionRow:
         """Take a source bundle: a new immutable version, built in the background, then
         rolled out to `deployment`. A failed build leaves the serving version untouched."""
+        plan = strategy_plan(plan)  # a bad plan fails the upload, before anything is built
         async with self._lock(agent.id):
             number = await self.repo.next_version_number(agent.id)
             version = f"v{number}"
@@ -211,10 +229,12 @@ class ControlPlane:
             )
             await self.repo.save(row)
         await self.repo.event(agent.id, "version_uploaded", f"{version} uploaded for {deployment}")
-        self._spawn(self._build_and_roll(agent, row, deployment))
+        self._spawn(self._build_and_roll(agent, row, deployment, plan))
         return row
 
-    async def _build_and_roll(self, agent: AgentRow, row: VersionRow, deployment: str) -> None:
+    async def _build_and_roll(
+        self, agent: AgentRow, row: VersionRow, deployment: str, plan: dict[str, Any]
+    ) -> None:
         log_path = self.paths.build_log(agent.id, row.version)
         with open(log_path, "a", buffering=1) as out:
 
@@ -242,7 +262,10 @@ class ControlPlane:
             await self.repo.save(row)
             out.write(f"version {row.version} is ready\n")
         await self.repo.event(agent.id, "version_built", f"{row.version} built ({reuse})")
-        await self.roll_to(agent, deployment, row.version)
+        try:
+            await self.roll_to(agent, deployment, row.version, plan=plan)
+        except InvalidRequest as e:
+            await self.repo.event(agent.id, "rollout_refused", f"{row.version}: {e}")
 
     async def versions(self, agent: AgentRow) -> list[VersionRow]:
         return await self.repo.versions(agent.id)
@@ -256,13 +279,27 @@ class ControlPlane:
     # -- rollouts -----------------------------------------------------------------------------
 
     async def roll_to(
-        self, agent: AgentRow, deployment: str, version: str, kind: str = "deploy"
+        self,
+        agent: AgentRow,
+        deployment: str,
+        version: str,
+        kind: str = "deploy",
+        plan: dict[str, Any] | None = None,
     ) -> RolloutRow:
+        """Start a rollout of `version` to `deployment`; `plan` picks the strategy (rolling by
+        default; see `strategy_plan`)."""
+        plan = strategy_plan(plan)
         row = await self.version(agent, version)
         if row.status != "ready":
             raise InvalidRequest(f"{version} is {row.status}, not ready: it cannot be rolled out")
         dep = await self.deployment(agent, deployment)
-        for running in await self.repo.rollouts(agent.id, [PROGRESSING]):
+        strategy = plan["strategy"]
+        if strategy != "rolling" and (not dep.version or dep.version == version):
+            raise InvalidRequest(
+                f"a {strategy} deploy needs another version serving {deployment} "
+                f"(it serves {dep.version or 'nothing'}); deploy without --{strategy} first"
+            )
+        for running in await self.repo.rollouts(agent.id, [PROGRESSING, PAUSED]):
             if running.deployment == deployment:
                 raise InvalidRequest(
                     f"rollout {running.id} to {running.to_version} is still in progress"
@@ -274,16 +311,19 @@ class ControlPlane:
             deployment=deployment,
             from_version=dep.version,
             to_version=version,
-            strategy="rolling",
+            strategy=strategy,
             state=PROGRESSING,
             step="",
             reason=kind,
+            plan={**plan, "replicas": max(dep.replicas, 1)},
             created_at=now,
             updated_at=now,
         )
         await self.repo.save(rollout)
         await self.repo.event(
-            agent.id, f"{kind}_started", f"{deployment}: {dep.version or '-'} -> {version}"
+            agent.id,
+            f"{kind}_started",
+            f"{deployment}: {dep.version or '-'} -> {version} ({strategy})",
         )
         self._spawn(self._run_rollout(rollout))
         return rollout
@@ -296,7 +336,7 @@ class ControlPlane:
         if to_version is None:
             done = [
                 r
-                for r in await self.repo.rollouts(agent.id, ["complete"], limit=200)
+                for r in await self.repo.rollouts(agent.id, [COMPLETE, PROMOTED], limit=200)
                 if r.deployment == deployment and r.to_version == dep.version and r.from_version
             ]
             if not done:
@@ -313,44 +353,126 @@ class ControlPlane:
             raise InvalidRequest(f"{deployment} serves no version yet")
         return await self.roll_to(agent, deployment, dep.version, kind="restart")
 
-    async def scale(self, agent: AgentRow, deployment: str, replicas: int) -> DeploymentRow:
-        if not 0 <= replicas <= 100:
-            raise InvalidRequest("replicas must be between 0 and 100")
+    async def scale(
+        self,
+        agent: AgentRow,
+        deployment: str,
+        replicas: int | None = None,
+        autoscale: dict[str, Any] | None = None,
+        manual: bool = False,
+    ) -> DeploymentRow:
+        """Set a fixed size (`replicas`, turning autoscaling off) or an autoscaling policy."""
         dep = await self.deployment(agent, deployment)
-        dep.replicas, dep.updated_at = replicas, time.time()
-        await self.repo.save(dep)
-        await self.repo.event(agent.id, "scaled", f"{deployment}: {replicas} instance(s)")
-        if dep.version:
-            await self.ensure_instances(agent.id, deployment, dep.version, None)
-            live = [
-                r
-                for r in await self.repo.instances(agent.id, LIVE)
-                if r.deployment == deployment and r.version == dep.version
-            ]
-            # Scale down: idle instances first; an instance with sessions drains, never cut.
-            extra = sorted(live, key=lambda r: self._sessions(r.id))[: max(0, len(live) - replicas)]
-            for row in extra:
-                await self._drain(row, agent.grace_period)
+        if autoscale is not None:
+            try:
+                policy = Policy.from_dict({**(dep.autoscale or {}), **autoscale})
+            except (TypeError, ValueError) as e:
+                raise InvalidRequest(f"bad autoscaling policy: {e}") from None
+            dep.autoscale = policy.to_dict()
+            await self.repo.save(dep)
+            await self.repo.event(agent.id, "autoscale_set", f"{deployment}: {dep.autoscale}")
+            return dep
+        if replicas is None and not manual:
+            raise InvalidRequest("give a number of instances or an autoscaling policy")
+        if replicas is not None and not 0 <= replicas <= 100:
+            raise InvalidRequest("replicas must be between 0 and 100")
+        if dep.autoscale is not None:
+            dep.autoscale = None
+            await self.repo.event(agent.id, "autoscale_off", f"{deployment}: fixed size")
+        n = dep.replicas if replicas is None else replicas
+        await self.repo.event(agent.id, "scaled", f"{deployment}: {n} instance(s)")
+        await self.resize(agent, dep, n)
         return dep
+
+    async def resize(self, agent: AgentRow, dep: DeploymentRow, n: int) -> list[str]:
+        """Run `n` instances of the deployment's version. Going down drains idle instances
+        first; an instance with sessions drains (they finish), it is never cut. Returns the
+        instances started or drained."""
+        dep.replicas, dep.updated_at = n, time.time()
+        await self.repo.save(dep)
+        if not dep.version:
+            return []
+        live = [
+            r
+            for r in await self.repo.instances(agent.id, LIVE)
+            if r.deployment == dep.name and r.version == dep.version
+        ]
+        if n > len(live):
+            kept = await self.ensure_instances(agent.id, dep.name, dep.version, None, n)
+            return [i for i in kept if i not in {r.id for r in live}]
+        signals = {s.id: s for s in self.signals(live)}
+        victims = pick_victims(list(signals.values()), len(live) - n)
+        for victim in victims:
+            await self._drain(next(r for r in live if r.id == victim.id), agent.grace_period)
+        return [v.id for v in victims]
+
+    async def live_instances(self, agent_id: str) -> list[InstanceRow]:
+        return await self.repo.instances(agent_id, LIVE)
+
+    def rolling_out(self, agent_id: str) -> bool:
+        """A rollout (or another resize) holds the agent's lock."""
+        return self._lock(agent_id).locked()
+
+    def signals(self, rows: list[InstanceRow]) -> list[InstanceSignal]:
+        """What the dispatcher sees of each instance now: its worker's load and sessions."""
+        workers = {w.identity.instance: w for w in self.dispatch.registry.workers.values()}
+        out = []
+        for row in rows:
+            w = workers.get(row.id)
+            out.append(
+                InstanceSignal(row.id, w.load, len(w.jobs), True)
+                if w is not None and w.connected
+                else InstanceSignal(row.id, registered=False)
+            )
+        return out
 
     async def _run_rollout(self, rollout: RolloutRow) -> None:
         async with self._lock(rollout.agent_id):
             try:
-                await run_rolling(rollout, self, self.repo)
+                if rollout.strategy == "canary":
+                    await run_canary(rollout, self, self.repo)
+                elif rollout.strategy == "bluegreen":
+                    await run_bluegreen(rollout, self, self.repo)
+                else:
+                    await run_rolling(rollout, self, self.repo)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 log.exception("rollout failed", extra={"rollout": rollout.id})
                 rollout.state, rollout.reason = "aborted", f"internal error: {e}"
                 await self.repo.save(rollout)
+            finally:
+                self._commands.pop(rollout.id, None)
+
+    async def rollout_command(self, agent: AgentRow, deployment: str, command: str) -> RolloutRow:
+        """pause, resume, promote or abort the canary running on `deployment`."""
+        if command not in COMMANDS:
+            raise InvalidRequest(f"unknown command '{command}' (one of {', '.join(COMMANDS)})")
+        for rollout in await self.repo.rollouts(agent.id, [PROGRESSING, PAUSED]):
+            if rollout.deployment == deployment and rollout.strategy == "canary":
+                self._commands[rollout.id] = command
+                await self.repo.event(agent.id, f"canary_{command}", f"{command} requested")
+                return rollout
+        raise InvalidRequest(f"no canary is running on {deployment}")
+
+    def command(self, rollout_id: str) -> str | None:
+        return self._commands.get(rollout_id)
 
     # -- the Fleet a rollout drives -----------------------------------------------------------
 
     async def ensure_instances(
-        self, agent_id: str, deployment: str, version: str, fresh_since: float | None
+        self,
+        agent_id: str,
+        deployment: str,
+        version: str,
+        fresh_since: float | None,
+        count: int | None = None,
     ) -> list[str]:
+        """`count` (default: the deployment's replicas) live instances of `version`: the ones
+        there are, warm retired ones taken back, new ones started."""
         agent = await self.agent(agent_id)
         dep = await self.deployment(agent, deployment)
+        want = dep.replicas if count is None else count
         rows = [
             r
             for r in await self.repo.instances(agent_id, [*LIVE, RETIRING])
@@ -358,12 +480,12 @@ class ControlPlane:
             and r.version == version
             and (fresh_since is None or r.created_at >= fresh_since)
             and (r.status != RETIRING or self._warm(r.id))
-        ][: max(dep.replicas, 1)]
+        ][: max(want, 1)]
         for row in rows:
             if row.status == RETIRING:  # a rollback: take the warm instance back
                 await self.repo.set_instance_status(row.id, "ready")
                 log.info("retired instance taken back", extra={"instance": row.id})
-        while len(rows) < dep.replicas:
+        while len(rows) < want:
             rows.append(await self._start_instance(agent, deployment, version))
         return [r.id for r in rows]
 
@@ -395,17 +517,111 @@ class ControlPlane:
         dep = await self.deployment(agent, deployment)
         dep.version, dep.updated_at = version, time.time()
         await self.repo.save(dep)
-        if deployment == DEFAULT_DEPLOYMENT:
-            self.dispatch.routing.route(agent.name, {version})
+        self.dispatch.routing.set_weights(agent.name, {version: 100}, deployment)
 
-    async def drain_others(self, agent_id: str, deployment: str, keep: list[str]) -> list[str]:
+    async def set_weights(self, agent_id: str, deployment: str, weights: dict[str, float]) -> None:
+        agent = await self.agent(agent_id)
+        self.dispatch.routing.set_weights(agent.name, weights, deployment)
+
+    async def drain_instances(self, instance_ids: list[str]) -> None:
+        for row in await self.repo.instances(statuses=[*LIVE, RETIRING]):
+            if row.id in instance_ids:
+                agent = await self.repo.agent(row.agent_id)
+                await self._drain(row, agent.grace_period if agent else 0.0)
+
+    def restarts(self, instance_ids: list[str]) -> int:
+        return sum(s.restarts for i in instance_ids if (s := self.runtime.get(i)))
+
+    async def windows(self, agent_id: str, a: str, b: str, since: float) -> tuple[Window, Window]:
+        name = (await self.agent(agent_id)).name
+        stats = self.dispatch.stats
+        return stats.window(name, a, since), stats.window(name, b, since)
+
+    async def smoke_test(
+        self, agent_id: str, deployment: str, version: str, instance_ids: list[str], test: SmokeTest
+    ) -> str | None:
+        """Synthetic sessions dispatched to `version` only, then the user's command; None if
+        they pass, else why not."""
+        agent = await self.agent(agent_id)
+        before = self.restarts(instance_ids)
+        tag = pysecrets.token_hex(3)
+        dispatches = [
+            self.dispatch.create_dispatch(
+                agent_name=agent.name,
+                room=f"vf-smoke-{version}-{tag}-{i}",
+                metadata=test.metadata,
+                deployment=deployment,
+                pin_version=version,
+            )
+            for i in range(test.sessions)
+        ]
+        jobs = [self.dispatch.book.jobs[d.job_ids[0]] for d in dispatches]
+        deadline = time.monotonic() + test.timeout
+        while not all(j.ended for j in jobs):
+            if time.monotonic() > deadline or self.restarts(instance_ids) > before:
+                break
+            await asyncio.sleep(0.1)
+        for d in dispatches:
+            if not d.deleted_at and any(not j.ended for j in jobs if j.dispatch_id == d.id):
+                self.dispatch.delete_dispatch(d.id, d.room)
+        if self.restarts(instance_ids) > before:
+            return f"a {version} instance crashed during the smoke test"
+        bad = [j for j in jobs if j.state != "succeeded"]
+        if bad:
+            j = bad[0]
+            return (
+                f"{len(bad)}/{len(jobs)} synthetic session(s) did not succeed within "
+                f"{test.timeout:g}s; {j.id}: {j.state} {j.error}".rstrip()
+            )
+        if test.command:
+            return await self._smoke_command(agent, deployment, version, instance_ids, test)
+        return None
+
+    async def _smoke_command(
+        self, agent: AgentRow, deployment: str, version: str, ids: list[str], test: SmokeTest
+    ) -> str | None:
+        log_path = self.paths.version_dir(agent.id, version) / "smoke.log"
+        env = {
+            **os.environ,
+            "VOICEFLEET_URL": self.worker_url().replace("ws", "http", 1),
+            "VOICEFLEET_AGENT": agent.name,
+            "VOICEFLEET_AGENT_ID": agent.id,
+            "VOICEFLEET_DEPLOYMENT": deployment,
+            "VOICEFLEET_VERSION": version,
+            "VOICEFLEET_INSTANCES": ",".join(ids),
+        }
+        with open(log_path, "wb") as out:
+            proc = await asyncio.create_subprocess_shell(
+                test.command,
+                cwd=self.paths.source(agent.id, version),
+                env=env,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                code = await asyncio.wait_for(proc.wait(), test.timeout)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                return f"smoke command did not finish within {test.timeout:g}s"
+        if code != 0:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            return f"smoke command exited {code}: " + " | ".join(tail)
+        return None
+
+    async def drain_others(
+        self, agent_id: str, deployment: str, keep: list[str], warm: bool = True
+    ) -> list[str]:
+        """Instances of `deployment` other than `keep` stop taking sessions. Other versions'
+        retire (kept warm for a rollback) or, with `warm=False`, drain now."""
         agent = await self.agent(agent_id)
         serving = (await self.deployment(agent, deployment)).version
         drained = []
         for row in await self.repo.instances(agent_id, LIVE):
             if row.deployment != deployment or row.id in keep:
                 continue
-            if row.version == serving:
+            if row.version == serving or not warm:
                 # A restart: routing by version cannot tell these from their replacements.
                 await self._drain(row, agent.grace_period)
             else:
@@ -570,7 +786,7 @@ class ControlPlane:
     # -- status -------------------------------------------------------------------------------
 
     async def status(self, agent: AgentRow) -> dict[str, Any]:
-        instances = []
+        instances: list[dict[str, Any]] = []
         for row in await self.repo.instances(agent.id):
             if row.status == "stopped" and time.time() - row.updated_at > 3600:
                 continue
@@ -591,15 +807,58 @@ class ControlPlane:
                 }
             )
         rollouts = await self.repo.rollouts(agent.id, limit=5)
+        deployments = []
+        for d in await self.repo.deployments(agent.id):
+            draining: dict[str, dict[str, int]] = {}
+            for i in instances:
+                if i["deployment"] == d.name and i["status"] in ("draining", RETIRING):
+                    entry = draining.setdefault(i["version"], {"instances": 0, "sessions": 0})
+                    entry["instances"] += 1
+                    entry["sessions"] += i["sessions"]
+            deployments.append(
+                {
+                    "name": d.name,
+                    "version": d.version,
+                    "replicas": d.replicas,
+                    "autoscale": d.autoscale,
+                    "decision": self.autoscaler.decision(agent.id, d.name),
+                    "routing": self.dispatch.routing.weights(agent.name, d.name) or {},
+                    # Old versions' instances finishing their sessions (blue, after a switch).
+                    "draining": draining,
+                }
+            )
+        overflow = [
+            {"routed": routed, "served": served, "sessions": n}
+            for (name, routed, served), n in self.dispatch.scheduler.overflow.items()
+            if name == agent.name
+        ]
+        out = [rollout_dict(r) for r in rollouts]
+        for r in out:
+            if r["strategy"] == "canary" and r["state"] in (PROGRESSING, PAUSED):
+                canary, stable = await self.windows(
+                    agent.id, r["to_version"], r["from_version"], r["step_started_at"]
+                )
+                r["analysis"] = {"canary": canary.to_dict(), "stable": stable.to_dict()}
         return {
             "agent": {"id": agent.id, "name": agent.name, "grace_period": agent.grace_period},
-            "deployments": [
-                {"name": d.name, "version": d.version, "replicas": d.replicas}
-                for d in await self.repo.deployments(agent.id)
-            ],
+            "deployments": deployments,
             "instances": instances,
-            "rollouts": [rollout_dict(r) for r in rollouts],
+            "rollouts": out,
+            "overflow": overflow,
         }
+
+
+def strategy_plan(plan: dict[str, Any] | None) -> dict[str, Any]:
+    """A rollout's plan, checked and with defaults filled in; rolling when none is given."""
+    plan = dict(plan or {})
+    strategy = plan.get("strategy", "rolling")
+    if strategy == "rolling":
+        return {"strategy": "rolling"}
+    if strategy == "canary":
+        return CanaryPlan.from_dict(plan).to_dict()
+    if strategy == "bluegreen":
+        return SmokeTest.from_plan(plan).to_dict()
+    raise InvalidRequest(f"unknown strategy '{strategy}' (rolling, canary or bluegreen)")
 
 
 def rollout_dict(r: RolloutRow) -> dict[str, Any]:
@@ -612,6 +871,9 @@ def rollout_dict(r: RolloutRow) -> dict[str, Any]:
         "state": r.state,
         "step": r.step,
         "reason": r.reason,
+        "plan": r.plan,
+        "weight": r.weight,
+        "step_started_at": r.step_started_at,
         "created_at": r.created_at,
         "updated_at": r.updated_at,
     }

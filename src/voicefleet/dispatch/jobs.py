@@ -69,6 +69,10 @@ class Job:
     assigned_at: float = 0.0
     started_at: float = 0.0
     ended_at: float = 0.0
+    # The version the routing table chose for this session (served by another if it was full);
+    # `pin_version` forces one (the smoke test's synthetic sessions).
+    routed_version: str = ""
+    pin_version: str = ""
     # Workers that refused or did not answer this job in the current dispatch pass.
     tried: set[str] = field(default_factory=set, repr=False)
 

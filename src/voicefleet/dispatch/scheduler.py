@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Collection, Coroutine, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from typing import Any
 
 from livekit.protocol import agent
@@ -44,7 +44,7 @@ def pick_worker(
 ) -> tuple[Worker | None, int]:
     """The next available worker at or after `cursor` (round robin), and the cursor after it.
 
-    `versions`, when given, limits the choice to workers of those versions (the routing table).
+    `versions`, when given, limits the choice to workers of those versions.
     """
     n = len(pool)
     for i in range(n):
@@ -83,8 +83,15 @@ class Scheduler:
         self._wake: dict[PoolKey, asyncio.Event] = {}
         self._pumps: dict[PoolKey, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Overflows by (agent name, routed version, serving version): counted, not hidden.
+        self.overflow: dict[tuple[str, str, str], int] = {}
+        self._queued_listeners: list[Callable[[str], None]] = []
         registry.on_capacity(self._on_capacity)
         routing.on_change(self._on_route)
+
+    def on_queued(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(agent_name)` when a job starts waiting for a worker (autoscaler)."""
+        self._queued_listeners.append(listener)
 
     @property
     def queued(self) -> int:
@@ -203,12 +210,21 @@ class Scheduler:
         task.add_done_callback(self._tasks.discard)
 
     def _pick(self, key: PoolKey, job: Job) -> Worker | None:
-        worker, self._cursor[key] = pick_worker(
-            self.registry.pools.get(key, ()),
-            self._cursor.get(key, 0),
-            job.tried,
-            self.routing.versions(key.agent_name),
-        )
+        """The next worker for `job`: of its routed version, else of another routed version."""
+        pool = self.registry.pools.get(key, ())
+        cursor = self._cursor.get(key, 0)
+        if job.pin_version:
+            worker, self._cursor[key] = pick_worker(pool, cursor, job.tried, (job.pin_version,))
+            return worker
+        route = self.routing.choose(key.agent_name, job.deployment, job.dispatch_id or job.room)
+        if route is None:
+            worker, self._cursor[key] = pick_worker(pool, cursor, job.tried)
+            return worker
+        job.routed_version = route.version
+        worker, cursor = pick_worker(pool, cursor, job.tried, (route.version,))
+        if worker is None and route.others:
+            worker, cursor = pick_worker(pool, cursor, job.tried, route.others)
+        self._cursor[key] = cursor
         return worker
 
     async def _dispatch(self, job: Job, worker: Worker | None = None) -> None:
@@ -292,6 +308,16 @@ class Scheduler:
             )
         )
         self.metrics.offers.labels("accepted").inc()
+        if job.routed_version and job.routed_version != worker.pool:
+            k = (job.agent_name, job.routed_version, worker.pool)
+            self.overflow[k] = self.overflow.get(k, 0) + 1
+            self.metrics.routing_overflow.labels(
+                job.agent_name, job.routed_version, worker.pool
+            ).inc()
+            log.info(
+                "routed version full, overflow",
+                extra={"job": job.id, "routed": job.routed_version, "served": worker.pool},
+            )
         self.metrics.dispatch_latency.observe(job.assigned_at - job.created_at)
         log.info(
             "job assigned",
@@ -305,6 +331,8 @@ class Scheduler:
         # FIFO by creation: a job that came back refused goes ahead of jobs created after it.
         i = next((i for i, other in enumerate(waiting) if other.created_at > job.created_at), None)
         waiting.insert(len(waiting) if i is None else i, job)
+        for listener in self._queued_listeners:
+            listener(key.agent_name)
         if key not in self._pumps:
             self._wake.setdefault(key, asyncio.Event())
             self._pumps[key] = asyncio.create_task(self._pump(key))

@@ -11,6 +11,7 @@ from voicefleet.dispatch.jobs import ENDED, Dispatch, Job, JobBook, JobState, ne
 from voicefleet.dispatch.registry import Registry
 from voicefleet.dispatch.routing import RoutingTable
 from voicefleet.dispatch.scheduler import Scheduler
+from voicefleet.dispatch.stats import VersionStats
 from voicefleet.errors import InvalidRequest, NotFound
 from voicefleet.metrics import Metrics
 from voicefleet.protocol import tokens
@@ -30,6 +31,8 @@ class DispatchService:
             self.registry, self.book, project, settings, metrics, self.routing
         )
         self.book.job_listeners.append(self._count_job)
+        self.stats = VersionStats()
+        self.book.job_listeners.append(self.stats.job_changed)
         # Set when this server stops: workers then lose their connection because of us, not
         # because they died, so their jobs stay running in the store for the next start.
         self.closing = False
@@ -51,7 +54,7 @@ class DispatchService:
             "voicefleet_queued_jobs",
             "Jobs waiting for an available worker.",
             "agent_name",
-            self._queued_by_agent,
+            self.queued_by_agent,
         )
 
     def secret_for(self, api_key: str) -> str | None:
@@ -70,7 +73,7 @@ class DispatchService:
                 extra={"job": job.id, "state": str(job.state), "error": job.error},
             )
 
-    def _queued_by_agent(self) -> dict[str, int]:
+    def queued_by_agent(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for key, waiting in self.scheduler._waiting.items():
             out[key.agent_name] = out.get(key.agent_name, 0) + len(waiting)
@@ -87,6 +90,7 @@ class DispatchService:
         attributes: Mapping[str, str] | None = None,
         deployment: str = "",
         room_sid: str = "",
+        pin_version: str = "",
     ) -> Dispatch:
         if not room:
             raise InvalidRequest("room is required")
@@ -107,6 +111,7 @@ class DispatchService:
             metadata=metadata,
             attributes=dict(dispatch.attributes),
             deployment=deployment,
+            pin_version=pin_version,
         )
         self.scheduler.submit(job)  # raises NoCapacity before anything is recorded
         # The job is in the book; record the dispatch that owns it.

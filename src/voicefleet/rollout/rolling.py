@@ -32,11 +32,18 @@ class Fleet(Protocol):
     """What a rollout needs of the control plane."""
 
     async def ensure_instances(
-        self, agent_id: str, deployment: str, version: str, fresh_since: float | None
+        self,
+        agent_id: str,
+        deployment: str,
+        version: str,
+        fresh_since: float | None,
+        count: int | None = None,
     ) -> list[str]: ...
     async def wait_serving(self, instance_ids: list[str]) -> None: ...
     async def route(self, agent_id: str, deployment: str, version: str) -> None: ...
-    async def drain_others(self, agent_id: str, deployment: str, keep: list[str]) -> list[str]: ...
+    async def drain_others(
+        self, agent_id: str, deployment: str, keep: list[str], warm: bool = True
+    ) -> list[str]: ...
     async def stop_instances(self, instance_ids: list[str]) -> None: ...
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import JSON, Float, Index, Integer, LargeBinary, String, Table, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -75,6 +77,8 @@ class DeploymentRow(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     version: Mapped[str] = mapped_column(String(16), default="")
     replicas: Mapped[int] = mapped_column(Integer, default=1)
+    # The autoscaling policy (voicefleet.autoscale.policy.Policy as a dict); None: fixed replicas.
+    autoscale: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, default=None)
     updated_at: Mapped[float] = mapped_column(Float)
 
 
@@ -136,6 +140,11 @@ class RolloutRow(Base):
     state: Mapped[str] = mapped_column(String(16))
     step: Mapped[str] = mapped_column(String(32), default="")
     reason: Mapped[str] = mapped_column(Text, default="")
+    # The strategy's settings (canary steps, interval, thresholds; blue-green smoke test).
+    plan: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Canary: the share of new sessions the new version takes now, and since when.
+    weight: Mapped[float] = mapped_column(Float, default=0.0)
+    step_started_at: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
 

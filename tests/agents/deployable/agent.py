@@ -2,7 +2,9 @@
 
 Its settings come the way a user's secrets do, as environment variables: MARKER_DIR (where
 `<job id>.started` / `.done` go) and VF_TEST_SECRET (copied into the marker to prove secrets
-arrive). The job's metadata may be {"hold": seconds}. CRASH_AT_IMPORT=1 makes it fail to start.
+arrive). The job's metadata may be {"hold": seconds}. Files next to it change it per version:
+CRASH makes it fail to start, FAIL makes every session's process die (after `.started`),
+THREADS runs jobs in threads instead of processes (cheap jobs, for tests that dispatch hundreds).
 """
 
 from __future__ import annotations
@@ -12,17 +14,23 @@ import json
 import os
 from pathlib import Path
 
-from livekit.agents import JobContext, WorkerOptions, cli
+from livekit.agents import JobContext, JobExecutorType, WorkerOptions, cli
 
 if Path(__file__).with_name("CRASH").exists():
     raise SystemExit("this version is broken on purpose")
 
-VERSION_FILE = Path(__file__).with_name("VERSION")
+HERE = Path(__file__).parent
+VERSION_FILE = HERE / "VERSION"
+
+
+# Load by sessions, not CPU: shared test machines would make a CPU-based "full" random.
+# LOAD_SESSIONS is how many sessions make load 1.0; the worker is FULL at LOAD_THRESHOLD.
+SESSIONS_AT_FULL_LOAD = float(os.environ.get("LOAD_SESSIONS", "50"))
+LOAD_THRESHOLD = float(os.environ.get("LOAD_THRESHOLD", "0.99"))
 
 
 def load(worker: object) -> float:
-    # Jobs, not CPU: shared test machines would make a CPU-based "full" random.
-    return min(len(worker.active_jobs) / 50, 1.0)  # type: ignore[attr-defined]
+    return min(len(worker.active_jobs) / SESSIONS_AT_FULL_LOAD, 1.0)  # type: ignore[attr-defined]
 
 
 async def entrypoint(ctx: JobContext) -> None:
@@ -39,10 +47,23 @@ async def entrypoint(ctx: JobContext) -> None:
             }
         )
     )
+    if HERE.joinpath("FAIL").exists():
+        # livekit-agents 1.8.9 reports a job failed only when its process exits non-zero (an
+        # exception in the entrypoint still ends "succeeded"): die as a broken session does.
+        print("this version fails its sessions on purpose", flush=True)
+        os._exit(1)
     await asyncio.sleep(hold)
     (markers / f"{ctx.job.id}.done").write_text("done")
     ctx.shutdown("done")
 
 
 if __name__ == "__main__":
-    cli.run_app(WorkerOptions(entrypoint_fnc=entrypoint, load_fnc=load, load_threshold=0.99))
+    executor = JobExecutorType.THREAD if HERE.joinpath("THREADS").exists() else None
+    cli.run_app(
+        WorkerOptions(
+            entrypoint_fnc=entrypoint,
+            load_fnc=load,
+            load_threshold=LOAD_THRESHOLD,
+            **({"job_executor_type": executor} if executor else {}),
+        )
+    )

@@ -1,0 +1,1 @@
+"""Autoscaling made for long sessions: see `policy` for the decisions, `loop` for applying them."""

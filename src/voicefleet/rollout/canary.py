@@ -1,0 +1,265 @@
+"""Canary: a new version takes a growing share of new sessions while it is compared with the
+stable one, and is taken out automatically when it does worse.
+
+Steps (each recorded before it is acted on, so a restarted server resumes where it was):
+  start      start the canary's instances (enough for its largest share, at least one)
+  wait       until they are healthy and their workers registered
+  step:N     route steps[N] % of new sessions to the canary, the rest to stable; every second,
+             compare the canary with stable over the same window (since the step began):
+             failure rate of ended sessions, assignment -> running time, instance restarts.
+             After `interval` of unpaused time, the next step. A last step below 100 holds until
+             `vf agent canary promote`.
+  promote    the canary becomes the deployment's version: full size, all new sessions, the old
+             instances retire (their sessions finish)
+An abort (automatic or `vf agent canary abort`) sends all new sessions back to stable and drains
+the canary's instances; its sessions in flight finish. Nobody is hung up on either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from voicefleet.dispatch.stats import Window
+from voicefleet.errors import InvalidRequest
+from voicefleet.rollout.rolling import ABORTED, PROGRESSING, Fleet, RolloutFailed, _step
+from voicefleet.store.models import RolloutRow
+from voicefleet.store.repo import Repo
+
+log = logging.getLogger("voicefleet.rollout")
+
+PAUSED, PROMOTED = "paused", "promoted"
+COMMANDS = ("pause", "resume", "promote", "abort")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a canary is worse enough than stable to be taken out. Defaults suit voice sessions:
+    any crash is a bug; a few more failed calls than stable is not noise."""
+
+    # Canary failure rate minus stable's, over sessions that ended in the window.
+    max_failure_rate_increase: float = 0.05
+    # Sessions the canary must have ended (or started) before rates are judged.
+    min_sessions: int = 5
+    # Canary's median assignment -> running time above stable's x ratio + slack seconds.
+    max_start_delay_ratio: float = 2.0
+    start_delay_slack: float = 1.0
+    # Restarts (crashes) of canary instances since the canary began.
+    max_restarts: int = 0
+
+
+@dataclass(frozen=True)
+class CanaryPlan:
+    steps: tuple[float, ...] = (10.0, 25.0, 50.0, 100.0)
+    interval: float = 300.0
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise InvalidRequest("a canary needs at least one step")
+        if any(not 0 < s <= 100 for s in self.steps):
+            raise InvalidRequest("canary steps are percentages in (0, 100]")
+        if list(self.steps) != sorted(self.steps):
+            raise InvalidRequest("canary steps must grow")
+        if self.interval < 0:
+            raise InvalidRequest("the canary interval must be >= 0 seconds")
+
+    @property
+    def largest_share(self) -> float:
+        below = [s for s in self.steps if s < 100]
+        return max(below) if below else 100.0
+
+    def instances(self, replicas: int) -> int:
+        return max(1, math.ceil(replicas * self.largest_share / 100))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"strategy": "canary", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CanaryPlan:
+        try:
+            return cls(
+                steps=tuple(float(s) for s in data.get("steps", cls.steps)),
+                interval=float(data.get("interval", cls.interval)),
+                thresholds=Thresholds(**data.get("thresholds", {})),
+            )
+        except (TypeError, ValueError) as e:
+            raise InvalidRequest(f"bad canary plan: {e}") from None
+
+
+def judge(canary: Window, stable: Window, restarts: int, t: Thresholds) -> str | None:
+    """Why the canary must be aborted, or None. Pure: the same windows give the same verdict."""
+    if restarts > t.max_restarts:
+        return f"canary instances restarted {restarts} time(s) (crash); allowed {t.max_restarts}"
+    if canary.ended >= t.min_sessions:
+        excess = canary.failure_rate - stable.failure_rate
+        if excess > t.max_failure_rate_increase:
+            return (
+                f"canary failed {canary.failed}/{canary.ended} sessions "
+                f"({canary.failure_rate:.0%}) vs stable {stable.failed}/{stable.ended} "
+                f"({stable.failure_rate:.0%}); allowed +{t.max_failure_rate_increase:.0%}"
+            )
+    if canary.started >= t.min_sessions and stable.started:
+        limit = stable.start_delay_p50 * t.max_start_delay_ratio + t.start_delay_slack
+        if canary.start_delay_p50 > limit:
+            return (
+                f"canary sessions took {canary.start_delay_p50:.2f}s (median) from assignment "
+                f"to running vs stable {stable.start_delay_p50:.2f}s; allowed {limit:.2f}s"
+            )
+    return None
+
+
+class CanaryFleet(Fleet, Protocol):
+    async def set_weights(
+        self, agent_id: str, deployment: str, weights: dict[str, float]
+    ) -> None: ...
+    async def drain_instances(self, instance_ids: list[str]) -> None: ...
+    def restarts(self, instance_ids: list[str]) -> int: ...
+    async def windows(
+        self, agent_id: str, a: str, b: str, since: float
+    ) -> tuple[Window, Window]: ...
+    def command(self, rollout_id: str) -> str | None: ...
+
+
+async def run_canary(rollout: RolloutRow, fleet: CanaryFleet, repo: Repo) -> None:
+    plan = CanaryPlan.from_dict(rollout.plan)
+    agent, dep = rollout.agent_id, rollout.deployment
+    new, stable = rollout.to_version, rollout.from_version
+    if rollout.step in ("", "start", "wait"):
+        await _step(repo, rollout, "start")
+        replicas = int(rollout.plan.get("replicas", 1))
+        ids = await fleet.ensure_instances(agent, dep, new, None, plan.instances(replicas))
+        await _step(repo, rollout, "wait")
+        try:
+            await fleet.wait_serving(ids)
+        except RolloutFailed as e:
+            await fleet.stop_instances(ids)
+            await _finish(repo, rollout, ABORTED, f"{new} did not come up: {e}", "canary_aborted")
+            return
+        await _enter(fleet, repo, rollout, plan, 0)
+    ids = await fleet.ensure_instances(agent, dep, new, None, _count(rollout, plan))
+    baseline = fleet.restarts(ids)
+    while rollout.step.startswith("step:"):
+        index = int(rollout.step.split(":")[1])
+        share = plan.steps[index]
+        if share >= 100:
+            await _step(repo, rollout, "promote")
+            break
+        if rollout.weight != share:  # resumed after a restart between the two saves
+            await _enter(fleet, repo, rollout, plan, index)
+        await fleet.set_weights(agent, dep, {stable: 100 - share, new: share})
+        outcome = await _watch(rollout, fleet, repo, plan, ids, baseline, index)
+        if outcome == "abort":
+            return
+        if outcome == "promote":
+            await _step(repo, rollout, "promote")
+            break
+        await _enter(fleet, repo, rollout, plan, index + 1)
+    if rollout.step == "promote":
+        replicas = int(rollout.plan.get("replicas", 1))
+        full = await fleet.ensure_instances(agent, dep, new, None, replicas)
+        try:
+            await fleet.wait_serving(full)
+        except RolloutFailed as e:
+            await _abort(rollout, fleet, repo, ids, f"promotion failed: {e}")
+            return
+        await fleet.route(agent, dep, new)
+        rollout.weight = 100
+        drained = await fleet.drain_others(agent, dep, full)
+        await _finish(
+            repo, rollout, PROMOTED,
+            f"{dep} serves {new}; {len(drained)} {stable or 'old'} instance(s) retire",
+            "canary_promoted",
+        )  # fmt: skip
+
+
+async def _enter(
+    fleet: CanaryFleet, repo: Repo, rollout: RolloutRow, plan: CanaryPlan, index: int
+) -> None:
+    """Record step `index` (its share and start time, in one write), then route by it."""
+    share = plan.steps[index]
+    if share < 100:
+        rollout.weight, rollout.step_started_at = share, time.time()
+    await _step(repo, rollout, f"step:{index}")
+    if share < 100:
+        weights = {rollout.from_version: 100 - share, rollout.to_version: share}
+        await fleet.set_weights(rollout.agent_id, rollout.deployment, weights)
+        await repo.event(
+            rollout.agent_id,
+            "canary_step",
+            f"{rollout.deployment}: {share:g}% of new sessions to {rollout.to_version}",
+        )
+
+
+def _count(rollout: RolloutRow, plan: CanaryPlan) -> int:
+    return plan.instances(int(rollout.plan.get("replicas", 1)))
+
+
+async def _watch(
+    rollout: RolloutRow,
+    fleet: CanaryFleet,
+    repo: Repo,
+    plan: CanaryPlan,
+    ids: list[str],
+    baseline: int,
+    index: int,
+) -> str:
+    """Hold one step: 'next' after the interval, 'promote' or 'abort' when told or judged."""
+    elapsed = time.time() - rollout.step_started_at  # a resumed step keeps its time
+    last = time.monotonic()
+    holding = index == len(plan.steps) - 1  # the last step below 100 waits for promote
+    while True:
+        command = fleet.command(rollout.id)
+        if command == "abort":
+            await _abort(rollout, fleet, repo, ids, "aborted by request")
+            return "abort"
+        if command == "promote":
+            return "promote"
+        if command == "pause" and rollout.state != PAUSED:
+            rollout.state = PAUSED
+            await repo.save(rollout)
+            await repo.event(rollout.agent_id, "canary_paused", f"at {rollout.weight:g}%")
+        elif command == "resume" and rollout.state == PAUSED:
+            rollout.state = PROGRESSING
+            await repo.save(rollout)
+            await repo.event(rollout.agent_id, "canary_resumed", f"at {rollout.weight:g}%")
+        canary, stable = await fleet.windows(
+            rollout.agent_id, rollout.to_version, rollout.from_version, rollout.step_started_at
+        )
+        why = judge(canary, stable, fleet.restarts(ids) - baseline, plan.thresholds)
+        if why is not None:
+            await _abort(rollout, fleet, repo, ids, why)
+            return "abort"
+        now = time.monotonic()
+        if rollout.state != PAUSED:
+            elapsed += now - last
+        last = now
+        if not holding and rollout.state != PAUSED and elapsed >= plan.interval:
+            return "next"
+        await asyncio.sleep(0.5)
+
+
+async def _abort(
+    rollout: RolloutRow, fleet: CanaryFleet, repo: Repo, ids: list[str], why: str
+) -> None:
+    stable = rollout.from_version
+    await fleet.set_weights(rollout.agent_id, rollout.deployment, {stable: 100})
+    rollout.weight = 0
+    await fleet.drain_instances(ids)
+    await _finish(
+        repo, rollout, ABORTED,
+        f"canary {rollout.to_version} aborted: {why}; new sessions go to {stable}, "
+        f"its {len(ids)} instance(s) drain",
+        "canary_aborted",
+    )  # fmt: skip
+    log.warning("canary aborted", extra={"rollout": rollout.id, "reason": why})
+
+
+async def _finish(repo: Repo, rollout: RolloutRow, state: str, message: str, kind: str) -> None:
+    rollout.reason = message
+    await _step(repo, rollout, "done", state)
+    await repo.event(rollout.agent_id, kind, message)

@@ -1,0 +1,310 @@
+"""Traffic control: the weighted routing table, canary with automatic abort, blue-green.
+
+The pure parts (session hashing, the canary's verdict) are checked directly; the rest runs as a
+user would: `vf agent deploy --canary/--steps/--strategy bluegreen` against a real `vf server`,
+real livekit-agents 1.8.9 workers (tests/agents/deployable) and the real livekit-api client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from livekit import api
+
+from tests.support import DEV_KEY, DEV_SECRET, Server, started, wait_for
+from tests.test_deploy import AGENT_SRC, api_get, dispatch, job_state, vf
+from voicefleet.dispatch.routing import BUCKETS, RoutingTable, bucket
+from voicefleet.dispatch.stats import Window
+from voicefleet.rollout.canary import Thresholds, judge
+
+# -- the routing table --------------------------------------------------------------------------
+
+
+def test_a_session_always_lands_on_the_same_version() -> None:
+    table = RoutingTable()
+    table.set_weights("a", {"v1": 90, "v2": 10})
+    keys = [f"AD_{secrets.token_hex(6)}" for _ in range(200)]
+    first = [table.choose("a", "", k) for k in keys]
+    table.set_weights("a", {"v1": 90, "v2": 10})  # set again (e.g. after a restart)
+    assert [table.choose("a", "", k) for k in keys] == first
+    assert RoutingTable().choose("a", "", keys[0]) is None  # no entry: any worker
+    assert bucket(keys[0]) == bucket(keys[0]) < BUCKETS
+
+
+def test_the_split_over_many_sessions_matches_the_weights() -> None:
+    # 10,000 random dispatch ids at 10 %: binomial, sd = sqrt(n p (1-p)) = 30; 4 sd = 120.
+    table = RoutingTable()
+    table.set_weights("a", {"stable": 90, "canary": 10})
+    routes = Counter(
+        table.choose("a", "", f"AD_{secrets.token_hex(6)}").version  # type: ignore[union-attr]
+        for _ in range(10_000)
+    )
+    assert abs(routes["canary"] - 1000) <= 120, routes
+    route = table.choose("a", "", "AD_x")
+    assert route is not None and route.others == (
+        {"stable": "canary", "canary": "stable"}[route.version],
+    )
+
+
+def test_weight_zero_takes_nothing_not_even_overflow_and_empty_routes_nowhere() -> None:
+    table = RoutingTable()
+    table.set_weights("a", {"blue": 100, "green": 0})
+    chosen = {table.choose("a", "", f"k{i}") for i in range(500)}
+    assert chosen == {table.choose("a", "", "k0")}
+    route = table.choose("a", "", "k0")
+    assert route is not None and route.version == "blue" and route.others == ()
+    table.set_weights("a", {})
+    assert table.choose("a", "", "k0") == table.choose("a", "", "k1")
+    assert table.choose("a", "", "k0").version == ""  # type: ignore[union-attr]
+    with pytest.raises(ValueError):
+        table.set_weights("a", {"v1": -1})
+
+
+def test_deployments_route_separately() -> None:
+    table = RoutingTable()
+    table.set_weights("a", {"v1": 100})
+    table.set_weights("a", {"v2": 100}, "staging")
+    assert table.choose("a", "", "k").version == "v1"  # type: ignore[union-attr]
+    assert table.choose("a", "production", "k").version == "v1"  # type: ignore[union-attr]
+    assert table.choose("a", "staging", "k").version == "v2"  # type: ignore[union-attr]
+
+
+# -- the canary's verdict -----------------------------------------------------------------------
+
+
+def window(ended: int = 0, failed: int = 0, delays: tuple[float, ...] = ()) -> Window:
+    return Window(ended=ended, failed=failed, started=len(delays), start_delays=delays)
+
+
+def test_canary_verdicts() -> None:
+    t = Thresholds()
+    healthy = window(100, 1, (0.1,) * 100)
+    assert judge(window(20, 1, (0.1,) * 20), healthy, 0, t) is None
+    # Too few sessions to judge a rate, however bad.
+    assert judge(window(4, 4), healthy, 0, t) is None
+    why = judge(window(5, 5), healthy, 0, t)
+    assert why is not None and "5/5" in why and "+5%" in why
+    # Worse than stable by more than the allowance; stable failing just as much is not the canary.
+    assert judge(window(20, 3), healthy, 0, t) is not None
+    assert judge(window(20, 3), window(100, 15), 0, t) is None
+    # Slow to start: median above stable's x2 + 1 s.
+    slow = judge(window(delays=(2.0,) * 5), window(delays=(0.4,) * 5), 0, t)
+    assert slow is not None and "2.00s" in slow
+    assert judge(window(delays=(1.5,) * 5), window(delays=(0.4,) * 5), 0, t) is None
+    crashed = judge(window(), healthy, 1, t)
+    assert crashed is not None and "crash" in crashed
+    assert judge(window(), healthy, 1, Thresholds(max_restarts=1)) is None
+
+
+# -- with real workers --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def agent_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "my-agent"
+    import shutil
+
+    shutil.copytree(AGENT_SRC, folder)
+    (folder / "VERSION").write_text("one")
+    (folder / "THREADS").write_text("jobs in threads: hundreds of sessions stay cheap")
+    return folder
+
+
+def events(server: Server, kind: str) -> list[dict[str, object]]:
+    return [e for e in api_get(server, "/agents/my-agent/events") if e["kind"] == kind]
+
+
+async def test_canary_takes_its_share_and_a_failing_canary_is_aborted_without_dropping_calls(
+    start_server: Callable[..., Server], agent_dir: Path, tmp_path: Path
+) -> None:
+    server = start_server()
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    vf(server, agent_dir, "create")
+    vf(server, agent_dir, "secrets", "set", f"MARKER_DIR={markers}")
+    vf(server, agent_dir, "deploy")
+    (agent_dir / "VERSION").write_text("two")
+    out = vf(server, agent_dir, "deploy", "--canary", "10")
+    assert "canary v2 takes 10% of new sessions" in out.stdout, out.stdout
+
+    lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
+    try:
+        # 1,000 sessions in waves of 50, as callers dial in; each wave ends before the next.
+        jobs: dict[str, str] = {}  # job id -> dispatch id
+        done: list[dict[str, object]] = []
+        for start in range(0, 1000, 50):
+            made = await asyncio.gather(
+                *(
+                    lk.agent_dispatch.create_dispatch(
+                        api.CreateAgentDispatchRequest(agent_name="my-agent", room=f"r{i}")
+                    )
+                    for i in range(start, start + 50)
+                )
+            )
+            wave = {d.state.jobs[0].id: d.id for d in made}
+            jobs.update(wave)
+
+            def ended(wave: dict[str, str] = wave) -> list[dict[str, object]] | None:
+                found = [j for j in server.jobs(limit=100) if j["id"] in wave]
+                over = [j for j in found if j["state"] in ("succeeded", "failed", "terminated")]
+                return over if len(over) == len(wave) else None
+
+            done += await wait_for(
+                ended, 120, f"sessions {start}..{start + 49} to end", interval=0.2
+            )
+        errors = Counter((j["version"], j["error"]) for j in done if j["state"] != "succeeded")
+        assert Counter(j["state"] for j in done) == {"succeeded": 1000}, errors
+        served = Counter(j["version"] for j in done)
+        # The split is a hash of the dispatch id: recompute where each was routed.
+        table = RoutingTable()
+        table.set_weights("my-agent", {"v1": 90, "v2": 10})
+        routed = {
+            j: table.choose("my-agent", "", d).version  # type: ignore[union-attr]
+            for j, d in jobs.items()
+        }
+        # Binomial(1000, 0.1): sd 9.5; 4 sd either side is 62..138 (a 1-in-15,000 miss).
+        assert 62 <= Counter(routed.values())["v2"] <= 138, served
+        # Every session served elsewhere than routed is an overflow the server counted.
+        moved = Counter(
+            (routed[str(j["id"])], j["version"])
+            for j in done
+            if routed[str(j["id"])] != j["version"]
+        )
+        status = api_get(server, "/agents/my-agent")
+        counted = {(o["routed"], o["served"]): o["sessions"] for o in status["overflow"]}
+        assert dict(moved) == counted, (moved, counted)
+        assert 62 <= served["v2"] <= 138 + sum(moved.values()), served
+        canary = next(r for r in status["rollouts"] if r["strategy"] == "canary")
+        assert canary["state"] == "progressing" and canary["weight"] == 10
+        assert canary["analysis"]["canary"]["ended"] == served["v2"]
+
+        # Abort by hand: v1 takes everything again.
+        aborted = vf(server, agent_dir, "canary", "abort", ok=False)
+        assert aborted.returncode == 1 and "aborted by request" in aborted.stderr
+
+        # Calls in flight on v1, then a canary (v3) that fails every session it gets.
+        calls = [await dispatch(lk, f"long-{i}", hold=8) for i in range(6)]
+        for job_id in calls:
+            await wait_for(lambda j=job_id: started(markers, j), 60, f"call {job_id} to start")
+        (agent_dir / "VERSION").write_text("three")
+        (agent_dir / "FAIL").write_text("every session fails")
+        (agent_dir / "THREADS").unlink()  # a session's process dies: not the whole worker
+        out = vf(
+            server, agent_dir, "deploy", "--steps", "50,100", "--interval", "1h",
+            "--min-sessions", "3",
+        )  # fmt: skip
+        assert "canary v3 takes 50% of new sessions" in out.stdout
+        probes = [await dispatch(lk, f"probe-{i}") for i in range(12)]
+        rollout = await wait_for(
+            lambda: (
+                (r := api_get(server, "/agents/my-agent")["rollouts"][0])["state"] == "aborted"
+                and r
+            ),
+            60,
+            "the failing canary to be aborted",
+            interval=0.5,
+        )
+        assert "canary failed" in rollout["reason"] and "new sessions go to v1" in rollout["reason"]
+        assert events(server, "canary_aborted")[0]["message"] == rollout["reason"]
+        status = api_get(server, "/agents/my-agent")
+        assert status["deployments"][0]["version"] == "v1"
+        assert status["deployments"][0]["routing"] == {"v1": 100}
+        # The canary's instances drain and exit; the calls in flight on v1 all finish.
+        for job_id in calls:
+            job = await wait_for(job_state(server, job_id, "succeeded", "failed"), 60, job_id)
+            assert job["state"] == "succeeded" and job["version"] == "v1", job
+        await wait_for(
+            lambda: all(
+                i["status"] == "stopped"
+                for i in api_get(server, "/agents/my-agent")["instances"]
+                if i["version"] == "v3"
+            ),
+            60,
+            "the canary's instances to stop",
+        )
+        after = await dispatch(lk, "after-abort")
+        job = await wait_for(job_state(server, after, "succeeded"), 60, "a session on v1")
+        assert job["version"] == "v1"
+        probe_states = {str(server.job(p)["state"]) for p in probes}  # type: ignore[index]
+        assert probe_states <= {"succeeded", "failed"}  # each ran on v1 or failed on v3
+    finally:
+        await lk.aclose()
+
+
+async def test_blue_green_smoke_tests_green_switches_and_blue_drains_its_calls(
+    start_server: Callable[..., Server], agent_dir: Path, tmp_path: Path
+) -> None:
+    server = start_server()
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    vf(server, agent_dir, "create")
+    vf(server, agent_dir, "secrets", "set", f"MARKER_DIR={markers}")
+    vf(server, agent_dir, "deploy")
+    lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
+    try:
+        calls = [await dispatch(lk, f"blue-{i}", hold=10) for i in range(4)]
+        for job_id in calls:
+            await wait_for(lambda j=job_id: started(markers, j), 60, f"call {job_id} to start")
+
+        (agent_dir / "VERSION").write_text("two")
+        out = vf(server, agent_dir, "deploy", "--strategy", "bluegreen")
+        assert "serves v2" in out.stdout, out.stdout
+        smoke = [j for j in server.jobs() if str(j["room"]).startswith("vf-smoke-v2-")]
+        assert len(smoke) == 3 and {j["version"] for j in smoke} == {"v2"}
+        assert {j["state"] for j in smoke} == {"succeeded"}
+
+        # Blue drains: status shows its live sessions, counting down to zero.
+        shown = vf(server, agent_dir, "status").stdout
+        assert "draining v1: 4 active session(s)" in shown, shown
+        new = await dispatch(lk, "green-call")
+        assert (await wait_for(job_state(server, new, "succeeded"), 60, "green"))["version"] == "v2"
+        for job_id in calls:
+            job = await wait_for(job_state(server, job_id, "succeeded", "failed"), 60, job_id)
+            assert job["state"] == "succeeded" and job["version"] == "v1", job
+        await wait_for(
+            lambda: all(
+                i["status"] == "stopped"
+                for i in api_get(server, "/agents/my-agent")["instances"]
+                if i["version"] == "v1"
+            ),
+            60,
+            "blue to stop once its sessions ended",
+        )
+
+        # A green whose sessions fail never takes traffic; blue (now v2) keeps serving.
+        (agent_dir / "VERSION").write_text("three")
+        (agent_dir / "FAIL").write_text("every session fails")
+        (agent_dir / "THREADS").unlink()  # a session's process dies: not the whole worker
+        failed = vf(server, agent_dir, "deploy", "--strategy", "bluegreen", ok=False)
+        assert failed.returncode == 1
+        assert "smoke test of v3 failed" in failed.stderr and "v2 keeps serving" in failed.stderr
+        # So does a user's smoke command that fails, on a built version (no rebuild).
+        failed = vf(
+            server, agent_dir, "deploy", "--version", "v1", "--strategy", "bluegreen",
+            "--smoke-command", "echo 'greeting check failed' && exit 3", ok=False,
+        )  # fmt: skip
+        assert "smoke command exited 3: greeting check failed" in failed.stderr, failed.stderr
+        status = api_get(server, "/agents/my-agent")
+        assert status["deployments"][0]["version"] == "v2"
+        assert status["deployments"][0]["routing"] == {"v2": 100}
+        await wait_for(
+            lambda: all(
+                i["status"] == "stopped"
+                for i in api_get(server, "/agents/my-agent")["instances"]
+                if i["version"] in ("v1", "v3")
+            ),
+            30,
+            "the failed greens to stop",
+        )
+        after = await dispatch(lk, "still-v2")
+        job = await wait_for(job_state(server, after, "succeeded"), 60, "a session on v2")
+        assert job["version"] == "v2"
+        assert json.loads(json.dumps(events(server, "rollout_aborted")))
+    finally:
+        await lk.aclose()
