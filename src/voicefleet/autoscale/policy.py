@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 
@@ -84,11 +85,12 @@ class Sample:
     instances: tuple[InstanceSignal, ...] = ()
     queued: int = 0
 
-    @property
+    # Cached: `decide` asks every sample of the down window again each second.
+    @cached_property
     def sessions(self) -> int:
         return sum(i.sessions for i in self.instances)
 
-    @property
+    @cached_property
     def load(self) -> float:
         return sum(i.load for i in self.instances if i.registered)
 
@@ -120,9 +122,10 @@ def wanted(policy: Policy, sample: Sample) -> tuple[int, str]:
         # will bring. Guess what an instance holds from what the busiest ones hold at their
         # threshold; one instance per queued session at worst.
         per_instance = policy.sessions_per_instance or _observed_capacity(policy, sample)
-        starting = sum(1 for i in sample.instances if not i.registered)
-        uncovered = sample.queued - starting * per_instance
-        by_queue = current + math.ceil(uncovered / per_instance) if uncovered > 0 else current
+        # Counting from the registered instances (not `current`) leaves the starting ones out
+        # of the wish when they cover the queue, so warm spares are not added again each tick.
+        registered = sum(1 for i in sample.instances if i.registered)
+        by_queue = registered + math.ceil(sample.queued / per_instance)
         if by_queue > n:
             n = by_queue
             reason = f"{sample.queued} session(s) queued with {current} instance(s)"
@@ -143,14 +146,15 @@ def decide(policy: Policy, samples: Sequence[Sample], current: int) -> Decision:
         return Decision(max(current, policy.min_instances), "no signals yet")
     now = samples[-1].at
     n, reason = wanted(policy, samples[-1])
+    asked = n  # what the latest sample alone wants (Decision.wanted), whatever windows make of it
     if samples[-1].queued and current == 0:
-        return _bounded(policy, max(1, n) + policy.warm, "cold start: a session waits", n)
+        return _bounded(policy, max(1, asked) + policy.warm, "cold start: a session waits", asked)
     if policy.idle_to_zero is not None:
         idle_since = _idle_since(samples)
         if idle_since is not None and now - idle_since >= policy.idle_to_zero:
             return Decision(
                 0, f"no session for {now - idle_since:.0f}s (scale to zero after "
-                f"{policy.idle_to_zero:g}s)", n
+                f"{policy.idle_to_zero:g}s)", asked
             )  # fmt: skip
     if n + policy.warm > current:
         # Up: the smallest wish over the short window, so a blip does not start instances;
@@ -161,20 +165,24 @@ def decide(policy: Policy, samples: Sequence[Sample], current: int) -> Decision:
             n = min(recent) if covered else current - policy.warm
             if n + policy.warm <= current:
                 return _bounded(
-                    policy, current, f"holding: up wanted for < {policy.up_window:g}s", n
+                    policy, current, f"holding: up wanted for < {policy.up_window:g}s", asked
                 )
-        return _bounded(policy, n + policy.warm, reason, n)
+        return _bounded(policy, n + policy.warm, reason, asked)
+    if n + policy.warm < current and samples[-1].queued:
+        return _bounded(policy, current, f"holding: {reason}, instances still starting", asked)
     if n + policy.warm < current:
         # Down: the largest wish over the long window.
         recent = [wanted(policy, s)[0] for s in samples if s.at >= now - policy.down_window]
         covered = samples[0].at <= now - policy.down_window
         top = max(recent) if covered else current - policy.warm
+        if policy.idle_to_zero is not None:
+            top = max(top, 1)  # to zero only through idle_to_zero, after that much idle time
         if top + policy.warm >= current:
             return _bounded(
-                policy, current, f"holding: down wanted for < {policy.down_window:g}s", n
+                policy, current, f"holding: down wanted for < {policy.down_window:g}s", asked
             )
-        return _bounded(policy, top + policy.warm, f"load fell: {reason}", n)
-    return _bounded(policy, current, f"steady: {reason}", n)
+        return _bounded(policy, top + policy.warm, f"load fell: {reason}", asked)
+    return _bounded(policy, current, f"steady: {reason}", asked)
 
 
 def _idle_since(samples: Sequence[Sample]) -> float | None:
