@@ -38,6 +38,7 @@ KEY, SECRET = "devkey", "secret"
 
 class Bench:
     def __init__(self, data: Path) -> None:
+        data.mkdir(parents=True, exist_ok=True)
         ready = data / "ready.json"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "voicefleet", "server", "--dev", "--port", "0",
@@ -65,7 +66,12 @@ class Bench:
 
     def dispatch(self, agent: str, room: str, metadata: str = "") -> tuple[str, float]:
         body = {"agent_name": agent, "room": room, "metadata": metadata}
-        r = self.http.post("/twirp/livekit.AgentDispatchService/CreateDispatch", json=body)
+        token = tokens.mint(KEY, SECRET, video={"roomAdmin": True, "room": room})
+        r = self.http.post(
+            "/twirp/livekit.AgentDispatchService/CreateDispatch",
+            json=body,
+            headers={"Authorization": f"Bearer {token}"},
+        )
         r.raise_for_status()
         return r.json()["state"]["jobs"][0]["id"], time.time()
 
@@ -116,7 +122,7 @@ def main() -> None:
             bench.vf(folder, "deploy")
             bench.vf(folder, "scale", "--min", "0", "--max", "3", "--idle-to-zero", "1s",
                      "--up-window", "2s", "--down-window", "10s")  # fmt: skip
-            env_dir = next((Path(tmp) / "data" / "envs").iterdir())
+            env_dir = next(p for p in (Path(tmp) / "data" / "envs").iterdir() if p.is_dir())
             cold, bare = [], []
             for i in range(args.rounds):
                 bench.wait_zero("cold")
