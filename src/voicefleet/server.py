@@ -30,6 +30,9 @@ from voicefleet.dispatch.service import DispatchService
 from voicefleet.dispatch.twirp import agent_dispatch_service
 from voicefleet.dispatch.webhooks import WebhookReceiver
 from voicefleet.errors import VoicefleetError
+from voicefleet.flags.api import router as flags_router
+from voicefleet.flags.install import install_sdk
+from voicefleet.flags.service import FlagService
 from voicefleet.metrics import Metrics
 from voicefleet.runtime.local import LocalRuntime
 from voicefleet.store.db import open_engine
@@ -49,6 +52,9 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = await open_engine(settings.database_url)
         paths = Paths(settings.data_dir)
+        install_sdk(settings.data_dir)  # agents import voicefleet.sdk (flags) from here
+        app.state.flags = FlagService(Repo(engine))
+        await app.state.flags.start()
         plane = ControlPlane(
             Repo(engine),
             service,
@@ -85,6 +91,7 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
     app = FastAPI(title="voicefleet", version=__version__, lifespan=lifespan)
     app.state.dispatch = service
     app.include_router(api_router)
+    app.include_router(flags_router)
 
     @app.exception_handler(VoicefleetError)
     async def voicefleet_error(request: Request, exc: VoicefleetError) -> Response:

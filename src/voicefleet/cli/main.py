@@ -11,6 +11,7 @@ from rich.console import Console
 
 from voicefleet import __version__, logs
 from voicefleet.cli.agent import app as agent_app
+from voicefleet.cli.flags import app as flags_app
 from voicefleet.config import DispatchSettings, Settings
 from voicefleet.control.projects import load_project
 from voicefleet.errors import VoicefleetError
@@ -23,6 +24,7 @@ app = typer.Typer(
 )
 err = Console(stderr=True, soft_wrap=True)
 app.add_typer(agent_app, name="agent")
+app.add_typer(flags_app, name="flags")
 
 
 def _version(value: bool) -> None:

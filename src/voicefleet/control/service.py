@@ -76,6 +76,11 @@ class Paths:
     def envs(self) -> Path:
         return self.data_dir / "envs"
 
+    @property
+    def sdk(self) -> Path:
+        """voicefleet.sdk for the agents' own Python (voicefleet.flags.install)."""
+        return self.data_dir / "sdk"
+
     def instance_logs(self, agent_id: str) -> Path:
         return self.data_dir / "logs" / agent_id
 
@@ -678,6 +683,8 @@ class ControlPlane:
         env = {s.name: self.box.open_value(s.value) for s in await self.repo.secrets(agent.id)}
         env.update(
             LIVEKIT_URL=self.worker_url(),
+            VOICEFLEET_URL=self.worker_url().replace("ws", "http", 1),
+            PYTHONPATH=str(self.paths.sdk),
             LIVEKIT_API_KEY=key,
             LIVEKIT_API_SECRET=secret,
             LIVEKIT_AGENT_DEPLOYMENT=deployment,

@@ -149,6 +149,18 @@ class RolloutRow(Base):
     updated_at: Mapped[float] = mapped_column(Float)
 
 
+class FlagRow(Base):
+    """A feature flag of an agent: its definition (see voicefleet.sdk.evaluate) and who set it."""
+
+    __tablename__ = "flags"
+
+    agent_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    definition: Mapped[dict[str, Any]] = mapped_column(JSON)
+    updated_at: Mapped[float] = mapped_column(Float)
+    updated_by: Mapped[str] = mapped_column(String(100), default="")
+
+
 class EventRow(Base):
     """The event log: who did what to which agent, and what the platform did in answer."""
 

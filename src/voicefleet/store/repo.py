@@ -14,6 +14,7 @@ from voicefleet.store.models import (
     Base,
     DeploymentRow,
     EventRow,
+    FlagRow,
     InstanceRow,
     RolloutRow,
     SecretRow,
@@ -61,7 +62,7 @@ class Repo:
 
     async def delete_agent(self, agent_id: str) -> None:
         async with self._session() as s, s.begin():
-            for table in (DeploymentRow, VersionRow, InstanceRow, SecretRow, RolloutRow):
+            for table in (DeploymentRow, VersionRow, InstanceRow, SecretRow, RolloutRow, FlagRow):
                 await s.execute(delete(table).where(table.agent_id == agent_id))
             await s.execute(delete(AgentRow).where(AgentRow.id == agent_id))
 
@@ -136,6 +137,21 @@ class Repo:
         async with self._session() as s, s.begin():
             result = await s.execute(
                 delete(SecretRow).where(SecretRow.agent_id == agent_id, SecretRow.name.in_(names))
+            )
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    # -- flags --------------------------------------------------------------------------------
+
+    async def flags(self, agent_id: str | None = None) -> list[FlagRow]:
+        query = select(FlagRow).order_by(FlagRow.agent_id, FlagRow.key)
+        if agent_id is not None:
+            query = query.where(FlagRow.agent_id == agent_id)
+        return await self._all(query)
+
+    async def delete_flag(self, agent_id: str, key: str) -> int:
+        async with self._session() as s, s.begin():
+            result = await s.execute(
+                delete(FlagRow).where(FlagRow.agent_id == agent_id, FlagRow.key == key)
             )
         return int(result.rowcount or 0)  # type: ignore[attr-defined]
 

@@ -33,6 +33,23 @@ def load(worker: object) -> float:
     return min(len(worker.active_jobs) / SESSIONS_AT_FULL_LOAD, 1.0)  # type: ignore[attr-defined]
 
 
+try:  # voicefleet.sdk is on the PYTHONPATH of the instances voicefleet runs
+    from voicefleet.sdk import Session, flags
+
+    flags()  # connect at start, before the first session asks
+except ImportError:
+    flags = None  # type: ignore[assignment]
+
+
+def flag(key: str, ctx: JobContext) -> object:
+    """A live feature flag for this session."""
+    if flags is None:
+        return None
+    client = flags()
+    client.wait_ready(2.0)  # at once when connected; the first job may come before that
+    return client.get(key, None, session=Session.from_job(ctx.job))
+
+
 async def entrypoint(ctx: JobContext) -> None:
     markers = Path(os.environ["MARKER_DIR"])
     hold = float(json.loads(ctx.job.metadata or "{}").get("hold", 0))
@@ -44,6 +61,7 @@ async def entrypoint(ctx: JobContext) -> None:
                 "version": os.environ.get("VOICEFLEET_VERSION", ""),
                 "instance": os.environ.get("VOICEFLEET_INSTANCE_ID", ""),
                 "secret": os.environ.get("VF_TEST_SECRET", ""),
+                "greeting": flag("greeting", ctx),
             }
         )
     )

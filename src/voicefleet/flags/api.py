@@ -1,0 +1,150 @@
+"""`/api/v1/agents/{agent}/flags`: set, read, kill and stream an agent's feature flags.
+
+Changes take the project's key (as the rest of the control API); the stream also takes the key
+of one of the agent's own instances, which is what `voicefleet.sdk.flags` signs with.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Request
+from fastapi.responses import StreamingResponse
+
+from voicefleet.control.api import Control
+from voicefleet.control.service import ControlPlane
+from voicefleet.dispatch.service import DispatchService
+from voicefleet.errors import AuthError
+from voicefleet.flags.service import FlagService
+from voicefleet.protocol import tokens
+from voicefleet.sdk.evaluate import Session
+
+router = APIRouter(prefix="/api/v1")
+KEEPALIVE = 15.0
+
+
+def flag_service(request: Request) -> FlagService:
+    service: FlagService = request.app.state.flags
+    return service
+
+
+Flags = Annotated[FlagService, Depends(flag_service)]
+
+
+def actor(request: Request, authorization: str | None) -> str:
+    service: DispatchService = request.app.state.dispatch
+    return tokens.verify(tokens.bearer(authorization), service.secret_for).api_key
+
+
+@router.get("/agents/{agent}/flags")
+async def list_flags(agent: str, plane: Control, flags: Flags) -> list[dict[str, Any]]:
+    return flags.list((await plane.agent(agent)).id)
+
+
+@router.get("/agents/{agent}/flags/stream")
+async def stream_flags(
+    agent: str,
+    request: Request,
+    flags: Flags,
+    authorization: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    """Server-sent events: `snapshot` (all the agent's flags) at once and after every change,
+    a keepalive comment every 15 s. For the agent's own instances or the project's key."""
+    plane: ControlPlane = request.app.state.control
+    service: DispatchService = request.app.state.dispatch
+    row = await plane.agent(agent)
+    try:
+        claims = tokens.verify(tokens.bearer(authorization), service.secret_for)
+    except AuthError as e:
+        raise HTTPException(e.status, str(e)) from None
+    identity = tokens.instance_identity(claims.api_key)
+    if claims.api_key != service.project.api_key and (identity is None or identity.agent != row.id):
+        raise HTTPException(403, f"this key may not read the flags of {row.name}")
+
+    async def events() -> AsyncIterator[bytes]:
+        seen = -1
+        waited = 0.0
+        while not service.closing and not await request.is_disconnected():
+            if flags.version(row.id) != seen:
+                seen = flags.version(row.id)
+                data = json.dumps(flags.snapshot(row.id))
+                yield f"event: snapshot\ndata: {data}\n\n".encode()
+                waited = 0.0
+            # Wake each second to notice a shutdown; a change wakes at once.
+            if not await flags.wait_change(row.id, seen, 1.0):
+                waited += 1.0
+                if waited >= KEEPALIVE:
+                    yield b": keepalive\n\n"
+                    waited = 0.0
+
+    headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+@router.get("/agents/{agent}/flags/{key}")
+async def get_flag(agent: str, key: str, plane: Control, flags: Flags) -> dict[str, Any]:
+    return flags.get((await plane.agent(agent)).id, key)
+
+
+@router.put("/agents/{agent}/flags/{key}")
+async def set_flag(
+    agent: str,
+    key: str,
+    body: dict[str, Any],
+    request: Request,
+    plane: Control,
+    flags: Flags,
+    authorization: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    """Create or replace a flag: {"type", "value", "rules": [...], "off"} (see docs/flags.md)."""
+    if body.get("key", key) != key:
+        raise HTTPException(400, f"the body's key '{body['key']}' is not '{key}'")
+    row = await plane.agent(agent)
+    return await flags.set(row.id, {**body, "key": key}, actor(request, authorization))
+
+
+@router.post("/agents/{agent}/flags/{key}/kill")
+async def kill_flag(
+    agent: str,
+    key: str,
+    request: Request,
+    plane: Control,
+    flags: Flags,
+    authorization: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    row = await plane.agent(agent)
+    return await flags.kill(row.id, key, actor(request, authorization))
+
+
+@router.delete("/agents/{agent}/flags/{key}", status_code=204)
+async def delete_flag(
+    agent: str,
+    key: str,
+    request: Request,
+    plane: Control,
+    flags: Flags,
+    authorization: Annotated[str | None, Header()] = None,
+) -> None:
+    row = await plane.agent(agent)
+    await flags.delete(row.id, key, actor(request, authorization))
+
+
+@router.get("/agents/{agent}/flags/{key}/evaluate")
+async def evaluate_flag(
+    agent: str,
+    key: str,
+    request: Request,
+    plane: Control,
+    flags: Flags,
+    room: str = "",
+    dispatch_id: str = "",
+    metadata: str = "",
+) -> dict[str, Any]:
+    """What a session would get; job attributes as `attr.<name>=<value>` query parameters."""
+    attributes = {
+        k.removeprefix("attr."): v for k, v in request.query_params.items() if k.startswith("attr.")
+    }
+    session = Session(room=room, dispatch_id=dispatch_id, metadata=metadata, attributes=attributes)
+    return flags.evaluate((await plane.agent(agent)).id, key, session)

@@ -1,0 +1,152 @@
+"""Feature flag definitions and their evaluation for one session. Standard library only: this runs
+inside agents' own environments as well as in the server, and both must give the same answer.
+
+A flag, as stored and streamed:
+
+    {"key": "new_voice", "type": "boolean", "value": false,
+     "rules": [{"when": [{"attr": "room", "op": "prefix", "value": "vip-"}],
+                "percent": 100, "value": true},
+               {"when": [], "percent": 20, "value": true}],
+     "killed": false, "off": false}
+
+The first rule whose conditions all hold and whose percentage admits the session gives the value;
+otherwise `value`. A killed flag gives `off` to every session (a kill switch). A session's place
+in a percentage is a hash of the flag's key and the session (its dispatch id, else its room), so
+one session gets one answer wherever it is evaluated, and 20 % today is a superset of 10 %
+yesterday.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+TYPES: dict[str, type | tuple[type, ...]] = {"boolean": bool, "string": str, "number": (int, float)}
+OPS = ("equals", "in", "prefix", "glob", "contains")
+KEY = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+OFF = {"boolean": False, "string": "", "number": 0}
+
+
+@dataclass(frozen=True)
+class Session:
+    """What a flag may look at: the job's room, dispatch, metadata and attributes."""
+
+    room: str = ""
+    dispatch_id: str = ""
+    metadata: str = ""
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.dispatch_id or self.room
+
+    @classmethod
+    def from_job(cls, job: Any) -> Session:
+        """From a livekit `JobContext.job` (the `livekit.protocol.agent.Job` message)."""
+        return cls(
+            room=getattr(getattr(job, "room", None), "name", "") or "",
+            dispatch_id=getattr(job, "dispatch_id", "") or "",
+            metadata=getattr(job, "metadata", "") or "",
+            attributes=dict(getattr(job, "attributes", {}) or {}),
+        )
+
+    def get(self, attr: str) -> str | None:
+        if attr == "room":
+            return self.room
+        if attr == "dispatch_id":
+            return self.dispatch_id
+        if attr == "metadata":
+            return self.metadata
+        if attr.startswith("attributes."):
+            return self.attributes.get(attr.removeprefix("attributes."))
+        if attr.startswith("metadata."):
+            try:
+                value = json.loads(self.metadata or "{}").get(attr.removeprefix("metadata."))
+            except (ValueError, AttributeError):
+                return None
+            return None if value is None else str(value)
+        return None
+
+
+def bucket(flag_key: str, session_key: str) -> int:
+    """The session's place in [0, 10000) for this flag."""
+    digest = hashlib.sha256(f"{flag_key}:{session_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 10_000
+
+
+def _holds(cond: Mapping[str, Any], session: Session) -> bool:
+    actual = session.get(str(cond["attr"]))
+    if actual is None:
+        return False
+    want = cond["value"]
+    op = cond.get("op", "equals")
+    if op == "equals":
+        return actual == str(want)
+    if op == "in":
+        return actual in [str(v) for v in want]
+    if op == "prefix":
+        return actual.startswith(str(want))
+    if op == "glob":
+        return fnmatch.fnmatchcase(actual, str(want))
+    return str(want) in actual  # contains
+
+
+def evaluate(flag: Mapping[str, Any], session: Session) -> tuple[Any, str]:
+    """The flag's value for `session`, and why: "killed", "rule N" or "default"."""
+    if flag.get("killed"):
+        return flag.get("off", OFF[flag["type"]]), "killed"
+    for i, rule in enumerate(flag.get("rules", ())):
+        if all(_holds(c, session) for c in rule.get("when", ())):
+            percent = float(rule.get("percent", 100))
+            if percent >= 100 or bucket(flag["key"], session.key) < percent * 100:
+                return rule["value"], f"rule {i + 1}"
+    return flag["value"], "default"
+
+
+def _check_value(kind: str, value: Any, what: str) -> None:
+    ok = isinstance(value, TYPES[kind]) and not (kind == "number" and isinstance(value, bool))
+    if not ok:
+        raise ValueError(f"{what} must be a {kind}, not {json.dumps(value)}")
+
+
+def validate(flag: Mapping[str, Any]) -> dict[str, Any]:
+    """A flag definition checked and normalized; ValueError says what is wrong."""
+    key = flag.get("key")
+    if not isinstance(key, str) or not KEY.match(key):
+        raise ValueError("a flag key is 1-100 letters, digits, '_', '.' or '-'")
+    kind = flag.get("type")
+    if kind not in TYPES:
+        raise ValueError(f"flag type must be one of {', '.join(TYPES)}")
+    _check_value(kind, flag.get("value"), "the value")
+    rules = []
+    for i, rule in enumerate(flag.get("rules") or []):
+        when = []
+        for cond in rule.get("when") or []:
+            if not isinstance(cond.get("attr"), str) or "value" not in cond:
+                raise ValueError(f"rule {i + 1}: a condition needs 'attr' and 'value'")
+            op = cond.get("op", "equals")
+            if op not in OPS:
+                raise ValueError(f"rule {i + 1}: op must be one of {', '.join(OPS)}")
+            if op == "in" and not isinstance(cond["value"], list):
+                raise ValueError(f"rule {i + 1}: 'in' takes a list")
+            when.append({"attr": cond["attr"], "op": op, "value": cond["value"]})
+        percent = rule.get("percent", 100)
+        if not isinstance(percent, int | float) or not 0 <= percent <= 100:
+            raise ValueError(f"rule {i + 1}: percent must be between 0 and 100")
+        _check_value(kind, rule.get("value"), f"rule {i + 1}'s value")
+        rules.append({"when": when, "percent": percent, "value": rule["value"]})
+    off = flag.get("off", OFF[kind])
+    _check_value(kind, off, "the kill switch's 'off' value")
+    return {
+        "key": key,
+        "type": kind,
+        "value": flag["value"],
+        "rules": rules,
+        "killed": bool(flag.get("killed", False)),
+        "off": off,
+    }

@@ -1,0 +1,249 @@
+"""Feature flags: evaluation, `vf flags`, the SDK client against a real server (and without it),
+the OpenFeature provider, and a real deployed agent seeing a flip in its next session."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from livekit import api
+from openfeature.evaluation_context import EvaluationContext
+from openfeature.flag_evaluation import Reason
+
+from tests.support import DEV_KEY, DEV_SECRET, Server, admin_token, started, wait_for
+from tests.test_deploy import AGENT_SRC, dispatch, vf
+from voicefleet.sdk import FlagsClient, Session
+from voicefleet.sdk.evaluate import evaluate, validate
+from voicefleet.sdk.openfeature import VoicefleetProvider
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+
+def flag(**kw: Any) -> dict[str, Any]:
+    return validate({"key": "f", "type": "boolean", "value": False, **kw})
+
+
+def test_a_percentage_is_stable_per_session_and_splits_sessions_by_its_share() -> None:
+    f = flag(rules=[{"when": [], "percent": 20, "value": True}])
+    sessions = [Session(dispatch_id=f"AD_{secrets.token_hex(6)}") for _ in range(10_000)]
+    first = [evaluate(f, s)[0] for s in sessions]
+    assert [evaluate(f, s)[0] for s in sessions] == first  # same session, same answer
+    # Binomial(10,000, 0.2): sd 40; 4 sd either side.
+    assert abs(sum(first) - 2000) <= 160
+    # Raising the share keeps everyone who had it (a superset), as a rollout should.
+    wider = flag(rules=[{"when": [], "percent": 50, "value": True}])
+    assert all(evaluate(wider, s)[0] for s, had in zip(sessions, first, strict=True) if had)
+    # Without a dispatch id the room is the session.
+    assert Session(room="r1").key == "r1"
+
+
+def test_rules_on_room_metadata_and_attributes_first_match_wins() -> None:
+    f = validate(
+        {
+            "key": "voice", "type": "string", "value": "alloy",
+            "rules": [
+                {"when": [{"attr": "room", "op": "prefix", "value": "vip-"}], "value": "nova"},
+                {"when": [{"attr": "attributes.lang", "op": "in", "value": ["fr", "de"]}],
+                 "value": "echo"},
+                {"when": [{"attr": "metadata.tier", "value": "gold"}], "value": "sage"},
+            ],
+        }
+    )  # fmt: skip
+    assert evaluate(f, Session(room="vip-1", attributes={"lang": "fr"})) == ("nova", "rule 1")
+    assert evaluate(f, Session(room="r", attributes={"lang": "de"})) == ("echo", "rule 2")
+    assert evaluate(f, Session(room="r", metadata='{"tier": "gold"}')) == ("sage", "rule 3")
+    assert evaluate(f, Session(room="r", metadata="not json")) == ("alloy", "default")
+    killed = validate({**f, "killed": True, "off": "alloy"})
+    assert evaluate(killed, Session(room="vip-1")) == ("alloy", "killed")
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"key": "a b", "type": "boolean", "value": True}, "flag key"),
+        ({"key": "a", "type": "list", "value": True}, "type must be"),
+        ({"key": "a", "type": "number", "value": True}, "must be a number"),
+        ({"key": "a", "type": "boolean", "value": True,
+          "rules": [{"when": [], "percent": 150, "value": True}]}, "percent"),
+        ({"key": "a", "type": "boolean", "value": True,
+          "rules": [{"when": [{"attr": "room", "op": "regex", "value": "x"}], "value": True}]},
+         "op"),
+        ({"key": "a", "type": "string", "value": "x", "rules": [{"when": [], "value": 3}]},
+         "must be a string"),
+    ],
+)  # fmt: skip
+def test_bad_definitions_say_what_is_wrong(bad: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        validate(bad)
+
+
+# -- against a real server ----------------------------------------------------------------------
+
+
+def vf_flags(server: Server, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "VF_URL": server.url, "VF_API_KEY": DEV_KEY, "VF_API_SECRET": DEV_SECRET}
+    result = subprocess.run(
+        [sys.executable, "-m", "voicefleet", "flags", *args],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if ok:
+        assert result.returncode == 0, f"vf flags {args}:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def create_agent(server: Server, name: str) -> str:
+    r = httpx.post(
+        f"{server.url}/api/v1/agents",
+        json={"name": name},
+        headers={"Authorization": f"Bearer {admin_token()}"},
+    )
+    r.raise_for_status()
+    return str(r.json()["id"])
+
+
+def test_vf_flags_set_get_list_kill_delete_with_events(server: Server) -> None:
+    agent_id = create_agent(server, "flags-cli")
+    out = vf_flags(server, "set", "flags-cli", "new_voice", "true", "--percent", "25",
+                   "--when", "room=prefix:vip-")  # fmt: skip
+    assert 'new_voice = false; 25% where room prefix "vip-": true' in out.stdout
+    data = json.loads(vf_flags(server, "--json", "get", "flags-cli", "new_voice").stdout)
+    assert data["type"] == "boolean" and data["updated_by"] == DEV_KEY
+    assert data["rules"][0]["when"] == [{"attr": "room", "op": "prefix", "value": "vip-"}]
+    # Evaluated for one session: a room outside the rule gets the default.
+    got = vf_flags(server, "get", "flags-cli", "new_voice", "--room", "plain-1").stdout
+    assert "new_voice = false (default)" in got
+    vf_flags(server, "set", "flags-cli", "speed", "1.25")
+    listed = vf_flags(server, "list", "flags-cli").stdout
+    assert "new_voice" in listed and "speed" in listed and "number" in listed
+    vf_flags(server, "kill", "flags-cli", "new_voice")
+    got = vf_flags(server, "get", "flags-cli", "new_voice", "--room", "vip-1").stdout
+    assert "new_voice = false (killed)" in got
+    vf_flags(server, "delete", "flags-cli", "speed")
+    missing = vf_flags(server, "get", "flags-cli", "speed", ok=False)
+    assert missing.returncode == 4 and "no flag 'speed'" in missing.stderr
+    bad = vf_flags(server, "set", "flags-cli", "n", "x", "--type", "number", ok=False)
+    assert bad.returncode == 2 and "not a number" in bad.stderr
+
+    events = httpx.get(
+        f"{server.url}/api/v1/agents/{agent_id}/events",
+        headers={"Authorization": f"Bearer {admin_token()}"},
+    ).json()
+    kinds = [(e["kind"], e["actor"]) for e in events if e["kind"].startswith("flag_")]
+    assert kinds == [
+        ("flag_deleted", DEV_KEY), ("flag_killed", DEV_KEY), ("flag_created", DEV_KEY),
+        ("flag_created", DEV_KEY),
+    ]  # fmt: skip
+    assert all(e["at"] > 0 for e in events)
+
+
+def test_sdk_sees_changes_within_a_second_and_keeps_working_while_the_server_is_down(
+    start_server: Callable[..., Server], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = start_server()
+    agent_id = create_agent(server, "flags-sdk")
+    headers = {"Authorization": f"Bearer {admin_token()}"}
+
+    def put(value: Any) -> None:
+        r = httpx.put(
+            f"{server.url}/api/v1/agents/{agent_id}/flags/greeting",
+            json={"type": "string", "value": value},
+            headers=headers,
+        )
+        r.raise_for_status()
+
+    put("hello")
+    cache = tmp_path / "flags.json"
+    client = FlagsClient(server.url, agent_id, DEV_KEY, DEV_SECRET, cache_path=cache).start()
+    try:
+        assert client.wait_ready(5)
+        assert client.get_str("greeting") == "hello"
+        version = client.version
+        began = time.monotonic()
+        put("bonjour")
+        assert client.wait_version(version, 1.0), "a change must arrive within 1 s"
+        print(f"flag change reached the client in {(time.monotonic() - began) * 1e3:.1f} ms")
+        assert client.get_str("greeting") == "bonjour"
+
+        provider = VoicefleetProvider(client)
+        details = provider.resolve_string_details("greeting", "x", EvaluationContext("AD_1"))
+        assert (details.value, details.reason) == ("bonjour", Reason.DEFAULT)
+        wrong = provider.resolve_boolean_details("greeting", False)
+        assert wrong.value is False and wrong.error_code is not None
+
+        server.stop()
+        time.sleep(0.5)
+        assert client.get_str("greeting") == "bonjour"  # from its copy, server down
+        details = provider.resolve_string_details("greeting", "x")
+        assert (details.value, details.reason) == ("bonjour", Reason.CACHED)
+    finally:
+        client.close()
+
+    # A process started while the server is down: the cache file, else the environment.
+    late = FlagsClient(server.url, agent_id, DEV_KEY, DEV_SECRET, cache_path=cache).start()
+    try:
+        assert late.get_str("greeting") == "bonjour" and late.source == "cached"
+    finally:
+        late.close()
+    monkeypatch.setenv("VOICEFLEET_FLAG_GREETING", "salut")
+    monkeypatch.setenv("VOICEFLEET_FLAG_MAX_TURNS", "12")
+    bare = FlagsClient(server.url, agent_id, DEV_KEY, DEV_SECRET, cache_path=tmp_path / "none")
+    assert bare.get_str("greeting") == "salut" and bare.get_number("max_turns") == 12
+    assert bare.get_bool("missing", True) is True
+
+
+def test_stream_refuses_other_agents_instances_and_bad_tokens(server: Server) -> None:
+    from voicefleet.protocol.tokens import WorkerIdentity, instance_credentials, mint
+
+    agent_id = create_agent(server, "flags-auth")
+    other = WorkerIdentity(agent="CA_someoneelse", version="v1", instance="i1")
+    key, secret = instance_credentials(DEV_SECRET, other)
+    url = f"{server.url}/api/v1/agents/{agent_id}/flags/stream"
+    r = httpx.get(url, headers={"Authorization": f"Bearer {mint(key, secret, video={})}"})
+    assert r.status_code == 403 and "may not read the flags" in r.text
+    r = httpx.get(url, headers={"Authorization": "Bearer not-a-token"})
+    assert r.status_code == 401
+
+
+async def test_a_running_agent_sees_a_flipped_flag_in_its_next_session(
+    start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    server = start_server()
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    folder = tmp_path / "my-agent"
+    shutil.copytree(AGENT_SRC, folder)
+    (folder / "THREADS").write_text("one worker process: one flag client")
+    vf(server, folder, "create")
+    vf(server, folder, "secrets", "set", f"MARKER_DIR={markers}")
+    vf(server, folder, "deploy")
+    vf_flags(server, "set", "my-agent", "greeting", "hello")
+    lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
+    try:
+        first = await dispatch(lk, "flag-1")
+        marker = await wait_for(lambda: started(markers, first), 60, "the first session")
+        assert marker["greeting"] == "hello"
+        [instance] = [i for i in server._get("/api/v1/agents/my-agent")["instances"]]
+
+        vf_flags(server, "set", "my-agent", "greeting", "bonjour")
+        time.sleep(1.0)  # the promise: within 1 s, no restart
+        second = await dispatch(lk, "flag-2")
+        marker = await wait_for(lambda: started(markers, second), 60, "the second session")
+        assert marker["greeting"] == "bonjour"
+        assert marker["instance"] == instance["id"]  # the same process: no restart
+        vf_flags(server, "kill", "my-agent", "greeting")
+        time.sleep(1.0)
+        third = await dispatch(lk, "flag-3")
+        marker = await wait_for(lambda: started(markers, third), 60, "the third session")
+        assert marker["greeting"] == ""  # a killed string flag gives its off value
+    finally:
+        await lk.aclose()
