@@ -21,6 +21,7 @@ from voicefleet.autoscale.policy import Decision, Policy, Sample, decide
 
 if TYPE_CHECKING:
     from voicefleet.control.service import ControlPlane
+    from voicefleet.store.models import AgentRow, DeploymentRow
 
 log = logging.getLogger("voicefleet.autoscale")
 
@@ -54,37 +55,42 @@ class Autoscaler:
             if dep.autoscale is None or not dep.version:
                 continue
             agent = await plane.repo.agent(dep.agent_id)
-            if agent is None or plane.rolling_out(agent.id):
-                continue
-            policy = Policy.from_dict(dep.autoscale)
-            rows = [
-                r
-                for r in await plane.live_instances(agent.id)
-                if r.deployment == dep.name and r.version == dep.version
-            ]
-            key = (agent.id, dep.name)
-            history = self.samples.setdefault(key, deque())
-            sample = Sample(now, tuple(plane.signals(rows)), queued.get(agent.name, 0))
-            history.append(sample)
-            keep = max(policy.up_window, policy.down_window, policy.idle_to_zero or 0) + 5
-            while history and history[0].at < now - keep:
-                history.popleft()
-            decision = decide(policy, history, len(rows))
-            self.decisions[key] = (now, decision)
-            if decision.desired == len(rows):
-                continue
-            changed = await plane.resize(agent, dep, decision.desired)
-            verb = "up" if decision.desired > len(rows) else "down"
-            await plane.repo.event(
-                agent.id,
-                f"autoscaled_{verb}",
-                f"{dep.name}: {len(rows)} -> {decision.desired} instance(s): {decision.reason}"
-                + (f" ({', '.join(changed)})" if changed else ""),
-            )
-            log.info(
-                "autoscaled",
-                extra={"agent": agent.name, "from": len(rows), "to": decision.desired},
-            )
+            if agent is None or plane.lock(agent.id).locked():
+                continue  # a rollout is under way: its sizes are its own
+            async with plane.lock(agent.id):
+                await self._scale(plane, agent, dep, queued.get(agent.name, 0), now)
+
+    async def _scale(
+        self, plane: ControlPlane, agent: AgentRow, dep: DeploymentRow, queued: int, now: float
+    ) -> None:
+        assert dep.autoscale is not None
+        policy = Policy.from_dict(dep.autoscale)
+        rows = [
+            r
+            for r in await plane.live_instances(agent.id)
+            if r.deployment == dep.name and r.version == dep.version
+        ]
+        key = (agent.id, dep.name)
+        history = self.samples.setdefault(key, deque())
+        history.append(Sample(now, tuple(plane.signals(rows)), queued))
+        keep = max(policy.up_window, policy.down_window, policy.idle_to_zero or 0) + 5
+        while history and history[0].at < now - keep:
+            history.popleft()
+        decision = decide(policy, history, len(rows))
+        self.decisions[key] = (now, decision)
+        if decision.desired == len(rows):
+            return
+        changed = await plane.resize(agent, dep, decision.desired)
+        verb = "up" if decision.desired > len(rows) else "down"
+        await plane.repo.event(
+            agent.id,
+            f"autoscaled_{verb}",
+            f"{dep.name}: {len(rows)} -> {decision.desired} instance(s): {decision.reason}"
+            + (f" ({', '.join(changed)})" if changed else ""),
+        )
+        log.info(
+            "autoscaled", extra={"agent": agent.name, "from": len(rows), "to": decision.desired}
+        )
 
     def decision(self, agent_id: str, deployment: str) -> dict[str, object] | None:
         found = self.decisions.get((agent_id, deployment))

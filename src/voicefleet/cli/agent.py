@@ -592,7 +592,10 @@ def scale(
     if replicas is None and not policy:
         fail("give a number of instances or autoscaling options (--min, --max, ...)", USAGE)
     body: dict[str, Any] = {"deployment": deployment}
-    body.update({"autoscale": policy} if policy else {"replicas": replicas})
+    if policy:
+        body["autoscale"] = policy
+    else:
+        body["replicas"] = replicas
     data = state.client.request("POST", f"/agents/{_agent(agent)}/scale", json=body)
     if state.json:
         _print_json(data)

@@ -364,7 +364,6 @@ class ControlPlane:
         deployment: str,
         replicas: int | None = None,
         autoscale: dict[str, Any] | None = None,
-        manual: bool = False,
     ) -> DeploymentRow:
         """Set a fixed size (`replicas`, turning autoscaling off) or an autoscaling policy."""
         dep = await self.deployment(agent, deployment)
@@ -377,16 +376,15 @@ class ControlPlane:
             await self.repo.save(dep)
             await self.repo.event(agent.id, "autoscale_set", f"{deployment}: {dep.autoscale}")
             return dep
-        if replicas is None and not manual:
+        if replicas is None:
             raise InvalidRequest("give a number of instances or an autoscaling policy")
-        if replicas is not None and not 0 <= replicas <= 100:
+        if not 0 <= replicas <= 100:
             raise InvalidRequest("replicas must be between 0 and 100")
         if dep.autoscale is not None:
             dep.autoscale = None
             await self.repo.event(agent.id, "autoscale_off", f"{deployment}: fixed size")
-        n = dep.replicas if replicas is None else replicas
-        await self.repo.event(agent.id, "scaled", f"{deployment}: {n} instance(s)")
-        await self.resize(agent, dep, n)
+        await self.repo.event(agent.id, "scaled", f"{deployment}: {replicas} instance(s)")
+        await self.resize(agent, dep, replicas)
         return dep
 
     async def resize(self, agent: AgentRow, dep: DeploymentRow, n: int) -> list[str]:
@@ -414,9 +412,9 @@ class ControlPlane:
     async def live_instances(self, agent_id: str) -> list[InstanceRow]:
         return await self.repo.instances(agent_id, LIVE)
 
-    def rolling_out(self, agent_id: str) -> bool:
-        """A rollout (or another resize) holds the agent's lock."""
-        return self._lock(agent_id).locked()
+    def lock(self, agent_id: str) -> asyncio.Lock:
+        """Held by a rollout (and by the autoscaler while it resizes) of the agent."""
+        return self._lock(agent_id)
 
     def signals(self, rows: list[InstanceRow]) -> list[InstanceSignal]:
         """What the dispatcher sees of each instance now: its worker's load and sessions."""
