@@ -356,11 +356,13 @@ def status(agent: AgentOpt = None) -> None:
         if d.get("decision"):
             dec = d["decision"]
             out.print(f"    autoscaler: {dec['desired']} instance(s) because {dec['reason']}")
-        for v, n in d.get("draining", {}).items():
-            out.print(
-                f"    draining {v}: {n['sessions']} active session(s) "
-                f"on {n['instances']} instance(s)"
-            )
+        for what in ("draining", "retiring"):
+            for v, n in d.get(what, {}).items():
+                out.print(
+                    f"    {what} {v}: {n['sessions']} active session(s) "
+                    f"on {n['instances']} instance(s)"
+                    + (" (kept warm for a rollback)" if what == "retiring" else "")
+                )
     t = Table(title="instances")
     for col in ("instance", "deployment", "version", "status", "sessions", "restarts", "pid"):
         t.add_column(col)

@@ -814,10 +814,11 @@ class ControlPlane:
         rollouts = await self.repo.rollouts(agent.id, limit=5)
         deployments = []
         for d in await self.repo.deployments(agent.id):
-            draining: dict[str, dict[str, int]] = {}
+            old: dict[str, dict[str, dict[str, int]]] = {"draining": {}, RETIRING: {}}
             for i in instances:
-                if i["deployment"] == d.name and i["status"] in ("draining", RETIRING):
-                    entry = draining.setdefault(i["version"], {"instances": 0, "sessions": 0})
+                if i["deployment"] == d.name and i["status"] in old:
+                    by_version = old[i["status"]]
+                    entry = by_version.setdefault(i["version"], {"instances": 0, "sessions": 0})
                     entry["instances"] += 1
                     entry["sessions"] += i["sessions"]
             deployments.append(
@@ -828,8 +829,10 @@ class ControlPlane:
                     "autoscale": d.autoscale,
                     "decision": self.autoscaler.decision(agent.id, d.name),
                     "routing": self.dispatch.routing.weights(agent.name, d.name) or {},
-                    # Old versions' instances finishing their sessions (blue, after a switch).
-                    "draining": draining,
+                    # Old versions' instances finishing their sessions (blue after a switch),
+                    # and replaced ones kept warm for a rollback.
+                    "draining": old["draining"],
+                    "retiring": old[RETIRING],
                 }
             )
         overflow = [
