@@ -67,6 +67,23 @@ def test_rules_on_room_metadata_and_attributes_first_match_wins() -> None:
     assert evaluate(killed, Session(room="vip-1")) == ("alloy", "killed")
 
 
+def test_conditions_compare_json_values_as_their_json_text() -> None:
+    f = flag(rules=[{"when": [{"attr": "metadata.vip", "value": True}], "value": True}])
+    assert evaluate(f, Session(room="r", metadata='{"vip": true}')) == (True, "rule 1")
+    assert evaluate(f, Session(room="r", metadata='{"vip": "true"}')) == (True, "rule 1")
+    assert evaluate(f, Session(room="r", metadata='{"vip": false}')) == (False, "default")
+    n = flag(rules=[{"when": [{"attr": "metadata.tier", "op": "in", "value": [1, 2]}],
+                     "value": True}])  # fmt: skip
+    assert evaluate(n, Session(room="r", metadata='{"tier": 2}'))[0] is True
+
+
+def test_without_a_session_percentages_admit_nobody_but_plain_rules_apply() -> None:
+    f = flag(rules=[{"when": [], "percent": 99.99, "value": True}])
+    assert evaluate(f, Session()) == (False, "default")
+    everyone = flag(rules=[{"when": [], "value": True}])
+    assert evaluate(everyone, Session()) == (True, "rule 1")
+
+
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
@@ -80,6 +97,18 @@ def test_rules_on_room_metadata_and_attributes_first_match_wins() -> None:
          "op"),
         ({"key": "a", "type": "string", "value": "x", "rules": [{"when": [], "value": 3}]},
          "must be a string"),
+        ({"key": "a", "type": "boolean", "value": True, "rules": {"when": []}}, "is a list"),
+        ({"key": "a", "type": "boolean", "value": True, "rules": ["x"]}, "not an object"),
+        ({"key": "a", "type": "boolean", "value": True, "rules": [{"when": "room"}]},
+         "list of conditions"),
+        ({"key": "a", "type": "boolean", "value": True,
+          "rules": [{"when": [{"attr": "roomname", "value": "x"}], "value": True}]},
+         "attr 'roomname' is not"),
+        ({"key": "a", "type": "boolean", "value": True,
+          "rules": [{"when": [{"attr": "room", "op": "prefix", "value": ["x"]}], "value": True}]},
+         "only 'in' takes a list"),
+        ({"key": "a", "type": "boolean", "value": True,
+          "rules": [{"when": [], "percent": True, "value": True}]}, "percent"),
     ],
 )  # fmt: skip
 def test_bad_definitions_say_what_is_wrong(bad: dict[str, Any], message: str) -> None:
@@ -122,7 +151,10 @@ def test_vf_flags_set_get_list_kill_delete_with_events(server: Server) -> None:
     # Evaluated for one session: a room outside the rule gets the default.
     got = vf_flags(server, "get", "flags-cli", "new_voice", "--room", "plain-1").stdout
     assert "new_voice = false (default)" in got
-    vf_flags(server, "set", "flags-cli", "speed", "1.25")
+    vf_flags(server, "set", "flags-cli", "speed", "1.25", "--when", "attributes.tier=gold",
+             "--default", "1")  # fmt: skip
+    got = vf_flags(server, "get", "flags-cli", "speed", "--room", "r", "--attr", "tier=gold").stdout
+    assert "speed = 1.25 (rule 1)" in got
     listed = vf_flags(server, "list", "flags-cli").stdout
     assert "new_voice" in listed and "speed" in listed and "number" in listed
     vf_flags(server, "kill", "flags-cli", "new_voice")
@@ -181,7 +213,10 @@ def test_sdk_sees_changes_within_a_second_and_keeps_working_while_the_server_is_
         assert wrong.value is False and wrong.error_code is not None
 
         server.stop()
-        time.sleep(0.5)
+        deadline = time.monotonic() + 5
+        while client.source != "cached" and time.monotonic() < deadline:
+            time.sleep(0.01)  # the stream ends when the server stops: the client notices
+        assert client.source == "cached"
         assert client.get_str("greeting") == "bonjour"  # from its copy, server down
         details = provider.resolve_string_details("greeting", "x")
         assert (details.value, details.reason) == ("bonjour", Reason.CACHED)
@@ -199,9 +234,12 @@ def test_sdk_sees_changes_within_a_second_and_keeps_working_while_the_server_is_
     bare = FlagsClient(server.url, agent_id, DEV_KEY, DEV_SECRET, cache_path=tmp_path / "none")
     assert bare.get_str("greeting") == "salut" and bare.get_number("max_turns") == 12
     assert bare.get_bool("missing", True) is True
+    static = VoicefleetProvider(bare).resolve_integer_details("max_turns", 3)
+    assert (static.value, static.reason) == (12, Reason.STATIC)
+    assert VoicefleetProvider(bare).resolve_boolean_details("greeting", True).value is True
 
 
-def test_stream_refuses_other_agents_instances_and_bad_tokens(server: Server) -> None:
+def test_stream_refuses_other_agents_instances_room_tokens_and_bad_tokens(server: Server) -> None:
     from voicefleet.protocol.tokens import WorkerIdentity, instance_credentials, mint
 
     agent_id = create_agent(server, "flags-auth")
@@ -210,7 +248,14 @@ def test_stream_refuses_other_agents_instances_and_bad_tokens(server: Server) ->
     url = f"{server.url}/api/v1/agents/{agent_id}/flags/stream"
     r = httpx.get(url, headers={"Authorization": f"Bearer {mint(key, secret, video={})}"})
     assert r.status_code == 403 and "may not read the flags" in r.text
+    # A participant's room token is signed with the project's key too: not enough.
+    room_token = mint(DEV_KEY, DEV_SECRET, video={"roomJoin": True, "room": "r1"})
+    r = httpx.get(url, headers={"Authorization": f"Bearer {room_token}"})
+    assert r.status_code == 403 and "roomAdmin" in r.text
     r = httpx.get(url, headers={"Authorization": "Bearer not-a-token"})
+    assert r.status_code == 401
+    # Strangers learn nothing of which agents exist.
+    r = httpx.get(f"{server.url}/api/v1/agents/nobody/flags/stream")
     assert r.status_code == 401
 
 
@@ -247,3 +292,116 @@ async def test_a_running_agent_sees_a_flipped_flag_in_its_next_session(
         assert marker["greeting"] == ""  # a killed string flag gives its off value
     finally:
         await lk.aclose()
+
+
+def put_flag(server: Server, agent_id: str, key: str, body: dict[str, Any]) -> None:
+    r = httpx.put(
+        f"{server.url}/api/v1/agents/{agent_id}/flags/{key}",
+        json=body,
+        headers={"Authorization": f"Bearer {admin_token()}"},
+    )
+    r.raise_for_status()
+
+
+def test_openfeature_provider_resolves_values_with_their_reasons(
+    server: Server, tmp_path: Path
+) -> None:
+    from openfeature.exception import ErrorCode
+
+    agent_id = create_agent(server, "flags-openfeature")
+    rules = [
+        {"when": [{"attr": "room", "op": "prefix", "value": "vip-"}], "value": "nova"},
+        {"when": [], "percent": 50, "value": "echo"},
+    ]
+    put_flag(server, agent_id, "voice", {"type": "string", "value": "alloy", "rules": rules})
+    put_flag(server, agent_id, "turns", {"type": "number", "value": 1.5})
+    client = FlagsClient(server.url, agent_id, DEV_KEY, DEV_SECRET, cache_path=tmp_path / "c")
+    provider = VoicefleetProvider(client.start())
+    try:
+        assert client.wait_ready(5)
+        vip = provider.resolve_string_details(
+            "voice", "x", EvaluationContext("AD_1", {"room": "vip-1"})
+        )
+        assert (vip.value, vip.reason, vip.variant) == ("nova", Reason.TARGETING_MATCH, "rule 1")
+        # Sessions by dispatch id: half get the 50 % rule (a split), half the default.
+        got = {
+            d.reason: d.value
+            for d in (
+                provider.resolve_string_details("voice", "x", EvaluationContext(f"AD_{i}"))
+                for i in range(40)
+            )
+        }
+        assert got == {Reason.SPLIT: "echo", Reason.DEFAULT: "alloy"}
+        assert provider.resolve_float_details("turns", 0.0).value == 1.5
+        not_int = provider.resolve_integer_details("turns", 7)
+        assert (not_int.value, not_int.error_code) == (7, ErrorCode.TYPE_MISMATCH)
+        missing = provider.resolve_boolean_details("nope", True)
+        assert (missing.value, missing.error_code) == (True, ErrorCode.FLAG_NOT_FOUND)
+        assert provider.resolve_object_details("voice", {}).error_code == ErrorCode.TYPE_MISMATCH
+
+        version = client.version
+        r = httpx.post(
+            f"{server.url}/api/v1/agents/{agent_id}/flags/voice/kill",
+            headers={"Authorization": f"Bearer {admin_token()}"},
+        )
+        r.raise_for_status()
+        assert client.wait_version(version, 1.0)
+        killed = provider.resolve_string_details("voice", "x", EvaluationContext("AD_1"))
+        assert (killed.value, killed.reason) == ("", Reason.DISABLED)
+    finally:
+        client.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_a_client_started_before_a_fork_streams_again_in_the_child(
+    server: Server, tmp_path: Path
+) -> None:
+    """livekit-agents forks job processes from a forkserver; if it imported the agent (a
+    `preload_modules` entry), the child inherits a client whose thread did not come along."""
+    agent_id = create_agent(server, "flags-fork")
+    put_flag(server, agent_id, "mode", {"type": "string", "value": "before"})
+    client = FlagsClient(server.url, agent_id, DEV_KEY, DEV_SECRET, cache_path=tmp_path / "c")
+    client.start()
+    try:
+        assert client.wait_ready(5)
+        ready_r, ready_w = os.pipe()
+        result_r, result_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report what it sees, never return into pytest
+            try:
+                os.write(ready_w, b"x")
+                deadline = time.monotonic() + 5
+                while client.get_str("mode") != "after" and time.monotonic() < deadline:
+                    client.wait_version(client.version, 0.1)
+                os.write(result_w, client.get_str("mode").encode())
+            finally:
+                os._exit(0)
+        assert os.read(ready_r, 1) == b"x"
+        put_flag(server, agent_id, "mode", {"type": "string", "value": "after"})
+        assert os.read(result_r, 100) == b"after"
+        os.waitpid(pid, 0)
+    finally:
+        client.close()
+
+
+def test_the_sdk_copy_for_agents_imports_with_the_standard_library_alone(tmp_path: Path) -> None:
+    """Agents' environments have none of voicefleet's dependencies: `python -S` has no site
+    packages at all, so any import beyond the standard library fails here."""
+    from voicefleet.flags.install import install_sdk
+
+    root = install_sdk(tmp_path)
+    assert install_sdk(tmp_path) == root  # a second start replaces the copy
+    code = f"""
+import sys
+sys.path.insert(0, {str(root)!r})
+from voicefleet.sdk import FlagsClient, Session
+assert __import__("voicefleet").__file__.startswith({str(root)!r})
+client = FlagsClient("http://127.0.0.1:9", "CA_x", "k", "s", cache_path={str(tmp_path / "none")!r})
+assert client.get_bool("f", True, session=Session(room="r")) is True
+assert "openfeature" not in sys.modules
+print("ok")
+"""
+    result = subprocess.run(
+        [sys.executable, "-S", "-E", "-c", code], capture_output=True, text=True, timeout=30
+    )
+    assert result.stdout.strip() == "ok", result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -40,15 +41,19 @@ def _options(
 
 def parse_value(text: str, kind: str | None) -> tuple[Any, str]:
     """A command-line value and its type: true/false, a number, else a string (or as --type)."""
+    if kind not in (None, "boolean", "string", "number"):
+        fail(f"--type '{kind}' is not boolean, string or number", USAGE)
     if kind in (None, "boolean") and text.lower() in ("true", "false"):
         return text.lower() == "true", "boolean"
     if kind in (None, "number"):
         try:
             number = float(text)
-            return (int(number) if number.is_integer() and "." not in text else number), "number"
         except ValueError:
-            if kind == "number":
-                fail(f"'{text}' is not a number", USAGE)
+            number = math.nan
+        if math.isfinite(number):  # "nan" and "inf" parse, but are not JSON
+            return (int(number) if number.is_integer() and "." not in text else number), "number"
+        if kind == "number":
+            fail(f"'{text}' is not a number", USAGE)
     if kind == "boolean":
         fail(f"'{text}' is not true or false", USAGE)
     return text, "string"
@@ -116,13 +121,23 @@ def get_flag(
     room: Annotated[str | None, typer.Option(help="Evaluate for a session in this room.")] = None,
     dispatch_id: Annotated[str | None, typer.Option(help="...with this dispatch id.")] = None,
     metadata: Annotated[str, typer.Option(help="...with this job metadata.")] = "",
+    attr: Annotated[
+        list[str] | None, typer.Option(help="...with this job attribute: NAME=VALUE (repeat).")
+    ] = None,
 ) -> None:
     """A flag's definition, or (with --room/--dispatch-id) what one session gets."""
     if room is None and dispatch_id is None:
+        if metadata or attr:
+            fail("--metadata and --attr go with --room or --dispatch-id", USAGE)
         data = state.client.request("GET", f"/agents/{agent}/flags/{key}")
         _print_json(data) if state.json else out.print(f"{key} = {_summary(data)}")
         return
     params = {"room": room or "", "dispatch_id": dispatch_id or "", "metadata": metadata}
+    for pair in attr or []:
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            fail(f"--attr '{pair}' is not NAME=VALUE", USAGE)
+        params[f"attr.{name}"] = text
     data = state.client.request("GET", f"/agents/{agent}/flags/{key}/evaluate", params=params)
     if state.json:
         _print_json(data)

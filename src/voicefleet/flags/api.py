@@ -51,14 +51,18 @@ async def stream_flags(
     authorization: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     """Server-sent events: `snapshot` (all the agent's flags) at once and after every change,
-    a keepalive comment every 15 s. For the agent's own instances or the project's key."""
+    a keepalive comment every 15 s. For the agent's own instances, or the project's key with
+    the roomAdmin grant."""
     plane: ControlPlane = request.app.state.control
     service: DispatchService = request.app.state.dispatch
-    row = await plane.agent(agent)
-    try:
+    try:  # before the agent is looked up: no telling strangers which agents exist
         claims = tokens.verify(tokens.bearer(authorization), service.secret_for)
     except AuthError as e:
         raise HTTPException(e.status, str(e)) from None
+    if claims.api_key == service.project.api_key and not claims.video.get("roomAdmin"):
+        # The project's key also signs the room tokens handed to end users' browsers.
+        raise HTTPException(403, "a project-key token needs the roomAdmin grant to read flags")
+    row = await plane.agent(agent)
     identity = tokens.instance_identity(claims.api_key)
     if claims.api_key != service.project.api_key and (identity is None or identity.agent != row.id):
         raise HTTPException(403, f"this key may not read the flags of {row.name}")

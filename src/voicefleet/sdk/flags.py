@@ -32,11 +32,12 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from voicefleet.sdk.evaluate import Session, evaluate
+from voicefleet.sdk.evaluate import Session, evaluate, is_type
 
 log = logging.getLogger("voicefleet.sdk")
 
@@ -49,7 +50,15 @@ def _token(api_key: str, api_secret: str, ttl: int = 3600) -> str:
 
     now = int(time.time())
     header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    claims = {"iss": api_key, "sub": "voicefleet-flags", "nbf": now - 5, "exp": now + ttl}
+    claims = {
+        "iss": api_key,
+        "sub": "voicefleet-flags",
+        "nbf": now - 5,
+        "exp": now + ttl,
+        # Needed when signing with the project's key (a worker started by hand); an
+        # instance's own key reads its agent's flags without it.
+        "video": {"roomAdmin": True},
+    }
     body = b64(json.dumps(claims).encode())
     signature = hmac.new(api_secret.encode(), f"{header}.{body}".encode(), hashlib.sha256)
     return f"{header}.{body}.{b64(signature.digest())}"
@@ -57,6 +66,17 @@ def _token(api_key: str, api_secret: str, ttl: int = 3600) -> str:
 
 def env_name(key: str) -> str:
     return "VOICEFLEET_FLAG_" + re.sub(r"[^A-Za-z0-9]", "_", key).upper()
+
+
+def env_value(key: str, default: Any = None) -> Any:
+    """The flag's `VOICEFLEET_FLAG_<KEY>` variable (JSON, else the text), else `default`."""
+    raw = os.environ.get(env_name(key))
+    if raw is None:
+        return default
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
 
 
 class FlagsClient:
@@ -82,25 +102,36 @@ class FlagsClient:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
+        self._started = False
         self._stop = threading.Event()
         self._conn: http.client.HTTPConnection | None = None
         self._read_cache()
+        _clients.add(self)
+
+    def _forked(self) -> None:
+        """In a forked child (livekit-agents forks job processes from a forkserver, which may
+        have imported the agent and started its client): the stream thread stayed behind, and
+        a lock it held would stay held forever. Fresh locks; the thread restarts on next use."""
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._thread, self._conn = None, None
+
+    def _running(self) -> None:
+        if self._started and self._thread is None:
+            self.start()
 
     # -- reading flags ------------------------------------------------------------------------
 
     def get(self, key: str, default: Any = None, session: Session | None = None) -> Any:
-        """The flag's value for `session` (None: the flag's default value)."""
+        """The flag's value for `session`. Without a session, rules that look at the session
+        do not match and percentages admit nobody: what every session gets for sure."""
+        self._running()
         with self._lock:
             flag = self._flags.get(key)
         if flag is not None:
             return evaluate(flag, session or Session())[0]
-        raw = os.environ.get(env_name(key))
-        if raw is None:
-            return default
-        try:
-            return json.loads(raw)
-        except ValueError:
-            return raw
+        return env_value(key, default)
 
     def get_bool(self, key: str, default: bool = False, session: Session | None = None) -> bool:
         value = self.get(key, default, session)
@@ -112,32 +143,39 @@ class FlagsClient:
 
     def get_number(self, key: str, default: float = 0.0, session: Session | None = None) -> float:
         value = self.get(key, default, session)
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        return value if ok else default
+        return value if is_type("number", value) else default
 
     def definition(self, key: str) -> dict[str, Any] | None:
+        self._running()
         with self._lock:
             return self._flags.get(key)
 
     def wait_version(self, version: int, timeout: float) -> bool:
         """Wait until a snapshot newer than `version` has arrived; False after `timeout`."""
+        self._running()
         with self._changed:
             return self._changed.wait_for(lambda: self.version > version, timeout)
 
     def wait_ready(self, timeout: float = 2.0) -> bool:
         """Wait for the first live snapshot; False (still serving cache/env) after `timeout`."""
+        self._running()
         with self._changed:
             return self._changed.wait_for(lambda: self.source == LIVE, timeout)
 
     # -- the stream ---------------------------------------------------------------------------
 
     def start(self) -> FlagsClient:
-        if self._thread is None and self.url and self.agent:
-            self._thread = threading.Thread(target=self._run, name="voicefleet-flags", daemon=True)
-            self._thread.start()
+        with self._lock:  # job threads may all ask at once: one stream
+            if self._thread is None and self.url and self.agent:
+                self._started = True
+                self._thread = threading.Thread(
+                    target=self._run, name="voicefleet-flags", daemon=True
+                )
+                self._thread.start()
         return self
 
     def close(self) -> None:
+        self._started = False
         self._stop.set()
         conn = self._conn
         if conn is not None and conn.sock is not None:
@@ -154,6 +192,10 @@ class FlagsClient:
                 delay = 0.1
             except (OSError, http.client.HTTPException, ValueError) as e:
                 log.debug("flag stream: %s", e)
+            except Exception:
+                # Anything else (a snapshot of an unexpected shape) must not end the thread:
+                # the agent would keep stale flags for the rest of its life.
+                log.exception("flag stream failed; reconnecting")
             with self._lock:
                 if self.source == LIVE:
                     self.source = CACHED  # the server went away: keep serving the copy
@@ -165,9 +207,12 @@ class FlagsClient:
         conn_type = (
             http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         )
-        conn = conn_type(parts.netloc, timeout=30)  # keepalives come every 15 s
+        conn = conn_type(parts.netloc, timeout=5)  # a host that does not answer: retry soon
         self._conn = conn
         try:
+            conn.connect()
+            assert conn.sock is not None
+            conn.sock.settimeout(30)  # keepalives come every 15 s: silence means a dead link
             path = f"{parts.path}/api/v1/agents/{urllib.parse.quote(self.agent)}/flags/stream"
             token = _token(self.api_key, self.api_secret)
             conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
@@ -219,8 +264,20 @@ class FlagsClient:
             log.debug("flag cache not written: %s", e)
 
 
+_clients: weakref.WeakSet[FlagsClient] = weakref.WeakSet()
 _client: FlagsClient | None = None
 _client_lock = threading.Lock()
+
+
+def _after_fork() -> None:
+    global _client_lock
+    _client_lock = threading.Lock()
+    for client in list(_clients):
+        client._forked()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def flags() -> FlagsClient:

@@ -11,6 +11,10 @@
 The evaluation context maps to a session: the targeting key is the dispatch id, attributes
 "room" and "metadata" are the room name and job metadata, any other attribute is a job attribute.
 Needs `openfeature-sdk` in the agent's environment (the rest of voicefleet.sdk needs nothing).
+
+Reasons: TARGETING_MATCH (a rule matched), SPLIT (a rule's percentage admitted the session),
+DEFAULT (no rule did), DISABLED (killed), CACHED (the server is out of reach: its last flags),
+STATIC (no flag known: a VOICEFLEET_FLAG_<KEY> variable), ERROR (FLAG_NOT_FOUND, TYPE_MISMATCH).
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from openfeature.flag_evaluation import FlagResolutionDetails, Reason
 from openfeature.provider import AbstractProvider
 from openfeature.provider.metadata import Metadata
 
-from voicefleet.sdk.evaluate import TYPES, Session, evaluate
-from voicefleet.sdk.flags import CACHED, FlagsClient, flags
+from voicefleet.sdk.evaluate import TYPES, Session, evaluate, is_type
+from voicefleet.sdk.flags import CACHED, FlagsClient, env_value, flags
 
 
 def session_of(context: EvaluationContext | None) -> Session:
@@ -52,6 +56,11 @@ class VoicefleetProvider(AbstractProvider):
     ) -> FlagResolutionDetails[Any]:
         flag = self.client.definition(key)
         if flag is None:
+            value = env_value(key)
+            if value is not None and is_type(kind, value):
+                # The server has not said (down since before this process, no cache): the
+                # operator's VOICEFLEET_FLAG_<KEY> variable, as FlagsClient.get falls back to.
+                return FlagResolutionDetails(value, reason=Reason.STATIC, variant="env")
             return FlagResolutionDetails(
                 default,
                 error_code=ErrorCode.FLAG_NOT_FOUND,
@@ -72,6 +81,8 @@ class VoicefleetProvider(AbstractProvider):
             reason = Reason.CACHED
         elif why == "default":
             reason = Reason.DEFAULT
+        elif flag["rules"][int(why.removeprefix("rule ")) - 1]["percent"] < 100:
+            reason = Reason.SPLIT  # a percentage admitted this session
         else:
             reason = Reason.TARGETING_MATCH
         return FlagResolutionDetails(value, reason=reason, variant=why)
