@@ -76,6 +76,15 @@ async def dispatch(lk: api.LiveKitAPI, room: str, hold: float = 0) -> str:
     return d.state.jobs[0].id
 
 
+def all_stopped(server: Server, *versions: str) -> Callable[[], bool]:
+    """A check: every instance of these versions of my-agent has stopped."""
+    return lambda: all(
+        i["status"] == "stopped"
+        for i in api_get(server, "/agents/my-agent")["instances"]
+        if i["version"] in versions
+    )
+
+
 def job_state(server: Server, job_id: str, *states: str) -> Callable[[], dict[str, Any] | None]:
     return lambda: ((j := server.job(job_id)) and j["state"] in states and j) or None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -19,7 +20,7 @@ import pytest
 from livekit import api
 
 from tests.support import DEV_KEY, DEV_SECRET, Server, started, wait_for
-from tests.test_deploy import AGENT_SRC, api_get, dispatch, job_state, vf
+from tests.test_deploy import AGENT_SRC, all_stopped, api_get, dispatch, job_state, vf
 from voicefleet.dispatch.routing import BUCKETS, RoutingTable, bucket
 from voicefleet.dispatch.stats import Window
 from voicefleet.rollout.canary import Thresholds, judge
@@ -109,8 +110,6 @@ def test_canary_verdicts() -> None:
 @pytest.fixture
 def agent_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "my-agent"
-    import shutil
-
     shutil.copytree(AGENT_SRC, folder)
     (folder / "VERSION").write_text("one")
     (folder / "THREADS").write_text("jobs in threads: hundreds of sessions stay cheap")
@@ -224,11 +223,7 @@ async def test_canary_takes_its_share_and_a_failing_canary_is_aborted_without_dr
             job = await wait_for(job_state(server, job_id, "succeeded", "failed"), 60, job_id)
             assert job["state"] == "succeeded" and job["version"] == "v1", job
         await wait_for(
-            lambda: all(
-                i["status"] == "stopped"
-                for i in api_get(server, "/agents/my-agent")["instances"]
-                if i["version"] == "v3"
-            ),
+            all_stopped(server, "v3"),
             60,
             "the canary's instances to stop",
         )
@@ -272,11 +267,7 @@ async def test_blue_green_smoke_tests_green_switches_and_blue_drains_its_calls(
             job = await wait_for(job_state(server, job_id, "succeeded", "failed"), 60, job_id)
             assert job["state"] == "succeeded" and job["version"] == "v1", job
         await wait_for(
-            lambda: all(
-                i["status"] == "stopped"
-                for i in api_get(server, "/agents/my-agent")["instances"]
-                if i["version"] == "v1"
-            ),
+            all_stopped(server, "v1"),
             60,
             "blue to stop once its sessions ended",
         )
@@ -298,11 +289,7 @@ async def test_blue_green_smoke_tests_green_switches_and_blue_drains_its_calls(
         assert status["deployments"][0]["version"] == "v2"
         assert status["deployments"][0]["routing"] == {"v2": 100}
         await wait_for(
-            lambda: all(
-                i["status"] == "stopped"
-                for i in api_get(server, "/agents/my-agent")["instances"]
-                if i["version"] in ("v1", "v3")
-            ),
+            all_stopped(server, "v1", "v3"),
             30,
             "the failed greens to stop",
         )

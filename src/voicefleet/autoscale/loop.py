@@ -49,7 +49,7 @@ class Autoscaler:
 
     async def tick(self) -> None:
         plane = self.plane
-        queued = plane.dispatch.queued_by_agent()
+        queued = plane.dispatch.scheduler.queued_by_agent()
         now = time.time()
         for dep in await plane.repo.deployments():
             if dep.autoscale is None or not dep.version:

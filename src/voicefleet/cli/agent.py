@@ -17,23 +17,26 @@ from rich.table import Table
 
 from voicefleet.build.bundle import create_bundle
 from voicefleet.cli import livekit_toml
-from voicefleet.cli.client import FAILED, NOT_FOUND, USAGE, Client, fail, resolve
+from voicefleet.cli.client import (
+    FAILED,
+    NOT_FOUND,
+    USAGE,
+    Json,
+    Key,
+    Secret,
+    Url,
+    ago,
+    configure,
+    fail,
+    print_json,
+    state,
+)
 from voicefleet.errors import VoicefleetError
 
 app = typer.Typer(help="Create, deploy and operate agents.", no_args_is_help=True)
 out = Console()
 
 
-class State:
-    client: Client
-    json: bool = False
-
-
-state = State()
-
-Url = Annotated[str | None, typer.Option("--url", help="Server URL (env VF_URL).")]
-Key = Annotated[str | None, typer.Option("--api-key", help="API key (env VF_API_KEY).")]
-Secret = Annotated[str | None, typer.Option("--api-secret", help="API secret (env VF_API_SECRET).")]
 AgentOpt = Annotated[
     str | None, typer.Option("--id", help="Agent id or name (default: livekit.toml here).")
 ]
@@ -45,10 +48,9 @@ def _options(
     url: Url = None,
     api_key: Key = None,
     api_secret: Secret = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    as_json: Json = False,
 ) -> None:
-    state.client = Client(resolve(url, api_key, api_secret))
-    state.json = as_json
+    configure(url, api_key, api_secret, as_json)
 
 
 def _agent(key: str | None) -> str:
@@ -61,17 +63,6 @@ def _agent(key: str | None) -> str:
     if config is None:
         fail("no livekit.toml here: run `vf agent create`, or pass --id", USAGE)
     return config.agent_id
-
-
-def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True))
-
-
-def _ago(ts: float) -> str:
-    if not ts:
-        return "-"
-    s = int(time.time() - ts)
-    return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago"
 
 
 @app.command()
@@ -105,7 +96,7 @@ def create(
         (folder / "Dockerfile").write_text(livekit_toml.DOCKERFILE)
         wrote.append("Dockerfile")
     if state.json:
-        _print_json(agent)
+        print_json(agent)
     else:
         out.print(f"Created agent [bold]{name}[/bold] ({agent['id']}); wrote {', '.join(wrote)}")
 
@@ -121,7 +112,7 @@ def config(
         state.client.request("PATCH", f"/agents/{key}", json={"grace_period": grace_period})
     status = state.client.request("GET", f"/agents/{key}")
     if state.json:
-        _print_json(status["agent"])
+        print_json(status["agent"])
     else:
         for k, v in status["agent"].items():
             out.print(f"{k}: {v}")
@@ -220,7 +211,7 @@ def deploy(
         )
         rollout = _watch_rollout(key, version, quiet, started["id"])
         if quiet:
-            _print_json({"rollout": rollout})
+            print_json({"rollout": rollout})
         _report(rollout)
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -251,11 +242,11 @@ def deploy(
     built = next(x for x in client.request("GET", f"/agents/{key}/versions") if x["version"] == v)
     if built["status"] != "ready":
         if quiet:
-            _print_json({"version": built, "rollout": None})
+            print_json({"version": built, "rollout": None})
         fail(f"build of {v} failed; {deployment} keeps its current version", FAILED)
     rollout = _watch_rollout(key, v, quiet)
     if quiet:
-        _print_json({"version": built, "rollout": rollout})
+        print_json({"version": built, "rollout": rollout})
     _report(rollout)
 
 
@@ -343,7 +334,7 @@ def status(agent: AgentOpt = None) -> None:
     """Deployments, instances (with their live sessions) and recent rollouts."""
     data = state.client.request("GET", f"/agents/{_agent(agent)}")
     if state.json:
-        _print_json(data)
+        print_json(data)
         return
     a = data["agent"]
     out.print(f"[bold]{a['name']}[/bold] ({a['id']}), grace period {a['grace_period']:g}s")
@@ -383,13 +374,13 @@ def versions(agent: AgentOpt = None) -> None:
     """Every version of the agent, newest first, and which deployment serves it."""
     data = state.client.request("GET", f"/agents/{_agent(agent)}/versions")
     if state.json:
-        _print_json(data)
+        print_json(data)
         return
     t = Table(title="versions")
     for col in ("version", "status", "serving", "created", "source", "dependencies"):
         t.add_column(col)
     for v in data:
-        t.add_row(v["version"], v["status"], v["deployment"], _ago(v["created_at"]),
+        t.add_row(v["version"], v["status"], v["deployment"], ago(v["created_at"]),
                   v["source_digest"][:12], v["dependency_digest"][:12])  # fmt: skip
     out.print(t)
 
@@ -454,7 +445,7 @@ def promote(
 def _finish(key: str, started: Any, to_end: bool = False) -> None:
     rollout = _watch_rollout(key, started["to_version"], state.json, started["id"], to_end)
     if state.json:
-        _print_json(rollout)
+        print_json(rollout)
     _report(rollout)
 
 
@@ -470,7 +461,7 @@ def canary_status(agent: AgentOpt = None, deployment: Deployment = "production")
         r for r in data["rollouts"] if r["strategy"] == "canary" and r["deployment"] == deployment
     ]
     if state.json:
-        _print_json(canaries[0] if canaries else None)
+        print_json(canaries[0] if canaries else None)
         return
     if not canaries:
         fail(f"no canary on {deployment}", NOT_FOUND)
@@ -507,7 +498,7 @@ def _canary(command: str, agent: str | None, deployment: str) -> None:
     if command in ("promote", "abort"):
         _finish(key, data, to_end=True)
     elif state.json:
-        _print_json(data)
+        print_json(data)
     else:
         out.print(f"canary {data['to_version']}: {command} requested")
 
@@ -600,7 +591,7 @@ def scale(
         body["replicas"] = replicas
     data = state.client.request("POST", f"/agents/{_agent(agent)}/scale", json=body)
     if state.json:
-        _print_json(data)
+        print_json(data)
     elif data["autoscale"]:
         a = data["autoscale"]
         out.print(
@@ -629,7 +620,7 @@ def delete(
     if not yes and not typer.confirm(f"Delete agent {key} and drain its instances?"):
         raise typer.Exit(FAILED)
     state.client.request("DELETE", f"/agents/{key}")
-    out.print(f"deleted {key}") if not state.json else _print_json({"deleted": key})
+    out.print(f"deleted {key}") if not state.json else print_json({"deleted": key})
 
 
 secrets_app = typer.Typer(
@@ -658,7 +649,7 @@ def secrets_set(
     if not values:
         fail("no secrets given (NAME=VALUE or --secrets-file)", USAGE)
     data = state.client.request("PUT", f"/agents/{_agent(agent)}/secrets", json={"secrets": values})
-    _print_json(data) if state.json else out.print(f"set {', '.join(data['set'])}")
+    print_json(data) if state.json else out.print(f"set {', '.join(data['set'])}")
 
 
 @secrets_app.command("list")
@@ -666,13 +657,13 @@ def secrets_list(agent: AgentOpt = None) -> None:
     """Secret names and when they changed (never their values)."""
     data = state.client.request("GET", f"/agents/{_agent(agent)}/secrets")
     if state.json:
-        _print_json(data)
+        print_json(data)
         return
     t = Table(title="secrets")
     t.add_column("name")
     t.add_column("updated")
     for s in data:
-        t.add_row(s["name"], _ago(s["updated_at"]))
+        t.add_row(s["name"], ago(s["updated_at"]))
     out.print(t)
 
 
@@ -686,4 +677,4 @@ def secrets_unset(
     )
     if data["removed"] == 0:
         fail(f"none of {', '.join(names)} was set", NOT_FOUND)
-    _print_json(data) if state.json else out.print(f"removed {data['removed']}")
+    print_json(data) if state.json else out.print(f"removed {data['removed']}")

@@ -8,12 +8,14 @@ dev server's defaults (http://127.0.0.1:7880, devkey / secret).
 
 from __future__ import annotations
 
+import json
 import os
+import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import httpx
 import typer
@@ -110,3 +112,37 @@ def check(r: httpx.Response) -> None:
         )
     code = {401: AUTH, 403: AUTH, 404: NOT_FOUND}.get(r.status_code, FAILED)
     fail(f"{detail} (HTTP {r.status_code})", code)
+
+
+# -- what every command group shares ------------------------------------------------------------
+
+Url = Annotated[str | None, typer.Option("--url", help="Server URL (env VF_URL).")]
+Key = Annotated[str | None, typer.Option("--api-key", help="API key (env VF_API_KEY).")]
+Secret = Annotated[str | None, typer.Option("--api-secret", help="API secret (env VF_API_SECRET).")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+class State:
+    """The server client and output mode, set by a command group's callback."""
+
+    client: Client
+    json: bool = False
+
+
+state = State()
+
+
+def configure(url: str | None, api_key: str | None, api_secret: str | None, as_json: bool) -> None:
+    state.client = Client(resolve(url, api_key, api_secret))
+    state.json = as_json
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def ago(ts: float) -> str:
+    if not ts:
+        return "-"
+    s = int(time.time() - ts)
+    return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago"

@@ -11,19 +11,23 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from voicefleet.cli.agent import Key, Secret, Url, _ago, _print_json
-from voicefleet.cli.client import USAGE, Client, fail, resolve
+from voicefleet.cli.client import (
+    USAGE,
+    Json,
+    Key,
+    Secret,
+    Url,
+    ago,
+    configure,
+    fail,
+    print_json,
+    state,
+)
 
 app = typer.Typer(help="Feature flags: live values per session, no redeploy.", no_args_is_help=True)
 out = Console()
 
 
-class State:
-    client: Client
-    json: bool = False
-
-
-state = State()
 AgentArg = Annotated[str, typer.Argument(help="Agent id or name.")]
 KeyArg = Annotated[str, typer.Argument(help="Flag key.")]
 
@@ -33,10 +37,9 @@ def _options(
     url: Url = None,
     api_key: Key = None,
     api_secret: Secret = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    as_json: Json = False,
 ) -> None:
-    state.client = Client(resolve(url, api_key, api_secret))
-    state.json = as_json
+    configure(url, api_key, api_secret, as_json)
 
 
 def parse_value(text: str, kind: str | None) -> tuple[Any, str]:
@@ -111,7 +114,7 @@ def set_flag(
         except (OSError, ValueError) as e:
             fail(f"cannot read rules from {rules_file}: {e}", USAGE)
     data = state.client.request("PUT", f"/agents/{agent}/flags/{key}", json=body)
-    _print_json(data) if state.json else out.print(f"{key} = {_summary(data)}")
+    print_json(data) if state.json else out.print(f"{key} = {_summary(data)}")
 
 
 @app.command("get")
@@ -130,7 +133,7 @@ def get_flag(
         if metadata or attr:
             fail("--metadata and --attr go with --room or --dispatch-id", USAGE)
         data = state.client.request("GET", f"/agents/{agent}/flags/{key}")
-        _print_json(data) if state.json else out.print(f"{key} = {_summary(data)}")
+        print_json(data) if state.json else out.print(f"{key} = {_summary(data)}")
         return
     params = {"room": room or "", "dispatch_id": dispatch_id or "", "metadata": metadata}
     for pair in attr or []:
@@ -140,7 +143,7 @@ def get_flag(
         params[f"attr.{name}"] = text
     data = state.client.request("GET", f"/agents/{agent}/flags/{key}/evaluate", params=params)
     if state.json:
-        _print_json(data)
+        print_json(data)
     else:
         out.print(f"{key} = {json.dumps(data['value'])} ({data['reason']})")
 
@@ -150,13 +153,13 @@ def list_flags(agent: AgentArg) -> None:
     """Every flag of the agent."""
     data = state.client.request("GET", f"/agents/{agent}/flags")
     if state.json:
-        _print_json(data)
+        print_json(data)
         return
     t = Table(title="flags")
     for col in ("key", "type", "value", "changed", "by"):
         t.add_column(col)
     for f in data:
-        t.add_row(f["key"], f["type"], _summary(f), _ago(f["updated_at"]), f["updated_by"])
+        t.add_row(f["key"], f["type"], _summary(f), ago(f["updated_at"]), f["updated_by"])
     out.print(t)
 
 
@@ -164,14 +167,14 @@ def list_flags(agent: AgentArg) -> None:
 def delete_flag(agent: AgentArg, key: KeyArg) -> None:
     """Remove a flag: agents fall back to their defaults (or VOICEFLEET_FLAG_* variables)."""
     state.client.request("DELETE", f"/agents/{agent}/flags/{key}")
-    _print_json({"deleted": key}) if state.json else out.print(f"deleted {key}")
+    print_json({"deleted": key}) if state.json else out.print(f"deleted {key}")
 
 
 @app.command("kill")
 def kill_flag(agent: AgentArg, key: KeyArg) -> None:
     """Kill switch: every session gets the flag's off value now; `vf flags set` revives it."""
     data = state.client.request("POST", f"/agents/{agent}/flags/{key}/kill")
-    _print_json(data) if state.json else out.print(f"{key} killed: every session gets off")
+    print_json(data) if state.json else out.print(f"{key} killed: every session gets off")
 
 
 def _summary(flag: dict[str, Any]) -> str:

@@ -146,6 +146,10 @@ class ControlPlane:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def http_url(self) -> str:
+        """The server's own address for instances' HTTP calls (flags, smoke commands)."""
+        return self.worker_url().replace("ws", "http", 1)
+
     def _lock(self, agent_id: str) -> asyncio.Lock:
         return self._agent_locks.setdefault(agent_id, asyncio.Lock())
 
@@ -586,7 +590,7 @@ class ControlPlane:
         log_path = self.paths.version_dir(agent.id, version) / "smoke.log"
         env = {
             **os.environ,
-            "VOICEFLEET_URL": self.worker_url().replace("ws", "http", 1),
+            "VOICEFLEET_URL": self.http_url(),
             "VOICEFLEET_AGENT": agent.name,
             "VOICEFLEET_AGENT_ID": agent.id,
             "VOICEFLEET_DEPLOYMENT": deployment,
@@ -681,7 +685,7 @@ class ControlPlane:
         env = {s.name: self.box.open_value(s.value) for s in await self.repo.secrets(agent.id)}
         env.update(
             LIVEKIT_URL=self.worker_url(),
-            VOICEFLEET_URL=self.worker_url().replace("ws", "http", 1),
+            VOICEFLEET_URL=self.http_url(),
             PYTHONPATH=str(self.paths.sdk),
             LIVEKIT_API_KEY=key,
             LIVEKIT_API_SECRET=secret,

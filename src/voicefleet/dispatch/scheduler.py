@@ -93,6 +93,12 @@ class Scheduler:
         """Call `listener(agent_name)` when a job starts waiting for a worker (autoscaler)."""
         self._queued_listeners.append(listener)
 
+    def queued_by_agent(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for key, waiting in self._waiting.items():
+            out[key.agent_name] = out.get(key.agent_name, 0) + len(waiting)
+        return out
+
     @property
     def queued(self) -> int:
         return sum(len(q) for q in self._waiting.values())

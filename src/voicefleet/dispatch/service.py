@@ -54,7 +54,7 @@ class DispatchService:
             "voicefleet_queued_jobs",
             "Jobs waiting for an available worker.",
             "agent_name",
-            self.queued_by_agent,
+            self.scheduler.queued_by_agent,
         )
 
     def secret_for(self, api_key: str) -> str | None:
@@ -72,12 +72,6 @@ class DispatchService:
                 "job ended",
                 extra={"job": job.id, "state": str(job.state), "error": job.error},
             )
-
-    def queued_by_agent(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for key, waiting in self.scheduler._waiting.items():
-            out[key.agent_name] = out.get(key.agent_name, 0) + len(waiting)
-        return out
 
     # -- explicit dispatch (AgentDispatchService) ---------------------------------------------
 

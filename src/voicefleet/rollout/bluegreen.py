@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from voicefleet.errors import InvalidRequest
-from voicefleet.rollout.rolling import ABORTED, COMPLETE, Fleet, RolloutFailed, _step
+from voicefleet.rollout.rolling import ABORTED, COMPLETE, Fleet, RolloutFailed, _step, size
 from voicefleet.store.models import RolloutRow
 from voicefleet.store.repo import Repo
 
@@ -59,8 +59,7 @@ async def run_bluegreen(rollout: RolloutRow, fleet: BlueGreenFleet, repo: Repo) 
     test = SmokeTest.from_plan(rollout.plan)
     if rollout.step in ("", "start", "wait", "smoke"):
         await _step(repo, rollout, "start")
-        size = int(rollout.plan.get("replicas", 1))  # at least one, even if scaled to zero
-        ids = await fleet.ensure_instances(agent, dep, green, None, size)
+        ids = await fleet.ensure_instances(agent, dep, green, None, size(rollout))
         await _step(repo, rollout, "wait")
         try:
             await fleet.wait_serving(ids)
@@ -81,7 +80,7 @@ async def run_bluegreen(rollout: RolloutRow, fleet: BlueGreenFleet, repo: Repo) 
         await repo.event(agent, "bluegreen_switched", f"all new sessions of {dep} go to {green}")
         await _step(repo, rollout, "drain")
     if rollout.step == "drain":
-        keep = await fleet.ensure_instances(agent, dep, green, None, int(rollout.plan["replicas"]))
+        keep = await fleet.ensure_instances(agent, dep, green, None, size(rollout))
         blue = await fleet.drain_others(agent, dep, keep, warm=False)
         rollout.reason = f"{dep} serves {green}; blue's {len(blue)} instance(s) drain"
         await _step(repo, rollout, "done", COMPLETE)

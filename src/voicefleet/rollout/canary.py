@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from voicefleet.dispatch.stats import Window
 from voicefleet.errors import InvalidRequest
-from voicefleet.rollout.rolling import ABORTED, PROGRESSING, Fleet, RolloutFailed, _step
+from voicefleet.rollout.rolling import ABORTED, PROGRESSING, Fleet, RolloutFailed, _step, size
 from voicefleet.store.models import RolloutRow
 from voicefleet.store.repo import Repo
 
@@ -131,8 +131,7 @@ async def run_canary(rollout: RolloutRow, fleet: CanaryFleet, repo: Repo) -> Non
     new, stable = rollout.to_version, rollout.from_version
     if rollout.step in ("", "start", "wait"):
         await _step(repo, rollout, "start")
-        replicas = int(rollout.plan.get("replicas", 1))
-        ids = await fleet.ensure_instances(agent, dep, new, None, plan.instances(replicas))
+        ids = await fleet.ensure_instances(agent, dep, new, None, plan.instances(size(rollout)))
         await _step(repo, rollout, "wait")
         try:
             await fleet.wait_serving(ids)
@@ -141,7 +140,7 @@ async def run_canary(rollout: RolloutRow, fleet: CanaryFleet, repo: Repo) -> Non
             await _finish(repo, rollout, ABORTED, f"{new} did not come up: {e}", "canary_aborted")
             return
         await _enter(fleet, repo, rollout, plan, 0)
-    ids = await fleet.ensure_instances(agent, dep, new, None, _count(rollout, plan))
+    ids = await fleet.ensure_instances(agent, dep, new, None, plan.instances(size(rollout)))
     baseline = fleet.restarts(ids)
     while rollout.step.startswith("step:"):
         index = int(rollout.step.split(":")[1])
@@ -160,8 +159,7 @@ async def run_canary(rollout: RolloutRow, fleet: CanaryFleet, repo: Repo) -> Non
             break
         await _enter(fleet, repo, rollout, plan, index + 1)
     if rollout.step == "promote":
-        replicas = int(rollout.plan.get("replicas", 1))
-        full = await fleet.ensure_instances(agent, dep, new, None, replicas)
+        full = await fleet.ensure_instances(agent, dep, new, None, size(rollout))
         try:
             await fleet.wait_serving(full)
         except RolloutFailed as e:
@@ -193,10 +191,6 @@ async def _enter(
             "canary_step",
             f"{rollout.deployment}: {share:g}% of new sessions to {rollout.to_version}",
         )
-
-
-def _count(rollout: RolloutRow, plan: CanaryPlan) -> int:
-    return plan.instances(int(rollout.plan.get("replicas", 1)))
 
 
 async def _watch(

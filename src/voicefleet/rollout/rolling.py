@@ -47,6 +47,11 @@ class Fleet(Protocol):
     async def stop_instances(self, instance_ids: list[str]) -> None: ...
 
 
+def size(rollout: RolloutRow) -> int:
+    """The deployment's size when the rollout began, at least one (recorded in its plan)."""
+    return max(1, int(rollout.plan.get("replicas", 1)))
+
+
 async def _step(repo: Repo, rollout: RolloutRow, step: str, state: str = PROGRESSING) -> None:
     rollout.step, rollout.state, rollout.updated_at = step, state, time.time()
     await repo.save(rollout)
