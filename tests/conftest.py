@@ -9,6 +9,15 @@ from livekit import api
 from tests.support import DEV_KEY, DEV_SECRET, Server, Worker
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_env_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The tests' servers share built environments (`vf server --env-cache`, as servers on one
+    machine may): an agent's requirements are installed once per run, not once per test."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VF_ENV_CACHE", str(tmp_path_factory.mktemp("envs")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server for the tests that only need the defaults; each test uses its own agent names."""

@@ -132,7 +132,13 @@ class Server:
         return found
 
     def job(self, job_id: str) -> dict[str, Any] | None:
-        return next((j for j in self.jobs() if j["id"] == job_id), None)
+        try:
+            found: dict[str, Any] = self._get(f"/api/v1/jobs/{job_id}")
+        except httpx.HTTPStatusError as e:
+            if e.response.status_code == 404:
+                return None
+            raise
+        return found
 
     def metric(self, name: str, **labels: str) -> float:
         """One sample's value from /metrics (0 when absent)."""

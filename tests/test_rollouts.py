@@ -116,6 +116,19 @@ def agent_dir(tmp_path: Path) -> Path:
     return folder
 
 
+def unfinished(server: Server, markers: Path, wave: dict[str, str]) -> str:
+    """What a wave's sessions that did not end were doing, for a failure message."""
+    found = {j["id"]: j for j in server.jobs(limit=1000) if j["id"] in wave}
+    lines = []
+    for job_id in wave:
+        job = found.get(job_id, {})
+        if job.get("state") in ("succeeded", "failed", "terminated"):
+            continue
+        marks = [m for m in ("started", "done") if (markers / f"{job_id}.{m}").exists()]
+        lines.append(f"{job_id}: {job or 'not in the store'}; markers: {marks}")
+    return "\n".join(lines)
+
+
 def events(server: Server, kind: str) -> list[dict[str, object]]:
     return [e for e in api_get(server, "/agents/my-agent/events") if e["kind"] == kind]
 
@@ -157,9 +170,12 @@ async def test_canary_takes_its_share_and_a_failing_canary_is_aborted_without_dr
                 over = [j for j in found if j["state"] in ("succeeded", "failed", "terminated")]
                 return over if len(over) == len(wave) else None
 
-            done += await wait_for(
-                ended, 120, f"sessions {start}..{start + 49} to end", interval=0.2
-            )
+            try:
+                done += await wait_for(
+                    ended, 120, f"sessions {start}..{start + 49} to end", interval=0.2
+                )
+            except AssertionError as e:
+                raise AssertionError(f"{e}\n{unfinished(server, markers, wave)}") from None
         print(f"1,000 sessions took {time.monotonic() - began:.0f}s")
         errors = Counter((j["version"], j["error"]) for j in done if j["state"] != "succeeded")
         assert Counter(j["state"] for j in done) == {"succeeded": 1000}, errors

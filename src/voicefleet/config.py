@@ -72,6 +72,8 @@ class Settings:
 
     # SQLAlchemy URL of the store; empty: SQLite in the data directory.
     database: str = ""
+    # Built environments (one per dependency digest); None: envs/ in the data directory.
+    env_cache: Path | None = None
 
     @property
     def database_url(self) -> str:

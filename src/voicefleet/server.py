@@ -59,7 +59,7 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
             Repo(engine),
             service,
             LocalRuntime(),
-            LocalBuilder(paths.envs),
+            LocalBuilder(settings.env_cache or paths.envs),
             SecretBox.open(settings.data_dir),
             paths,
             worker_url=lambda: str(app.state.worker_url),

@@ -104,7 +104,11 @@ class LocalBuilder:
     async def _make(self, source: Path, env: Path, log: Log) -> None:
         uv = self.uv or find_uv()
         await self._run([uv, "venv", "--python", self.python, str(env)], source, log)
-        installer = [uv, "pip", "install", "--python", str(env / "bin" / "python")]
+        # Bytecode compiled now, not by the first instance to start: a cold start (and every
+        # start where the environment is read-only) would pay for it otherwise.
+        installer = [
+            uv, "pip", "install", "--compile-bytecode", "--python", str(env / "bin" / "python")
+        ]  # fmt: skip
         name, _ = dependency_source(source)
         if name == "uv.lock":
             requirements = env / "requirements.lock.txt"

@@ -49,6 +49,14 @@ def server(
     data_dir: Annotated[
         Path, typer.Option(envvar="VF_DATA_DIR", help="Where the database and credentials live.")
     ] = Path(".voicefleet"),
+    env_cache: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="VF_ENV_CACHE",
+            help="Where built Python environments are kept, one per dependency digest "
+            "(default: envs/ in the data dir). Servers may share one.",
+        ),
+    ] = None,
     database_url: Annotated[
         str,
         typer.Option(
@@ -104,6 +112,7 @@ def server(
     logs.setup(log_level)
     settings = Settings(
         data_dir=data_dir,
+        env_cache=env_cache,
         host=host,
         port=port,
         dev=dev,

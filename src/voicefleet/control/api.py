@@ -122,6 +122,16 @@ async def list_jobs(
     return await history(request.app.state.engine, limit=limit, room=room, state=state)
 
 
+@router.get("/jobs/{job_id}")
+async def get_job(request: Request, service: Admin, job_id: str) -> dict[str, Any]:
+    """One job as the store has it (its state as of this request)."""
+    await request.app.state.recorder.flush()
+    found = await history(request.app.state.engine, limit=1, job_id=job_id)
+    if not found:
+        raise HTTPException(404, f"no job {job_id!r}")
+    return found[0]
+
+
 # -- agents -------------------------------------------------------------------------------------
 
 

@@ -198,7 +198,12 @@ async def load_open(engine: AsyncEngine) -> tuple[list[Dispatch], list[Job]]:
 
 
 async def history(
-    engine: AsyncEngine, *, limit: int = 100, room: str | None = None, state: str | None = None
+    engine: AsyncEngine,
+    *,
+    limit: int = 100,
+    room: str | None = None,
+    state: str | None = None,
+    job_id: str | None = None,
 ) -> list[dict[str, Any]]:
     """Recent jobs, newest first, straight from the store."""
     query = select(JOBS).order_by(JobRow.created_at.desc()).limit(limit)
@@ -206,6 +211,8 @@ async def history(
         query = query.where(JobRow.room == room)
     if state:
         query = query.where(JobRow.state == state)
+    if job_id:
+        query = query.where(JobRow.id == job_id)
     async with engine.connect() as conn:
         rows = (await conn.execute(query)).all()
     return [dict(r._mapping) for r in rows]
