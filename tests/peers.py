@@ -25,6 +25,7 @@ class Peer:
         self.session, self.ws = session, ws
         self.worker_id = ""
         self.answer: Answer = "accept"
+        self.start_jobs = True  # report JS_RUNNING on assignment (False: drop it, say nothing)
         self.end_jobs = True  # report JS_SUCCESS right after JS_RUNNING
         self.offers: list[str] = []
         self.assignments: list[agent.JobAssignment] = []
@@ -88,9 +89,11 @@ class Peer:
                     await self._offered(msg.availability.job)
                 elif which == "assignment":
                     self.assignments.append(msg.assignment)
-                    await self._update(msg.assignment.job.id, agent.JobStatus.JS_RUNNING)
+                    if not self.start_jobs:
+                        continue
+                    await self.update(msg.assignment.job.id, agent.JobStatus.JS_RUNNING)
                     if self.end_jobs:
-                        await self._update(msg.assignment.job.id, agent.JobStatus.JS_SUCCESS)
+                        await self.update(msg.assignment.job.id, agent.JobStatus.JS_SUCCESS)
                 elif which == "termination":
                     self.terminations.append(msg.termination.job_id)
                 elif which == "pong":
@@ -112,7 +115,7 @@ class Peer:
             )
         )
 
-    async def _update(self, job_id: str, status: agent.JobStatus.ValueType) -> None:
+    async def update(self, job_id: str, status: agent.JobStatus.ValueType) -> None:
         await self.send(
             agent.WorkerMessage(update_job=agent.UpdateJobStatus(job_id=job_id, status=status))
         )

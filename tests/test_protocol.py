@@ -213,6 +213,42 @@ async def test_peer_that_never_answers_an_offer_loses_the_job_to_the_next_after_
         await taker.close()
 
 
+async def test_job_accepted_but_never_started_goes_to_the_next_worker_and_a_late_start_is_stopped(
+    start_server: Callable[..., Server],
+) -> None:
+    # livekit-agents drops an assignment that comes 7.5 s after it accepted, and says nothing.
+    server = start_server("--start-timeout", "1")
+    dropper = await Peer.connect(server.ws_url, "dropper")
+    dropper.start_jobs = False
+    try:
+        job_id = await dispatch(server, "dropper", "dropped-call")
+        await wait_for(lambda: dropper.assignments, 10, "the assignment")
+        assert server.job(job_id)["state"] == "assigned"  # type: ignore[index]
+        taker = await Peer.connect(server.ws_url, "dropper")
+        try:
+            job = await wait_for(
+                lambda: (j := server.job(job_id)) and j["state"] == "succeeded" and j,
+                10,
+                "the job to run on the next worker",
+            )
+            assert job["worker_id"] == taker.worker_id and [
+                a.job.id for a in taker.assignments
+            ] == [job_id]
+            assert dropper.terminations == [job_id]  # told to forget it
+            assert server.metric("voicefleet_offers_total", outcome="not_started") == 1
+            # The first worker starts it after all: it is told to stop; the job stays the taker's.
+            terminations = len(dropper.terminations)
+            await dropper.update(job_id, agent.JobStatus.JS_RUNNING)
+            await wait_for(
+                lambda: len(dropper.terminations) > terminations, 10, "a second termination"
+            )
+            assert server.job(job_id)["worker_id"] == taker.worker_id  # type: ignore[index]
+        finally:
+            await taker.close()
+    finally:
+        await dropper.close()
+
+
 async def test_silent_worker_is_disconnected_and_its_jobs_fail_with_the_reason(
     start_server: Callable[..., Server],
 ) -> None:

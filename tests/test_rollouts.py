@@ -21,8 +21,9 @@ from livekit import api
 
 from tests.support import DEV_KEY, DEV_SECRET, Server, started, wait_for
 from tests.test_deploy import AGENT_SRC, all_stopped, api_get, dispatch, job_state, vf
+from voicefleet.dispatch.jobs import Job, JobBook, JobState
 from voicefleet.dispatch.routing import BUCKETS, RoutingTable, bucket
-from voicefleet.dispatch.stats import Window
+from voicefleet.dispatch.stats import VersionStats, Window
 from voicefleet.rollout.canary import Thresholds, judge
 
 # -- the routing table --------------------------------------------------------------------------
@@ -78,6 +79,24 @@ def test_deployments_route_separately() -> None:
 
 
 # -- the canary's verdict -----------------------------------------------------------------------
+
+
+def test_version_stats_count_failures_and_sessions_accepted_but_never_started() -> None:
+    book, stats = JobBook(), VersionStats()
+    book.job_listeners.append(stats.job_changed)
+    since = time.time() - 1
+    outcomes = {"ok": JobState.SUCCEEDED, "bad": JobState.FAILED, "dropped": JobState.PENDING}
+    for name, end in outcomes.items():
+        job = Job(id=name, dispatch_id="", agent_name="a", room=name, room_sid="")
+        book.add_job(job)
+        job.version = "v2"
+        book.transition(job, JobState.ASSIGNED)
+        if end != JobState.PENDING:
+            book.transition(job, JobState.RUNNING)
+        book.transition(job, end)  # "dropped": the start timeout took it back
+    seen = stats.window("a", "v2", since)
+    assert (seen.ended, seen.failed, seen.started) == (3, 2, 2)
+    assert stats.window("a", "v1", since).ended == 0
 
 
 def window(ended: int = 0, failed: int = 0, delays: tuple[float, ...] = ()) -> Window:

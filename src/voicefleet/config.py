@@ -34,6 +34,10 @@ class DispatchSettings:
     availability_timeout: float = 10.0
     # The Go server's RegisterTimeout: how long a new connection has to send `register`.
     register_timeout: float = 10.0
+    # A job a worker accepted but did not report started (JS_RUNNING) this long after its
+    # assignment goes to the next worker. livekit-agents drops an assignment that reaches it
+    # more than 7.5 s after it accepted; the Go server leaves such a job assigned forever.
+    start_timeout: float = 30.0
     # A job no worker can take waits this long in the queue, then fails with a reason.
     queue_timeout: float = 60.0
     # A job every available worker refused is offered again after this long.

@@ -84,6 +84,12 @@ def server(
     availability_timeout: Annotated[
         float, typer.Option(help="Seconds a worker has to answer a job offer.")
     ] = DispatchSettings.availability_timeout,
+    start_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a worker has to start a job it accepted; then the next gets it."
+        ),
+    ] = DispatchSettings.start_timeout,
     queue_timeout: Annotated[
         float, typer.Option(help="Seconds a job waits for a worker before it fails.")
     ] = DispatchSettings.queue_timeout,
@@ -126,6 +132,7 @@ def server(
         livekit_api_secret=livekit_api_secret,
         dispatch=DispatchSettings(
             availability_timeout=availability_timeout,
+            start_timeout=start_timeout,
             queue_timeout=queue_timeout,
             queue_limit=queue_limit,
             worker_silence_timeout=worker_silence_timeout,

@@ -28,7 +28,8 @@ class JobState(StrEnum):
 ENDED = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.TERMINATED})
 _NEXT: dict[JobState, frozenset[JobState]] = {
     JobState.PENDING: frozenset({JobState.ASSIGNED, *ENDED}),
-    JobState.ASSIGNED: frozenset({JobState.RUNNING, *ENDED}),
+    # Back to pending: the worker never started it (Scheduler's start timeout).
+    JobState.ASSIGNED: frozenset({JobState.PENDING, JobState.RUNNING, *ENDED}),
     JobState.RUNNING: ENDED,
 }
 

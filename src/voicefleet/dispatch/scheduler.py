@@ -127,6 +127,10 @@ class Scheduler:
         job = self.book.jobs.get(update.job_id)
         if job is None or job.worker_id != worker.id:
             log.debug("update for a job this worker does not hold", extra={"job": update.job_id})
+            if job is not None and update.status == agent.JobStatus.JS_RUNNING:
+                # It started after all, too late: the job went to another worker. Stop this
+                # copy, or the room would get two agents.
+                worker.send(agent.ServerMessage(termination=agent.JobTermination(job_id=job.id)))
             return
         if update.status == agent.JobStatus.JS_RUNNING:
             self.book.transition(job, JobState.RUNNING)
@@ -314,6 +318,9 @@ class Scheduler:
             )
         )
         self.metrics.offers.labels("accepted").inc()
+        asyncio.get_running_loop().call_later(
+            self.settings.start_timeout, self._check_started, job, worker
+        )
         if job.routed_version and job.routed_version != worker.pool:
             k = (job.agent_name, job.routed_version, worker.pool)
             self.overflow[k] = self.overflow.get(k, 0) + 1
@@ -329,6 +336,24 @@ class Scheduler:
             "job assigned",
             extra={"job": job.id, "worker": worker.id, "room": job.room, "pool": worker.pool},
         )
+
+    def _check_started(self, job: Job, worker: Worker) -> None:
+        """A job still assigned to `worker` that it never started goes to the next worker."""
+        if job.state != JobState.ASSIGNED or job.worker_id != worker.id:
+            return
+        log.warning(
+            "job not started in time, offering it to the next worker",
+            extra={"job": job.id, "worker": worker.id, "timeout": self.settings.start_timeout},
+        )
+        self.metrics.offers.labels("not_started").inc()
+        worker.jobs.discard(job.id)
+        if worker.connected:  # in case it starts it yet
+            worker.send(agent.ServerMessage(termination=agent.JobTermination(job_id=job.id)))
+            self.registry.job_ended(worker)
+        job.tried.add(worker.id)
+        self.book.transition(job, JobState.PENDING)  # listeners see the version that failed it
+        job.worker_id = job.agent_id = job.version = job.instance = ""
+        self.requeue(job)
 
     # -- the queue ----------------------------------------------------------------------------
 

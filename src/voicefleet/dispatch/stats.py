@@ -7,6 +7,7 @@ bounded window per (agent name, version); the analysis asks for counts over a ti
 from __future__ import annotations
 
 import statistics
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -58,6 +59,9 @@ class VersionStats:
             # Deleted dispatches are the caller's doing, not the version's.
             failed = job.state == JobState.FAILED
             self._ends.setdefault(key, deque(maxlen=KEEP)).append((job.ended_at, failed))
+        elif job.state == JobState.PENDING and previous == JobState.ASSIGNED:
+            # Accepted, never started (the next worker gets it): a failure of this version.
+            self._ends.setdefault(key, deque(maxlen=KEEP)).append((time.time(), True))
 
     def window(self, agent_name: str, version: str, since: float) -> Window:
         ends = [f for t, f in self._ends.get((agent_name, version), ()) if t >= since]
