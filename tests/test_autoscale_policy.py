@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import asdict
 
 import pytest
@@ -21,6 +22,7 @@ from voicefleet.autoscale.policy import (
     decide,
     pick_victims,
 )
+from voicefleet.errors import InvalidRequest
 
 CAPACITY = 8  # sessions at load 1.0, as the simulator's workers
 
@@ -280,3 +282,18 @@ def test_policy_reports_every_problem_at_once_and_rejects_unknown_fields():
         Policy.from_dict({"max": 3, "bogus": 1})
     policy = Policy(min_instances=0, idle_to_zero=300, warm=1, sessions_per_instance=4)
     assert Policy.from_dict(policy.to_dict()) == policy
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"max_instances": "3"}, "max_instances must be a whole number (got '3')"),
+        ({"max_instances": 2.5}, "max_instances must be a whole number (got 2.5)"),
+        ({"scale_up_load": True}, "scale_up_load must be a number (got True)"),
+        ({"down_window": float("nan")}, "down_window must be a number (got nan)"),
+    ],
+)
+def test_policy_from_json_rejects_values_that_are_not_numbers(fields, problem):
+    # Not a TypeError deep inside `decide` a second later, in the autoscaler's loop.
+    with pytest.raises(InvalidRequest, match=re.escape(problem)):
+        Policy.from_dict(fields)

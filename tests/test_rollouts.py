@@ -16,10 +16,11 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 from livekit import api
 
-from tests.support import DEV_KEY, DEV_SECRET, Server, started, wait_for
+from tests.support import DEV_KEY, DEV_SECRET, Server, admin_token, started, wait_for
 from tests.test_deploy import AGENT_SRC, all_stopped, api_get, dispatch, job_state, vf
 from voicefleet.dispatch.jobs import Job, JobBook, JobState
 from voicefleet.dispatch.routing import BUCKETS, RoutingTable, bucket
@@ -121,6 +122,48 @@ def test_canary_verdicts() -> None:
     crashed = judge(window(), healthy, 1, t)
     assert crashed is not None and "crash" in crashed
     assert judge(window(), healthy, 1, Thresholds(max_restarts=1)) is None
+
+
+BAD_PLANS = {
+    "no steps": ({"strategy": "canary", "steps": []}, "at least one step"),
+    "shrinking steps": ({"strategy": "canary", "steps": [50, 10]}, "must grow"),
+    "step over 100": ({"strategy": "canary", "steps": [150]}, "(0, 100]"),
+    "steps not numbers": ({"strategy": "canary", "steps": "ten"}, "bad canary plan"),
+    "NaN interval": ({"strategy": "canary", "interval": "nan"}, "interval must be >= 0"),
+    "threshold text": (
+        {"strategy": "canary", "thresholds": {"min_sessions": "many"}},
+        "min_sessions must be a whole number (got 'many')",
+    ),
+    "negative threshold": (
+        {"strategy": "canary", "thresholds": {"max_failure_rate_increase": -0.1}},
+        "thresholds must be >= 0",
+    ),
+    "unknown threshold": ({"strategy": "canary", "thresholds": {"speed": 1}}, "speed"),
+    "smoke sessions": ({"strategy": "bluegreen", "smoke": {"sessions": 1000}}, "between 0 and"),
+    "smoke fraction": ({"strategy": "bluegreen", "smoke": {"sessions": 1.5}}, "whole number"),
+    "smoke command": ({"strategy": "bluegreen", "smoke": {"command": ["ls"]}}, "strings"),
+    "no such strategy": ({"strategy": "yolo"}, "unknown strategy 'yolo'"),
+    "not an object": ([1, 2], "must be a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PLANS))
+def test_bad_rollout_plans_get_a_400_with_the_reason_and_make_no_version(
+    server: Server, case: str
+) -> None:
+    plan, reason = BAD_PLANS[case]
+    headers = {"Authorization": f"Bearer {admin_token()}"}
+    name = "plans-" + case.replace(" ", "-")
+    created = httpx.post(f"{server.url}/api/v1/agents", json={"name": name}, headers=headers)
+    assert created.status_code in (200, 201), created.text
+    r = httpx.post(
+        f"{server.url}/api/v1/agents/{name}/versions",
+        params={"plan": json.dumps(plan)},
+        content=b"not even a bundle",
+        headers=headers,
+    )
+    assert r.status_code == 400 and reason in r.json()["detail"], r.text
+    assert api_get(server, f"/agents/{name}/versions") == []
 
 
 # -- with real workers --------------------------------------------------------------------------

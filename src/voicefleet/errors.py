@@ -57,3 +57,21 @@ class BuildFailed(VoicefleetError):
 
     status = 422
     twirp_code = "failed_precondition"
+
+
+def check_numbers(what: str, values: dict[str, object], integers: tuple[str, ...] = ()) -> None:
+    """Settings read from JSON: each value (None aside) must be a number, not a bool or NaN, and
+    those named in `integers` whole numbers; else InvalidRequest naming them."""
+    bad = [
+        f"{name} must be {'a whole number' if name in integers else 'a number'} (got {value!r})"
+        for name, value in values.items()
+        if value is not None
+        and (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or value != value  # NaN
+            or (name in integers and value != int(value))
+        )
+    ]
+    if bad:
+        raise InvalidRequest(f"{what}: {'; '.join(bad)}")

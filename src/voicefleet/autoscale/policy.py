@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
 
+from voicefleet.errors import check_numbers
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -39,6 +41,11 @@ class Policy:
     warm: int = 0
 
     def __post_init__(self) -> None:
+        check_numbers(
+            "autoscaling policy",
+            asdict(self),
+            integers=("min_instances", "max_instances", "sessions_per_instance", "warm"),
+        )
         problems = []
         if not 0 <= self.min_instances <= self.max_instances:
             problems.append("need 0 <= min_instances <= max_instances")

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from voicefleet.errors import InvalidRequest
+from voicefleet.errors import InvalidRequest, check_numbers
 from voicefleet.rollout.rolling import ABORTED, COMPLETE, Fleet, RolloutFailed, _step, size
 from voicefleet.store.models import RolloutRow
 from voicefleet.store.repo import Repo
@@ -32,6 +32,11 @@ class SmokeTest:
     command: str = ""  # run in the version's source folder; exit 0 passes
 
     def __post_init__(self) -> None:
+        check_numbers(
+            "smoke test", {"sessions": self.sessions, "timeout": self.timeout}, ("sessions",)
+        )
+        if not isinstance(self.metadata, str) or not isinstance(self.command, str):
+            raise InvalidRequest("smoke test: metadata and command must be strings")
         if not 0 <= self.sessions <= 100:
             raise InvalidRequest("smoke sessions must be between 0 and 100")
         if self.timeout <= 0:

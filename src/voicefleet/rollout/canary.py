@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from voicefleet.dispatch.stats import Window
-from voicefleet.errors import InvalidRequest
+from voicefleet.errors import InvalidRequest, check_numbers
 from voicefleet.rollout.rolling import ABORTED, PROGRESSING, Fleet, RolloutFailed, _step, size
 from voicefleet.store.models import RolloutRow
 from voicefleet.store.repo import Repo
@@ -51,6 +51,11 @@ class Thresholds:
     # Restarts (crashes) of canary instances since the canary began.
     max_restarts: int = 0
 
+    def __post_init__(self) -> None:
+        check_numbers("canary thresholds", asdict(self), integers=("min_sessions", "max_restarts"))
+        if any(v < 0 for v in asdict(self).values()):
+            raise InvalidRequest("canary thresholds must be >= 0")
+
 
 @dataclass(frozen=True)
 class CanaryPlan:
@@ -65,7 +70,7 @@ class CanaryPlan:
             raise InvalidRequest("canary steps are percentages in (0, 100]")
         if list(self.steps) != sorted(self.steps):
             raise InvalidRequest("canary steps must grow")
-        if self.interval < 0:
+        if not self.interval >= 0:  # NaN too
             raise InvalidRequest("the canary interval must be >= 0 seconds")
 
     @property
@@ -85,7 +90,7 @@ class CanaryPlan:
             return cls(
                 steps=tuple(float(s) for s in data.get("steps", cls.steps)),
                 interval=float(data.get("interval", cls.interval)),
-                thresholds=Thresholds(**data.get("thresholds", {})),
+                thresholds=Thresholds(**data.get("thresholds") or {}),
             )
         except (TypeError, ValueError) as e:
             raise InvalidRequest(f"bad canary plan: {e}") from None
