@@ -45,6 +45,7 @@ def admin(
         raise HTTPException(e.status, str(e)) from None
     if claims.api_key != service.project.api_key:
         raise HTTPException(403, "the control API takes the project's key, not an instance's")
+    request.state.claims = claims  # who is asking, for event logs (voicefleet.flags.api.actor)
     return service
 
 
@@ -207,8 +208,10 @@ async def configure_agent(agent: str, body: ConfigureAgent, plane: Control) -> d
 
 
 @router.delete("/agents/{agent}", status_code=204)
-async def delete_agent(agent: str, plane: Control) -> None:
-    await plane.delete_agent(await plane.agent(agent))
+async def delete_agent(agent: str, request: Request, plane: Control) -> None:
+    row = await plane.agent(agent)
+    await plane.delete_agent(row)
+    request.app.state.flags.forget(row.id)
 
 
 @router.post("/agents/{agent}/versions", status_code=201)

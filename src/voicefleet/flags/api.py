@@ -33,9 +33,13 @@ def flag_service(request: Request) -> FlagService:
 Flags = Annotated[FlagService, Depends(flag_service)]
 
 
-def actor(request: Request, authorization: str | None) -> str:
-    service: DispatchService = request.app.state.dispatch
-    return tokens.verify(tokens.bearer(authorization), service.secret_for).api_key
+def actor(request: Request, _: Control) -> str:
+    """The API key of the caller, verified by the control API's dependency, for the event log."""
+    claims: tokens.Claims = request.state.claims
+    return claims.api_key
+
+
+Actor = Annotated[str, Depends(actor)]
 
 
 @router.get("/agents/{agent}/flags")
@@ -97,42 +101,39 @@ async def set_flag(
     agent: str,
     key: str,
     body: dict[str, Any],
-    request: Request,
     plane: Control,
     flags: Flags,
-    authorization: Annotated[str | None, Header()] = None,
+    who: Actor,
 ) -> dict[str, Any]:
     """Create or replace a flag: {"type", "value", "rules": [...], "off"} (see docs/flags.md)."""
     if body.get("key", key) != key:
         raise HTTPException(400, f"the body's key '{body['key']}' is not '{key}'")
     row = await plane.agent(agent)
-    return await flags.set(row.id, {**body, "key": key}, actor(request, authorization))
+    return await flags.set(row.id, {**body, "key": key}, who)
 
 
 @router.post("/agents/{agent}/flags/{key}/kill")
 async def kill_flag(
     agent: str,
     key: str,
-    request: Request,
     plane: Control,
     flags: Flags,
-    authorization: Annotated[str | None, Header()] = None,
+    who: Actor,
 ) -> dict[str, Any]:
     row = await plane.agent(agent)
-    return await flags.kill(row.id, key, actor(request, authorization))
+    return await flags.kill(row.id, key, who)
 
 
 @router.delete("/agents/{agent}/flags/{key}", status_code=204)
 async def delete_flag(
     agent: str,
     key: str,
-    request: Request,
     plane: Control,
     flags: Flags,
-    authorization: Annotated[str | None, Header()] = None,
+    who: Actor,
 ) -> None:
     row = await plane.agent(agent)
-    await flags.delete(row.id, key, actor(request, authorization))
+    await flags.delete(row.id, key, who)
 
 
 @router.get("/agents/{agent}/flags/{key}/evaluate")

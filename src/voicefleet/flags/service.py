@@ -114,6 +114,12 @@ class FlagService:
         await self.repo.event(agent_id, "flag_deleted", f"{key} deleted", actor=actor)
         await self._publish(agent_id, key, None)
 
+    def forget(self, agent_id: str) -> None:
+        """A deleted agent's flags leave memory (the store dropped them with the agent). Not
+        published: its draining instances keep the flags they have until their calls end."""
+        self._flags.pop(agent_id, None)
+        self._versions.pop(agent_id, None)
+
     async def _publish(self, agent_id: str, key: str, flag: dict[str, Any] | None) -> None:
         flags = self._flags.setdefault(agent_id, {})
         if flag is None:
