@@ -25,6 +25,7 @@ from voicefleet.control.service import (
     rollout_dict,
     strategy_plan,
 )
+from voicefleet.control.status import agent_status
 from voicefleet.dispatch.service import DispatchService
 from voicefleet.errors import AuthError, BundleRejected
 from voicefleet.protocol import tokens
@@ -197,8 +198,8 @@ async def list_agents(plane: Control) -> list[dict[str, Any]]:
 
 
 @router.get("/agents/{agent}")
-async def agent_status(agent: str, plane: Control) -> dict[str, Any]:
-    return await plane.status(await plane.agent(agent))
+async def show_agent(agent: str, plane: Control) -> dict[str, Any]:
+    return await agent_status(plane, await plane.agent(agent))
 
 
 @router.patch("/agents/{agent}")

@@ -2,14 +2,14 @@
 
 It owns the store's rows and turns them into action through the builder (source -> version),
 the runtime (version -> running instances) and the dispatcher's routing table (which version
-takes new sessions). Rollout steps live in `voicefleet.rollout`.
+takes new sessions). Rollout steps live in `voicefleet.rollout`; `vf agent status`'s view is
+built in `status.py`, blue-green's smoke test runs in `smoke.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets as pysecrets
 import shutil
 import time
@@ -23,6 +23,7 @@ from voicefleet.autoscale.policy import InstanceSignal, Policy, pick_victims
 from voicefleet.build.bundle import extract_bundle
 from voicefleet.build.local import LocalBuilder
 from voicefleet.control.secrets import SecretBox
+from voicefleet.control.smoke import smoke_test
 from voicefleet.dispatch.service import DispatchService
 from voicefleet.dispatch.stats import Window
 from voicefleet.errors import BuildFailed, InvalidRequest, NotFound, VoicefleetError
@@ -547,75 +548,7 @@ class ControlPlane:
     async def smoke_test(
         self, agent_id: str, deployment: str, version: str, instance_ids: list[str], test: SmokeTest
     ) -> str | None:
-        """Synthetic sessions dispatched to `version` only, then the user's command; None if
-        they pass, else why not."""
-        agent = await self.agent(agent_id)
-        before = self.restarts(instance_ids)
-        tag = pysecrets.token_hex(3)
-        dispatches = [
-            self.dispatch.create_dispatch(
-                agent_name=agent.name,
-                room=f"vf-smoke-{version}-{tag}-{i}",
-                metadata=test.metadata,
-                deployment=deployment,
-                pin_version=version,
-            )
-            for i in range(test.sessions)
-        ]
-        jobs = [self.dispatch.book.jobs[d.job_ids[0]] for d in dispatches]
-        deadline = time.monotonic() + test.timeout
-        while not all(j.ended for j in jobs):
-            if time.monotonic() > deadline or self.restarts(instance_ids) > before:
-                break
-            await asyncio.sleep(0.1)
-        for d in dispatches:
-            if not d.deleted_at and any(not j.ended for j in jobs if j.dispatch_id == d.id):
-                self.dispatch.delete_dispatch(d.id, d.room)
-        if self.restarts(instance_ids) > before:
-            return f"a {version} instance crashed during the smoke test"
-        bad = [j for j in jobs if j.state != "succeeded"]
-        if bad:
-            j = bad[0]
-            return (
-                f"{len(bad)}/{len(jobs)} synthetic session(s) did not succeed within "
-                f"{test.timeout:g}s; {j.id}: {j.state} {j.error}".rstrip()
-            )
-        if test.command:
-            return await self._smoke_command(agent, deployment, version, instance_ids, test)
-        return None
-
-    async def _smoke_command(
-        self, agent: AgentRow, deployment: str, version: str, ids: list[str], test: SmokeTest
-    ) -> str | None:
-        log_path = self.paths.version_dir(agent.id, version) / "smoke.log"
-        env = {
-            **os.environ,
-            "VOICEFLEET_URL": self.http_url(),
-            "VOICEFLEET_AGENT": agent.name,
-            "VOICEFLEET_AGENT_ID": agent.id,
-            "VOICEFLEET_DEPLOYMENT": deployment,
-            "VOICEFLEET_VERSION": version,
-            "VOICEFLEET_INSTANCES": ",".join(ids),
-        }
-        with open(log_path, "wb") as out:
-            proc = await asyncio.create_subprocess_shell(
-                test.command,
-                cwd=self.paths.source(agent.id, version),
-                env=env,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
-            )
-            try:
-                code = await asyncio.wait_for(proc.wait(), test.timeout)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-                return f"smoke command did not finish within {test.timeout:g}s"
-        if code != 0:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-            return f"smoke command exited {code}: " + " | ".join(tail)
-        return None
+        return await smoke_test(self, agent_id, deployment, version, instance_ids, test)
 
     async def drain_others(
         self, agent_id: str, deployment: str, keep: list[str], warm: bool = True
@@ -658,7 +591,7 @@ class ControlPlane:
                 agent = await self.repo.agent(row.agent_id)
                 grace = agent.grace_period if agent else 0.0
                 age = now - row.updated_at
-                if (self._sessions(row.id) == 0 and age >= self.keep_warm) or age >= grace:
+                if (self.sessions(row.id) == 0 and age >= self.keep_warm) or age >= grace:
                     await self._drain(row, max(0.0, grace - age))
 
     async def stop_instances(self, instance_ids: list[str]) -> None:
@@ -668,7 +601,7 @@ class ControlPlane:
 
     # -- instances ----------------------------------------------------------------------------
 
-    def _sessions(self, instance_id: str) -> int:
+    def sessions(self, instance_id: str) -> int:
         return sum(
             len(w.jobs)
             for w in self.dispatch.registry.workers.values()
@@ -791,73 +724,6 @@ class ControlPlane:
         removed = await self.repo.unset_secrets(agent.id, names)
         await self.repo.event(agent.id, "secrets_unset", f"secrets removed: {', '.join(names)}")
         return removed
-
-    # -- status -------------------------------------------------------------------------------
-
-    async def status(self, agent: AgentRow) -> dict[str, Any]:
-        instances: list[dict[str, Any]] = []
-        for row in await self.repo.instances(agent.id):
-            if row.status == "stopped" and time.time() - row.updated_at > 3600:
-                continue
-            state = self.runtime.get(row.id)
-            instances.append(
-                {
-                    "id": row.id,
-                    "deployment": row.deployment,
-                    "version": row.version,
-                    "status": row.status,
-                    "pid": row.pid,
-                    "sessions": self._sessions(row.id),
-                    "restarts": state.restarts if state else 0,
-                    "registered": any(
-                        w.identity.instance == row.id
-                        for w in self.dispatch.registry.workers.values()
-                    ),
-                }
-            )
-        rollouts = await self.repo.rollouts(agent.id, limit=5)
-        deployments = []
-        for d in await self.repo.deployments(agent.id):
-            old: dict[str, dict[str, dict[str, int]]] = {"draining": {}, RETIRING: {}}
-            for i in instances:
-                if i["deployment"] == d.name and i["status"] in old:
-                    by_version = old[i["status"]]
-                    entry = by_version.setdefault(i["version"], {"instances": 0, "sessions": 0})
-                    entry["instances"] += 1
-                    entry["sessions"] += i["sessions"]
-            deployments.append(
-                {
-                    "name": d.name,
-                    "version": d.version,
-                    "replicas": d.replicas,
-                    "autoscale": d.autoscale,
-                    "decision": self.autoscaler.decision(agent.id, d.name),
-                    "routing": self.dispatch.routing.weights(agent.name, d.name) or {},
-                    # Old versions' instances finishing their sessions (blue after a switch),
-                    # and replaced ones kept warm for a rollback.
-                    "draining": old["draining"],
-                    "retiring": old[RETIRING],
-                }
-            )
-        overflow = [
-            {"routed": routed, "served": served, "sessions": n}
-            for (name, routed, served), n in self.dispatch.scheduler.overflow.items()
-            if name == agent.name
-        ]
-        out = [rollout_dict(r) for r in rollouts]
-        for r in out:
-            if r["strategy"] == "canary" and r["state"] in (PROGRESSING, PAUSED):
-                canary, stable = await self.windows(
-                    agent.id, r["to_version"], r["from_version"], r["step_started_at"]
-                )
-                r["analysis"] = {"canary": canary.to_dict(), "stable": stable.to_dict()}
-        return {
-            "agent": {"id": agent.id, "name": agent.name, "grace_period": agent.grace_period},
-            "deployments": deployments,
-            "instances": instances,
-            "rollouts": out,
-            "overflow": overflow,
-        }
 
 
 def strategy_plan(plan: dict[str, Any] | None) -> dict[str, Any]:

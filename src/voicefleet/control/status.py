@@ -1,0 +1,79 @@
+"""`vf agent status`: an agent's deployments, instances, rollouts and routing, in one dict.
+
+Read-only: gathered from the store, the runtime and the dispatcher's live state.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from voicefleet.control.service import RETIRING, ControlPlane, rollout_dict
+from voicefleet.rollout.canary import PAUSED
+from voicefleet.rollout.rolling import PROGRESSING
+from voicefleet.store.models import AgentRow
+
+
+async def agent_status(plane: ControlPlane, agent: AgentRow) -> dict[str, Any]:
+    instances: list[dict[str, Any]] = []
+    for row in await plane.repo.instances(agent.id):
+        if row.status == "stopped" and time.time() - row.updated_at > 3600:
+            continue
+        state = plane.runtime.get(row.id)
+        instances.append(
+            {
+                "id": row.id,
+                "deployment": row.deployment,
+                "version": row.version,
+                "status": row.status,
+                "pid": row.pid,
+                "sessions": plane.sessions(row.id),
+                "restarts": state.restarts if state else 0,
+                "registered": any(
+                    w.identity.instance == row.id for w in plane.dispatch.registry.workers.values()
+                ),
+            }
+        )
+    rollouts = await plane.repo.rollouts(agent.id, limit=5)
+    deployments = []
+    for d in await plane.repo.deployments(agent.id):
+        old: dict[str, dict[str, dict[str, int]]] = {"draining": {}, RETIRING: {}}
+        for i in instances:
+            if i["deployment"] == d.name and i["status"] in old:
+                by_version = old[i["status"]]
+                entry = by_version.setdefault(i["version"], {"instances": 0, "sessions": 0})
+                entry["instances"] += 1
+                entry["sessions"] += i["sessions"]
+        deployments.append(
+            {
+                "name": d.name,
+                "version": d.version,
+                "replicas": d.replicas,
+                "autoscale": d.autoscale,
+                "decision": plane.autoscaler.decision(agent.id, d.name),
+                "routing": plane.dispatch.routing.weights(agent.name, d.name) or {},
+                # Old versions' instances finishing their sessions (blue after a switch),
+                # and replaced ones kept warm for a rollback.
+                "draining": old["draining"],
+                "retiring": old[RETIRING],
+            }
+        )
+    overflow = [
+        {"routed": routed, "served": served, "sessions": n}
+        for (name, routed, served), n in plane.dispatch.scheduler.overflow.items()
+        if name == agent.name
+    ]
+    out = [rollout_dict(r) for r in rollouts]
+    for r in out:
+        if r["strategy"] == "canary" and r["state"] in (PROGRESSING, PAUSED):
+            canary, stable = await plane.windows(
+                agent.id, r["to_version"], r["from_version"], r["step_started_at"]
+            )
+            r["analysis"] = {"canary": canary.to_dict(), "stable": stable.to_dict()}
+    return {
+        "agent": {"id": agent.id, "name": agent.name, "grace_period": agent.grace_period},
+        "deployments": deployments,
+        "instances": instances,
+        "rollouts": out,
+        "overflow": overflow,
+    }
