@@ -125,6 +125,15 @@ class Scheduler:
 
     def job_update(self, worker: Worker, update: agent.UpdateJobStatus) -> None:
         job = self.book.jobs.get(update.job_id)
+        if (
+            job is not None
+            and not job.worker_id
+            and job.state in (JobState.ASSIGNED, JobState.RUNNING)
+            and job.agent_name == worker.key.agent_name
+        ):
+            # Restored after a restart, not re-adopted yet: livekit-agents sends the updates it
+            # queued while the server was down (a call that ended meanwhile) before migrate_job.
+            self.adopt(worker, [job.id])
         if job is None or job.worker_id != worker.id:
             log.debug("update for a job this worker does not hold", extra={"job": update.job_id})
             if job is not None and update.status == agent.JobStatus.JS_RUNNING:
