@@ -13,9 +13,10 @@ keep-alive HTTP, protobuf) run here, so both clocks are this process's. Phases:
               latency = CreateDispatch sent -> assignment received by the worker
   throughput  closed-loop, --concurrency dispatches in flight: assignments per second
   memory      --memory-workers workers hold --memory-jobs live jobs; server RSS
-  routing     latency and throughput again with a two-version routing table (workers signing
-              with version keys v1/v2, new sessions split 90/10 by hash of the dispatch), to
-              compare with the single-version figures of the same run
+  routing     --pairs alternating pairs: latency and throughput with one version, then with a
+              two-version routing table (workers signing with version keys v1/v2, new sessions
+              split 90/10 by hash of the dispatch), each on a fresh server; the ratios of each
+              pair and their medians (pairs cancel the machine's drift between runs)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import gc
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -351,8 +353,6 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         if args.phase == "all"
         else {args.phase}
     )
-    if "routing" in phases:
-        phases |= {"latency", "throughput"}  # the single-version figures to compare with
     with tempfile.TemporaryDirectory() as tmp:
         if "reference" in phases or "latency" in phases:
             echo = await echo_rtt(2000)
@@ -365,6 +365,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             data = Path(tmp) / phase
             data.mkdir()
+            if phase == "routing":  # servers of its own, one per run
+                results[phase] = await routing_pairs(data, args)
+                continue
             proc, url = start_server(data)
             try:
                 if phase == "latency":
@@ -375,15 +378,6 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     results[phase] = await throughput_phase(
                         url, args.workers, args.concurrency, args.total
                     )
-                elif phase == "routing":
-                    results[phase] = {
-                        "latency": await latency_phase(
-                            url, args.workers, args.rate, args.duration, versions=2
-                        ),
-                        "throughput": await throughput_phase(
-                            url, args.workers, args.concurrency, args.total, versions=2
-                        ),
-                    }
                 else:
                     results[phase] = await memory_phase(
                         url, proc.pid, args.memory_workers, args.memory_jobs
@@ -392,6 +386,47 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(30)
     return results
+
+
+async def routing_pairs(data: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Single-version and two-version runs alternately, each on a fresh server."""
+    pairs = []
+    for i in range(args.pairs):
+        pair = {}
+        for versions in (1, 2):
+            run = data / f"{i}-{versions}"
+            run.mkdir()
+            proc, url = start_server(run)
+            try:
+                pair[versions] = {
+                    "latency": await latency_phase(
+                        url, args.workers, args.rate, args.duration, versions=versions
+                    ),
+                    "throughput": await throughput_phase(
+                        url, args.workers, args.concurrency, args.total, versions=versions
+                    ),
+                }
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+        one, two = pair[1], pair[2]
+        pairs.append(
+            {
+                "single": one,
+                "routed": two,
+                "p99_ratio": two["latency"]["p99_ms"] / one["latency"]["p99_ms"],
+                "throughput_ratio": two["throughput"]["assignments_per_s"]
+                / one["throughput"]["assignments_per_s"],
+            }
+        )
+        print(
+            f"  pair {i + 1}: p99 {one['latency']['p99_ms']:.1f} -> "
+            f"{two['latency']['p99_ms']:.1f} ms, throughput "
+            f"{one['throughput']['assignments_per_s']:.0f} -> "
+            f"{two['throughput']['assignments_per_s']:.0f}/s",
+            flush=True,
+        )
+    return pairs
 
 
 def report(results: dict[str, Any]) -> None:
@@ -421,17 +456,16 @@ def report(results: dict[str, Any]) -> None:
             f"{t['assignments_per_s']:.0f} assignments/s (target >= 3000/s), {t['errors']} errors"
         )
     if "routing" in results:
-        lat, t = results["routing"]["latency"], results["routing"]["throughput"]
+        pairs = results["routing"]
+        p99 = statistics.median(p["p99_ratio"] for p in pairs)
+        tput = statistics.median(p["throughput_ratio"] for p in pairs)
         print(
-            f"two-version routing (90/10): latency p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} ms; "
-            f"throughput {t['assignments_per_s']:.0f}/s"
+            f"two-version routing (90/10) vs one version, {len(pairs)} alternating pair(s): "
+            f"p99 x{p99:.2f}, throughput x{tput:.2f} (medians; target: within 10 %)"
         )
-        if "latency" in results and "throughput" in results:
-            p99 = lat["p99_ms"] / results["latency"]["p99_ms"]
-            tput = t["assignments_per_s"] / results["throughput"]["assignments_per_s"]
+        for i, p in enumerate(pairs):
             print(
-                f"  vs single version in this run: p99 x{p99:.2f}, throughput x{tput:.2f} "
-                "(target: within 10 %)"
+                f"  pair {i + 1}: p99 x{p['p99_ratio']:.2f}, throughput x{p['throughput_ratio']:.2f}"
             )
     if "memory" in results:
         m = results["memory"]
@@ -457,6 +491,7 @@ if __name__ == "__main__":
     parser.add_argument("--total", type=int, default=10_000)
     parser.add_argument("--memory-workers", type=int, default=1000)
     parser.add_argument("--memory-jobs", type=int, default=10_000)
+    parser.add_argument("--pairs", type=int, default=3, help="routing: alternating pairs")
     parser.add_argument("--quick", action="store_true", help="small numbers: a smoke run")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
