@@ -128,6 +128,8 @@ def run_demo(agent: Path, replicas: int, sessions: int, seconds: float) -> None:
                 if len(jobs) == len(ids) and all(j["state"] in ENDED for j in jobs):
                     break
                 time.sleep(0.25)
+        if not console.is_terminal:
+            console.line()  # Live leaves the last table without a newline when piped
         jobs = ours()
         done = sum(j["state"] == "succeeded" for j in jobs)
         console.rule("[bold]4. what happened")
