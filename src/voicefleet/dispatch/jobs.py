@@ -76,6 +76,8 @@ class Job:
     pin_version: str = ""
     # Workers that refused or did not answer this job in the current dispatch pass.
     tried: set[str] = field(default_factory=set, repr=False)
+    # The worker whose assignment the start timeout took back (it may still start the job).
+    not_started_by: str = field(default="", repr=False)
 
     @property
     def ended(self) -> bool:

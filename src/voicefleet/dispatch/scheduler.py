@@ -134,6 +134,16 @@ class Scheduler:
             # Restored after a restart, not re-adopted yet: livekit-agents sends the updates it
             # queued while the server was down (a call that ended meanwhile) before migrate_job.
             self.adopt(worker, [job.id])
+        if (
+            job is not None
+            and job.state == JobState.PENDING
+            and job.not_started_by == worker.id
+            and update.status == agent.JobStatus.JS_RUNNING
+        ):
+            # Slow, not gone: the start timeout took the job back and no other worker has it
+            # yet. The caller is better served by the agent that is already starting.
+            log.info("job started late; its worker keeps it", extra={"job": job.id})
+            self._hold(job, worker)
         if job is None or job.worker_id != worker.id:
             log.debug("update for a job this worker does not hold", extra={"job": update.job_id})
             if job is not None and update.status == agent.JobStatus.JS_RUNNING:
@@ -197,8 +207,8 @@ class Scheduler:
         for key, waiting in self._waiting.items():
             keep: deque[Job] = deque()
             for job in waiting:
-                if job.ended:
-                    continue
+                if job.state != JobState.PENDING:
+                    continue  # ended, or taken back by a worker that started it late
                 if now - job.created_at < limit:
                     keep.append(job)
                     continue
@@ -232,17 +242,19 @@ class Scheduler:
         """The next worker for `job`: of its routed version, else of another routed version."""
         pool = self.registry.pools.get(key, ())
         cursor = self._cursor.get(key, 0)
+        # Never again the worker that did not start it in time: it may still be starting it.
+        skip = job.tried | {job.not_started_by} if job.not_started_by else job.tried
         if job.pin_version:
-            worker, self._cursor[key] = pick_worker(pool, cursor, job.tried, (job.pin_version,))
+            worker, self._cursor[key] = pick_worker(pool, cursor, skip, (job.pin_version,))
             return worker
         route = self.routing.choose(key.agent_name, job.deployment, job.dispatch_id or job.room)
         if route is None:
-            worker, self._cursor[key] = pick_worker(pool, cursor, job.tried)
+            worker, self._cursor[key] = pick_worker(pool, cursor, skip)
             return worker
         job.routed_version = route.version
-        worker, cursor = pick_worker(pool, cursor, job.tried, (route.version,))
+        worker, cursor = pick_worker(pool, cursor, skip, (route.version,))
         if worker is None and route.others:
-            worker, cursor = pick_worker(pool, cursor, job.tried, route.others)
+            worker, cursor = pick_worker(pool, cursor, skip, route.others)
         self._cursor[key] = cursor
         return worker
 
@@ -270,8 +282,8 @@ class Scheduler:
             return self._declined(job, worker, "worker_gone")
         finally:
             worker.offers.pop(job.id, None)
-        if job.ended:
-            return True  # deleted while the worker thought it over
+        if job.ended or job.state != JobState.PENDING:
+            return True  # deleted, or taken back by a slow worker, while this one thought it over
         if answer.terminate:
             self.book.transition(job, JobState.TERMINATED, f"worker {worker.id} ended the job")
             return True
@@ -312,13 +324,8 @@ class Scheduler:
                 "hidden": p.hidden,
             },
         )
-        job.worker_id = worker.id
-        job.agent_id = worker.identity.agent
-        job.version = worker.pool
-        job.instance = worker.identity.instance
         job.participant_identity = answer.participant_identity
-        self.book.transition(job, JobState.ASSIGNED)
-        worker.jobs.add(job.id)
+        self._hold(job, worker)
         worker.send(
             agent.ServerMessage(
                 assignment=agent.JobAssignment(
@@ -346,6 +353,16 @@ class Scheduler:
             extra={"job": job.id, "worker": worker.id, "room": job.room, "pool": worker.pool},
         )
 
+    def _hold(self, job: Job, worker: Worker) -> None:
+        """`worker` has `job` now."""
+        job.worker_id = worker.id
+        job.agent_id = worker.identity.agent
+        job.version = worker.pool
+        job.instance = worker.identity.instance
+        job.not_started_by = ""
+        self.book.transition(job, JobState.ASSIGNED)
+        worker.jobs.add(job.id)
+
     def _check_started(self, job: Job, worker: Worker) -> None:
         """A job still assigned to `worker` that it never started goes to the next worker."""
         if job.state != JobState.ASSIGNED or job.worker_id != worker.id:
@@ -356,10 +373,9 @@ class Scheduler:
         )
         self.metrics.offers.labels("not_started").inc()
         worker.jobs.discard(job.id)
-        if worker.connected:  # in case it starts it yet
-            worker.send(agent.ServerMessage(termination=agent.JobTermination(job_id=job.id)))
-            self.registry.job_ended(worker)
+        self.registry.job_ended(worker)
         job.tried.add(worker.id)
+        job.not_started_by = worker.id  # it keeps the job if it starts it before another takes it
         self.book.transition(job, JobState.PENDING)  # listeners see the version that failed it
         job.worker_id = job.agent_id = job.version = job.instance = ""
         self.requeue(job)
@@ -394,7 +410,7 @@ class Scheduler:
         try:
             while waiting:
                 job = waiting[0]
-                if job.ended:
+                if job.state != JobState.PENDING:
                     waiting.popleft()
                     continue
                 worker = self._pick(key, job)
