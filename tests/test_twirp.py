@@ -99,6 +99,28 @@ def test_json_requests_get_json_answers_and_bad_bodies_get_twirp_errors(server: 
     assert bad.status_code == 400 and bad.json()["code"] == "malformed"
     unknown = httpx.post(server.url + TWIRP + "/Nope", json={}, headers=auth)
     assert unknown.status_code == 404 and unknown.json()["code"] == "bad_route"
+    # Twirp routes by Content-Type too: anything but protobuf or JSON is a bad route.
+    text = httpx.post(
+        server.url + TWIRP + "/CreateDispatch",
+        content=b"agent_name=x",
+        headers={**auth, "Content-Type": "text/plain"},
+    )
+    assert text.status_code == 404 and text.json()["code"] == "bad_route", text.text
+    assert "text/plain" in text.json()["msg"]
+    # Over 1 MiB is refused, whether announced by Content-Length or streamed in chunks.
+    huge = b"\x0a" * (2 << 20)
+    declared = httpx.post(
+        server.url + TWIRP + "/CreateDispatch",
+        content=huge,
+        headers={**auth, "Content-Type": "application/protobuf"},
+    )
+    chunked = httpx.post(
+        server.url + TWIRP + "/CreateDispatch",
+        content=(huge[i : i + 65536] for i in range(0, len(huge), 65536)),
+        headers={**auth, "Content-Type": "application/protobuf"},
+    )
+    for r in (declared, chunked):
+        assert r.status_code == 400 and "over 1048576 bytes" in r.json()["msg"], r.text
     no_room = httpx.post(
         server.url + TWIRP + "/CreateDispatch",
         json={"agent_name": "x"},

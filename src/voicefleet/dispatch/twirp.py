@@ -26,21 +26,39 @@ def twirp_error(code: str, msg: str, status: int) -> Response:
     return JSONResponse({"code": code, "msg": msg}, status_code=status)
 
 
+class BadRoute(InvalidRequest):
+    """Twirp answers a request it cannot route (unknown method, unsupported Content-Type) so."""
+
+    status = 404
+    twirp_code = "bad_route"
+
+
+async def _read_body(request: Request) -> bytes:
+    """The request body, refused as soon as it passes MAX_BODY (never buffered whole)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise InvalidRequest(f"request body over {MAX_BODY} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise InvalidRequest(f"request body over {MAX_BODY} bytes")
+    return bytes(body)
+
+
 async def _decode(request: Request, message: Message) -> str:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise InvalidRequest(f"request body over {MAX_BODY} bytes")
+    if kind not in (PROTOBUF, JSON):
+        raise BadRoute(f"unexpected Content-Type '{kind}': use {PROTOBUF} or {JSON}")
+    body = await _read_body(request)
     try:
         if kind == PROTOBUF:
             message.ParseFromString(body)
-        elif kind == JSON:
+        else:
             text = body.decode("utf-8") if body else "{}"
             if not text.lstrip().startswith("{"):
                 raise ProtocolError(f"JSON body must be an object ({message.DESCRIPTOR.full_name})")
             json_format.Parse(text, message, ignore_unknown_fields=True)
-        else:
-            raise InvalidRequest(f"Content-Type must be {PROTOBUF} or {JSON}, got '{kind}'")
     except (DecodeError, json_format.ParseError, UnicodeDecodeError) as e:
         raise ProtocolError(f"body is not a valid {message.DESCRIPTOR.full_name}: {e}") from None
     return kind
