@@ -67,12 +67,12 @@ class Autoscaler:
         policy = Policy.from_dict(dep.autoscale)
         rows = [
             r
-            for r in await plane.live_instances(agent.id)
+            for r in await plane.instances.live(agent.id)
             if r.deployment == dep.name and r.version == dep.version
         ]
         key = (agent.id, dep.name)
         history = self.samples.setdefault(key, deque())
-        history.append(Sample(now, tuple(plane.signals(rows)), queued))
+        history.append(Sample(now, tuple(plane.instances.signals(rows)), queued))
         keep = max(policy.up_window, policy.down_window, policy.idle_to_zero or 0) + 5
         while history and history[0].at < now - keep:
             history.popleft()

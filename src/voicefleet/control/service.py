@@ -1,9 +1,9 @@
-"""The control plane: agents, versions, deploys, rollbacks, secrets, instances.
+"""The control plane: agents, versions, deploys, rollbacks, scaling, secrets.
 
 It owns the store's rows and turns them into action through the builder (source -> version),
-the runtime (version -> running instances) and the dispatcher's routing table (which version
-takes new sessions). Rollout steps live in `voicefleet.rollout`; `vf agent status`'s view is
-built in `status.py`, blue-green's smoke test runs in `smoke.py`.
+its instances (`instances.py`: version -> running processes) and the dispatcher's routing table
+(which version takes new sessions). Rollout steps live in `voicefleet.rollout`; `vf agent
+status`'s view is built in `status.py`, blue-green's smoke test runs in `smoke.py`.
 """
 
 from __future__ import annotations
@@ -19,23 +19,22 @@ from pathlib import Path
 from typing import Any
 
 from voicefleet.autoscale.loop import Autoscaler
-from voicefleet.autoscale.policy import InstanceSignal, Policy, pick_victims
+from voicefleet.autoscale.policy import Policy, pick_victims
 from voicefleet.build.bundle import extract_bundle
 from voicefleet.build.local import LocalBuilder
+from voicefleet.control.instances import LIVE, RETIRING, Instances
 from voicefleet.control.secrets import SecretBox
 from voicefleet.control.smoke import smoke_test
 from voicefleet.dispatch.service import DispatchService
 from voicefleet.dispatch.stats import Window
 from voicefleet.errors import BuildFailed, InvalidRequest, NotFound, VoicefleetError
-from voicefleet.protocol.tokens import WorkerIdentity, instance_credentials
 from voicefleet.rollout.bluegreen import SmokeTest, run_bluegreen
 from voicefleet.rollout.canary import COMMANDS, PAUSED, PROMOTED, CanaryPlan, run_canary
-from voicefleet.rollout.rolling import COMPLETE, PROGRESSING, RolloutFailed, run_rolling
-from voicefleet.runtime import InstanceSpec, InstanceStatus, Runtime
+from voicefleet.rollout.rolling import COMPLETE, PROGRESSING, run_rolling
+from voicefleet.runtime import Runtime
 from voicefleet.store.models import (
     AgentRow,
     DeploymentRow,
-    InstanceRow,
     RolloutRow,
     SecretRow,
     VersionRow,
@@ -45,11 +44,6 @@ from voicefleet.store.repo import Repo
 log = logging.getLogger("voicefleet.control")
 
 DEFAULT_DEPLOYMENT = "production"
-LIVE = ("starting", "ready", "failed")  # instances that count towards a deployment's size
-# Replaced by a newer version: no new sessions (routing), sessions in flight go on, process
-# untouched. A rollback within `keep_warm` takes it back at once; past that, once idle (or at
-# the end of the grace period), it drains: SIGTERM, then SIGKILL after the rest of the grace.
-RETIRING = "retiring"
 AGENT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
@@ -101,18 +95,16 @@ class ControlPlane:
     ) -> None:
         self.repo = repo
         self.dispatch = dispatch
-        self.runtime = runtime
         self.builder = builder
         self.box = box
         self.paths = paths
-        self.worker_url = worker_url
-        self.serving_timeout = serving_timeout
-        self.keep_warm = keep_warm
         self._tasks: set[asyncio.Task[Any]] = set()
         self._agent_locks: dict[str, asyncio.Lock] = {}
         # The latest operator command for a running canary (pause, resume, promote, abort).
         self._commands: dict[str, str] = {}
-        runtime.on_change(self._instance_changed)
+        self.instances = Instances(
+            repo, dispatch, runtime, box, paths, worker_url, self._spawn, serving_timeout, keep_warm
+        )
         self.autoscaler = Autoscaler(self)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -123,9 +115,8 @@ class ControlPlane:
             agent = await self.repo.agent(dep.agent_id)
             if agent is not None and dep.version:
                 self.dispatch.routing.set_weights(agent.name, {dep.version: 100}, dep.name)
-        for row in await self.repo.instances(statuses=[*LIVE, RETIRING, "draining"]):
-            await self._adopt_or_restart(row)
-        self._spawn(self._reap_retired())
+        await self.instances.adopt_all()
+        self._spawn(self.instances.reap_retired())
         self._spawn(self.autoscaler.run())
         for rollout in await self.repo.rollouts(states=[PROGRESSING, PAUSED], limit=1000):
             log.info("resuming rollout", extra={"rollout": rollout.id, "step": rollout.step})
@@ -140,16 +131,12 @@ class ControlPlane:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.runtime.close(leave_running=leave_running)
+        await self.instances.runtime.close(leave_running=leave_running)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    def http_url(self) -> str:
-        """The server's own address for instances' HTTP calls (flags, smoke commands)."""
-        return self.worker_url().replace("ws", "http", 1)
 
     def _lock(self, agent_id: str) -> asyncio.Lock:
         return self._agent_locks.setdefault(agent_id, asyncio.Lock())
@@ -200,7 +187,7 @@ class ControlPlane:
         for dep in await self.repo.deployments(agent.id):
             self.dispatch.routing.set_weights(agent.name, {}, dep.name)
         for row in await self.repo.instances(agent.id, [*LIVE, RETIRING]):
-            await self._drain(row, agent.grace_period)
+            await self.instances.drain(row, agent.grace_period)
         await self.repo.delete_agent(agent.id)
         await self.repo.event(agent.id, "agent_deleted", f"agent {agent.name} deleted")
 
@@ -408,31 +395,15 @@ class ControlPlane:
         if n > len(live):
             kept = await self.ensure_instances(agent.id, dep.name, dep.version, None, n)
             return [i for i in kept if i not in {r.id for r in live}]
-        signals = {s.id: s for s in self.signals(live)}
-        victims = pick_victims(list(signals.values()), len(live) - n)
+        victims = pick_victims(self.instances.signals(live), len(live) - n)
         for victim in victims:
-            await self._drain(next(r for r in live if r.id == victim.id), agent.grace_period)
+            row = next(r for r in live if r.id == victim.id)
+            await self.instances.drain(row, agent.grace_period)
         return [v.id for v in victims]
-
-    async def live_instances(self, agent_id: str) -> list[InstanceRow]:
-        return await self.repo.instances(agent_id, LIVE)
 
     def lock(self, agent_id: str) -> asyncio.Lock:
         """Held by a rollout (and by the autoscaler while it resizes) of the agent."""
         return self._lock(agent_id)
-
-    def signals(self, rows: list[InstanceRow]) -> list[InstanceSignal]:
-        """What the dispatcher sees of each instance now: its worker's load and sessions."""
-        workers = {w.identity.instance: w for w in self.dispatch.registry.workers.values()}
-        out = []
-        for row in rows:
-            w = workers.get(row.id)
-            out.append(
-                InstanceSignal(row.id, w.load, len(w.jobs), True)
-                if w is not None and w.connected
-                else InstanceSignal(row.id, registered=False)
-            )
-        return out
 
     async def _run_rollout(self, rollout: RolloutRow) -> None:
         async with self._lock(rollout.agent_id):
@@ -476,49 +447,14 @@ class ControlPlane:
         fresh_since: float | None,
         count: int | None = None,
     ) -> list[str]:
-        """`count` (default: the deployment's replicas) live instances of `version`: the ones
-        there are, warm retired ones taken back, new ones started."""
+        """`count` (default: the deployment's replicas) live instances of `version`."""
         agent = await self.agent(agent_id)
         dep = await self.deployment(agent, deployment)
         want = dep.replicas if count is None else count
-        rows = [
-            r
-            for r in await self.repo.instances(agent_id, [*LIVE, RETIRING])
-            if r.deployment == deployment
-            and r.version == version
-            and (fresh_since is None or r.created_at >= fresh_since)
-            and (r.status != RETIRING or self._warm(r.id))
-        ][: max(want, 1)]
-        for row in rows:
-            if row.status == RETIRING:  # a rollback: take the warm instance back
-                await self.repo.set_instance_status(row.id, "ready")
-                log.info("retired instance taken back", extra={"instance": row.id})
-        while len(rows) < want:
-            rows.append(await self._start_instance(agent, deployment, version))
-        return [r.id for r in rows]
+        return await self.instances.ensure(agent, deployment, version, fresh_since, want)
 
     async def wait_serving(self, instance_ids: list[str]) -> None:
-        deadline = time.monotonic() + self.serving_timeout
-        pending = set(instance_ids)
-        # A crash now fails the rollout; restarts an instance had before (a warm one) do not.
-        restarts = {i: s.restarts for i in instance_ids if (s := self.runtime.get(i))}
-        while pending:
-            for instance_id in list(pending):
-                state = self.runtime.get(instance_id)
-                if state is None or state.restarts > restarts.get(instance_id, 0):
-                    exit_info = f" (last exit: {state.last_exit})" if state else ""
-                    raise RolloutFailed(f"instance {instance_id} crashed while starting{exit_info}")
-                registered = any(
-                    w.identity.instance == instance_id
-                    for w in self.dispatch.registry.workers.values()
-                )
-                if registered and state.status == InstanceStatus.READY:
-                    pending.discard(instance_id)
-            if time.monotonic() > deadline:
-                raise RolloutFailed(
-                    f"instances {sorted(pending)} not serving after {self.serving_timeout:g}s"
-                )
-            await asyncio.sleep(0.1)
+        await self.instances.wait_serving(instance_ids)
 
     async def route(self, agent_id: str, deployment: str, version: str) -> None:
         agent = await self.agent(agent_id)
@@ -532,13 +468,10 @@ class ControlPlane:
         self.dispatch.routing.set_weights(agent.name, weights, deployment)
 
     async def drain_instances(self, instance_ids: list[str]) -> None:
-        for row in await self.repo.instances(statuses=[*LIVE, RETIRING]):
-            if row.id in instance_ids:
-                agent = await self.repo.agent(row.agent_id)
-                await self._drain(row, agent.grace_period if agent else 0.0)
+        await self.instances.drain_ids(instance_ids)
 
     def restarts(self, instance_ids: list[str]) -> int:
-        return sum(s.restarts for i in instance_ids if (s := self.runtime.get(i)))
+        return self.instances.restarts(instance_ids)
 
     async def windows(self, agent_id: str, a: str, b: str, since: float) -> tuple[Window, Window]:
         name = (await self.agent(agent_id)).name
@@ -557,146 +490,10 @@ class ControlPlane:
         retire (kept warm for a rollback) or, with `warm=False`, drain now."""
         agent = await self.agent(agent_id)
         serving = (await self.deployment(agent, deployment)).version
-        drained = []
-        for row in await self.repo.instances(agent_id, LIVE):
-            if row.deployment != deployment or row.id in keep:
-                continue
-            if row.version == serving or not warm:
-                # A restart: routing by version cannot tell these from their replacements.
-                await self._drain(row, agent.grace_period)
-            else:
-                await self.repo.set_instance_status(row.id, RETIRING)
-            drained.append(row.id)
-        return drained
-
-    def _warm(self, instance_id: str) -> bool:
-        """Running, healthy and registered: it can take sessions again the moment it is routed."""
-        state = self.runtime.get(instance_id)
-        return (
-            state is not None
-            and state.status == InstanceStatus.READY
-            and any(
-                # Connected and not draining; FULL is passing and does not count against it.
-                w.identity.instance == instance_id and w.connected and not w.draining
-                for w in self.dispatch.registry.workers.values()
-            )
-        )
-
-    async def _reap_retired(self, interval: float = 1.0) -> None:
-        """Drain retired instances once idle past `keep_warm`, or at the end of the grace."""
-        while True:
-            await asyncio.sleep(interval)
-            now = time.time()
-            for row in await self.repo.instances(statuses=[RETIRING]):
-                agent = await self.repo.agent(row.agent_id)
-                grace = agent.grace_period if agent else 0.0
-                age = now - row.updated_at
-                if (self.sessions(row.id) == 0 and age >= self.keep_warm) or age >= grace:
-                    await self._drain(row, max(0.0, grace - age))
+        return await self.instances.retire_others(agent, deployment, serving, keep, warm)
 
     async def stop_instances(self, instance_ids: list[str]) -> None:
-        for instance_id in instance_ids:
-            await self.runtime.stop(instance_id)
-            await self.repo.set_instance_status(instance_id, "stopped")
-
-    # -- instances ----------------------------------------------------------------------------
-
-    def sessions(self, instance_id: str) -> int:
-        return sum(
-            len(w.jobs)
-            for w in self.dispatch.registry.workers.values()
-            if w.identity.instance == instance_id
-        )
-
-    async def _spec(
-        self, agent: AgentRow, deployment: str, version: str, instance_id: str
-    ) -> InstanceSpec:
-        row = await self.version(agent, version)
-        project = self.dispatch.project
-        identity = WorkerIdentity(agent=agent.id, version=row.version, instance=instance_id)
-        key, secret = instance_credentials(project.api_secret, identity)
-        env = {s.name: self.box.open_value(s.value) for s in await self.repo.secrets(agent.id)}
-        env.update(
-            LIVEKIT_URL=self.worker_url(),
-            VOICEFLEET_URL=self.http_url(),
-            PYTHONPATH=str(self.paths.sdk),
-            LIVEKIT_API_KEY=key,
-            LIVEKIT_API_SECRET=secret,
-            LIVEKIT_AGENT_DEPLOYMENT=deployment,
-            LIVEKIT_AGENT_NAME_OVERRIDE=agent.name,
-            VOICEFLEET_AGENT_ID=agent.id,
-            VOICEFLEET_VERSION=row.version,
-            VOICEFLEET_INSTANCE_ID=instance_id,
-        )
-        return InstanceSpec(
-            instance_id=instance_id,
-            agent_id=agent.id,
-            version=row.version,
-            workdir=self.paths.source(agent.id, row.version),
-            python=Path(row.python),
-            env=env,
-            log_dir=self.paths.instance_logs(agent.id),
-            grace_period=agent.grace_period,
-        )
-
-    async def _start_instance(self, agent: AgentRow, deployment: str, version: str) -> InstanceRow:
-        instance_id = new_id(f"{agent.name[:20]}-{version}-")
-        now = time.time()
-        row = InstanceRow(
-            id=instance_id,
-            agent_id=agent.id,
-            deployment=deployment,
-            version=version,
-            status="starting",
-            created_at=now,
-            updated_at=now,
-        )
-        await self.repo.save(row)  # in the store before it exists: a restart finds it
-        state = await self.runtime.start(await self._spec(agent, deployment, version, instance_id))
-        row.pid, row.pid_started_at = state.pid or 0, state.started_at or 0.0
-        await self.repo.save(row)
-        log.info("instance started", extra={"instance": instance_id, "pid": row.pid})
-        return row
-
-    async def _drain(self, row: InstanceRow, grace: float) -> None:
-        # The dispatcher stops offering jobs first; then the process gets SIGTERM.
-        for worker in list(self.dispatch.registry.workers.values()):
-            if worker.identity.instance == row.id:
-                self.dispatch.registry.drain(worker)
-        await self.repo.set_instance_status(row.id, "draining")
-        await self.runtime.drain(row.id, grace)
-
-    async def _adopt_or_restart(self, row: InstanceRow) -> None:
-        agent = await self.repo.agent(row.agent_id)
-        if agent is None:
-            return
-        spec = await self._spec(agent, row.deployment, row.version, row.id)
-        state = await self.runtime.adopt(spec, row.pid, row.pid_started_at) if row.pid else None
-        if state is not None:
-            log.info("instance re-adopted", extra={"instance": row.id, "pid": row.pid})
-            if row.status == "draining":
-                await self.runtime.drain(row.id, agent.grace_period)
-            return
-        if row.status in ("draining", RETIRING):
-            await self.repo.set_instance_status(row.id, "stopped")
-            return
-        state = await self.runtime.start(spec)
-        await self.repo.set_instance_status(
-            row.id, "starting", pid=state.pid or 0, pid_started_at=state.started_at or 0.0
-        )
-        log.info("instance restarted after server restart", extra={"instance": row.id})
-
-    def _instance_changed(self, instance_id: str, status: InstanceStatus) -> None:
-        self._spawn(self._persist_instance(instance_id, status))
-
-    async def _persist_instance(self, instance_id: str, status: InstanceStatus) -> None:
-        state = self.runtime.get(instance_id)
-        fields: dict[str, Any] = {}
-        if state is not None and state.pid:
-            fields = {"pid": state.pid, "pid_started_at": state.started_at or 0.0}
-        # A retired instance that restarts after a crash stays retired: routing excludes it.
-        unless = RETIRING if status != InstanceStatus.STOPPED else None
-        await self.repo.set_instance_status(instance_id, str(status.value), unless=unless, **fields)
+        await self.instances.stop(instance_ids)
 
     # -- secrets ------------------------------------------------------------------------------
 

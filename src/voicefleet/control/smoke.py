@@ -76,7 +76,7 @@ async def _smoke_command(
     log_path = plane.paths.version_dir(agent.id, version) / "smoke.log"
     env = {
         **os.environ,
-        "VOICEFLEET_URL": plane.http_url(),
+        "VOICEFLEET_URL": plane.instances.http_url(),
         "VOICEFLEET_AGENT": agent.name,
         "VOICEFLEET_AGENT_ID": agent.id,
         "VOICEFLEET_DEPLOYMENT": deployment,

@@ -8,7 +8,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from voicefleet.control.service import RETIRING, ControlPlane, rollout_dict
+from voicefleet.control.instances import RETIRING
+from voicefleet.control.service import ControlPlane, rollout_dict
 from voicefleet.rollout.canary import PAUSED
 from voicefleet.rollout.rolling import PROGRESSING
 from voicefleet.store.models import AgentRow
@@ -19,7 +20,7 @@ async def agent_status(plane: ControlPlane, agent: AgentRow) -> dict[str, Any]:
     for row in await plane.repo.instances(agent.id):
         if row.status == "stopped" and time.time() - row.updated_at > 3600:
             continue
-        state = plane.runtime.get(row.id)
+        state = plane.instances.runtime.get(row.id)
         instances.append(
             {
                 "id": row.id,
@@ -27,11 +28,9 @@ async def agent_status(plane: ControlPlane, agent: AgentRow) -> dict[str, Any]:
                 "version": row.version,
                 "status": row.status,
                 "pid": row.pid,
-                "sessions": plane.sessions(row.id),
+                "sessions": plane.instances.sessions(row.id),
                 "restarts": state.restarts if state else 0,
-                "registered": any(
-                    w.identity.instance == row.id for w in plane.dispatch.registry.workers.values()
-                ),
+                "registered": plane.instances.registered(row.id),
             }
         )
     rollouts = await plane.repo.rollouts(agent.id, limit=5)
