@@ -30,14 +30,17 @@ AGENT_SRC = ROOT / "tests" / "agents" / "deployable"
 SECRET = "s3cr3t-value-that-must-never-show"
 
 
+def vf_env(server: Server) -> dict[str, str]:
+    return {**os.environ, "VF_URL": server.url, "VF_API_KEY": DEV_KEY, "VF_API_SECRET": DEV_SECRET}
+
+
 def vf(
     server: Server, folder: Path, *args: str, ok: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "VF_URL": server.url, "VF_API_KEY": DEV_KEY, "VF_API_SECRET": DEV_SECRET}
     result = subprocess.run(
         [sys.executable, "-m", "voicefleet", "agent", *args],
         cwd=folder,
-        env=env,
+        env=vf_env(server),
         capture_output=True,
         text=True,
         timeout=600,
@@ -320,3 +323,51 @@ async def test_rollback_within_keep_warm_takes_the_running_instances_back(
         assert job["instance"] == v1["id"]
     finally:
         await lk.aclose()
+
+
+async def test_one_rollout_at_a_time_a_deploy_in_the_way_says_why_and_hangs_nothing(
+    start_server: Callable[..., Server], agent_dir: Path
+) -> None:
+    server = start_server()
+
+    def versions() -> dict[str, Any]:
+        return {v["version"]: v for v in api_get(server, "/agents/my-agent/versions")}
+
+    vf(server, agent_dir, "create")
+    vf(server, agent_dir, "deploy")
+    (agent_dir / "VERSION").write_text("two")
+    vf(server, agent_dir, "deploy")
+
+    # v3 needs an environment of its own, so its build takes seconds; meanwhile a canary of
+    # v1 begins. The build ends, its rollout is refused, and the deploy says so at once.
+    (agent_dir / "requirements.txt").write_text("livekit-agents==1.8.9\nsix==1.16.0\n")
+    (agent_dir / "VERSION").write_text("three")
+    deploy = subprocess.Popen(
+        [sys.executable, "-m", "voicefleet", "agent", "deploy"],
+        cwd=agent_dir,
+        env=vf_env(server),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        await wait_for(lambda: "v3" in versions(), 60, "v3 uploaded", interval=0.05)
+        assert versions()["v3"]["status"] == "building"
+        out = vf(server, agent_dir, "deploy", "--version", "v1", "--canary", "10")
+        assert "canary v1 takes 10% of new sessions" in out.stdout, out.stdout
+        _, err = deploy.communicate(timeout=240)
+    finally:
+        deploy.kill()
+    assert deploy.returncode == 1, err
+    assert "v3 built, not rolled out: canary rollout" in err, err
+    assert "vf agent deploy --version v3" in err, err
+    assert versions()["v3"]["status"] == "ready"
+
+    # While the canary runs, a deploy is refused before anything is uploaded or built.
+    (agent_dir / "VERSION").write_text("four")
+    refused = vf(server, agent_dir, "deploy", ok=False)
+    assert refused.returncode == 1, refused.stderr
+    assert "promote or abort it first" in refused.stderr, refused.stderr
+    assert set(versions()) == {"v1", "v2", "v3"}
+    status = api_get(server, "/agents/my-agent")
+    assert status["deployments"][0]["version"] == "v2"  # stable serves on

@@ -314,6 +314,15 @@ def _watch_rollout(
                     "GET", f"/agents/{key}/rollouts", params={"version": version}
                 )
                 rollout = found[0] if found else None
+                if rollout is None:  # built but refused, e.g. another rollout began meanwhile
+                    versions = client.request("GET", f"/agents/{key}/versions")
+                    error = next((v["error"] for v in versions if v["version"] == version), "")
+                    if error:
+                        fail(
+                            f"{version} {error}; roll it out later with "
+                            f"`vf agent deploy --version {version}`",
+                            FAILED,
+                        )
             if rollout is not None:
                 steps = STEPS.get(rollout["strategy"], STEPS["rolling"])
                 step = (rollout["step"] or "start").split(":")[0]

@@ -100,6 +100,7 @@ class ControlPlane:
         self.paths = paths
         self._tasks: set[asyncio.Task[Any]] = set()
         self._agent_locks: dict[str, asyncio.Lock] = {}
+        self._numbering: dict[str, asyncio.Lock] = {}  # uploads of an agent, one at a time
         # The latest operator command for a running canary (pause, resume, promote, abort).
         self._commands: dict[str, str] = {}
         self.instances = Instances(
@@ -138,7 +139,9 @@ class ControlPlane:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _lock(self, agent_id: str) -> asyncio.Lock:
+    def lock(self, agent_id: str) -> asyncio.Lock:
+        """Held by a rollout of the agent (for as long as it runs) and by the autoscaler while
+        it resizes: one change to an agent's instances at a time."""
         return self._agent_locks.setdefault(agent_id, asyncio.Lock())
 
     # -- agents -------------------------------------------------------------------------------
@@ -203,7 +206,8 @@ class ControlPlane:
         """Take a source bundle: a new immutable version, built in the background, then
         rolled out to `deployment`. A failed build leaves the serving version untouched."""
         plan = strategy_plan(plan)  # a bad plan fails the upload, before anything is built
-        async with self._lock(agent.id):
+        await self._refuse_if_rolling(agent, deployment)  # ...and so does a rollout under way
+        async with self._numbering.setdefault(agent.id, asyncio.Lock()):
             number = await self.repo.next_version_number(agent.id)
             version = f"v{number}"
             vdir = self.paths.version_dir(agent.id, version)
@@ -261,7 +265,9 @@ class ControlPlane:
         await self.repo.event(agent.id, "version_built", f"{row.version} built ({reuse})")
         try:
             await self.roll_to(agent, deployment, row.version, plan=plan)
-        except InvalidRequest as e:
+        except InvalidRequest as e:  # e.g. another deploy's rollout began during the build
+            row.error = f"built, not rolled out: {e}"
+            await self.repo.save(row)
             await self.repo.event(agent.id, "rollout_refused", f"{row.version}: {e}")
 
     async def versions(self, agent: AgentRow) -> list[VersionRow]:
@@ -296,11 +302,7 @@ class ControlPlane:
                 f"a {strategy} deploy needs another version serving {deployment} "
                 f"(it serves {dep.version or 'nothing'}); deploy without --{strategy} first"
             )
-        for running in await self.repo.rollouts(agent.id, [PROGRESSING, PAUSED]):
-            if running.deployment == deployment:
-                raise InvalidRequest(
-                    f"rollout {running.id} to {running.to_version} is still in progress"
-                )
+        await self._refuse_if_rolling(agent, deployment)
         now = time.time()
         rollout = RolloutRow(
             id=new_id("RO_"),
@@ -324,6 +326,20 @@ class ControlPlane:
         )
         self._spawn(self._run_rollout(rollout))
         return rollout
+
+    async def _refuse_if_rolling(self, agent: AgentRow, deployment: str) -> None:
+        """One rollout per deployment at a time: say which one is in the way and how to end it."""
+        for running in await self.repo.rollouts(agent.id, [PROGRESSING, PAUSED]):
+            if running.deployment == deployment:
+                how = (
+                    "promote or abort it first (vf agent canary promote|abort)"
+                    if running.strategy == "canary"
+                    else "wait for it to end"
+                )
+                raise InvalidRequest(
+                    f"{running.strategy} rollout {running.id} to {running.to_version} is in "
+                    f"progress on {deployment}: {how}"
+                )
 
     async def rollback(
         self, agent: AgentRow, deployment: str, to_version: str | None = None
@@ -401,12 +417,8 @@ class ControlPlane:
             await self.instances.drain(row, agent.grace_period)
         return [v.id for v in victims]
 
-    def lock(self, agent_id: str) -> asyncio.Lock:
-        """Held by a rollout (and by the autoscaler while it resizes) of the agent."""
-        return self._lock(agent_id)
-
     async def _run_rollout(self, rollout: RolloutRow) -> None:
-        async with self._lock(rollout.agent_id):
+        async with self.lock(rollout.agent_id):
             try:
                 if rollout.strategy == "canary":
                     await run_canary(rollout, self, self.repo)
