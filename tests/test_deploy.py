@@ -362,6 +362,7 @@ async def test_one_rollout_at_a_time_a_deploy_in_the_way_says_why_and_hangs_noth
     assert "v3 built, not rolled out: canary rollout" in err, err
     assert "vf agent deploy --version v3" in err, err
     assert versions()["v3"]["status"] == "ready"
+    assert "v3: built, not rolled out" in vf(server, agent_dir, "versions").stdout
 
     # While the canary runs, a deploy is refused before anything is uploaded or built.
     (agent_dir / "VERSION").write_text("four")

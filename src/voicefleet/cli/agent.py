@@ -392,6 +392,18 @@ def versions(agent: AgentOpt = None) -> None:
         t.add_row(v["version"], v["status"], v["deployment"], ago(v["created_at"]),
                   v["source_digest"][:12], v["dependency_digest"][:12])  # fmt: skip
     out.print(t)
+    for v in data:
+        if v["error"]:
+            out.print(f"{v['version']}: {_one_line(v['error'])}", highlight=False, overflow="fold")
+    if any(v["error"] for v in data):
+        out.print("[dim](the whole of each: vf agent versions --json)[/dim]")
+
+
+def _one_line(error: str) -> str:
+    """A version's error in a table cell: the tool's own `error:` line when it has one (a
+    failed build's error ends with the build's last output lines)."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    return next((line for line in lines if line.startswith("error:")), lines[0] if lines else "")
 
 
 @app.command()
