@@ -48,6 +48,18 @@ def test_round_robin_skips_full_draining_disconnected_excluded_and_unrouted() ->
     assert w is not None and w.id == "W3"
 
 
+def test_a_routed_session_stays_in_its_deployment() -> None:
+    workers = pool(4)  # v0, v1, v0, v1
+    workers[1].deployment = "staging"
+    workers[3].deployment = "production"
+    # production's v1 is W3, never staging's W1; a worker naming no deployment serves any.
+    assert pick_worker(workers, 0, (), {"v1"}, "production")[0] is workers[3]
+    assert pick_worker(workers, 0, (), {"v1"}, "staging")[0] is workers[1]
+    assert pick_worker(workers, 0, (), {"v0"}, "staging")[0] is workers[0]
+    workers[3].draining = True
+    assert pick_worker(workers, 0, (), {"v1"}, "production") == (None, 0)
+
+
 def job(**kw: object) -> Job:
     return Job(id="AJ_1", dispatch_id="AD_1", agent_name="a", room="r", room_sid="RM", **kw)  # type: ignore[arg-type]
 

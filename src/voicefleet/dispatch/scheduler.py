@@ -41,10 +41,12 @@ def pick_worker(
     cursor: int,
     exclude: Collection[str],
     versions: Collection[str] | None = None,
+    deployment: str | None = None,
 ) -> tuple[Worker | None, int]:
     """The next available worker at or after `cursor` (round robin), and the cursor after it.
 
-    `versions`, when given, limits the choice to workers of those versions.
+    `versions`, when given, limits the choice to workers of those versions, and `deployment`
+    to workers of that deployment (a worker that names none belongs to every one).
     """
     n = len(pool)
     for i in range(n):
@@ -53,6 +55,7 @@ def pick_worker(
             worker.available
             and worker.id not in exclude
             and (versions is None or worker.pool in versions)
+            and (deployment is None or worker.deployment in (deployment, ""))
         ):
             return worker, (cursor + i + 1) % n
     return None, cursor
@@ -244,17 +247,19 @@ class Scheduler:
         cursor = self._cursor.get(key, 0)
         # Never again the worker that did not start it in time: it may still be starting it.
         skip = job.tried | {job.not_started_by} if job.not_started_by else job.tried
+        # Versions are routed per deployment: staging's v2 instances are not production's.
+        dep = job.deployment or self.routing.default_deployment
         if job.pin_version:
-            worker, self._cursor[key] = pick_worker(pool, cursor, skip, (job.pin_version,))
+            worker, self._cursor[key] = pick_worker(pool, cursor, skip, (job.pin_version,), dep)
             return worker
         route = self.routing.choose(key.agent_name, job.deployment, job.dispatch_id or job.room)
         if route is None:
             worker, self._cursor[key] = pick_worker(pool, cursor, skip)
             return worker
         job.routed_version = route.version
-        worker, cursor = pick_worker(pool, cursor, skip, (route.version,))
+        worker, cursor = pick_worker(pool, cursor, skip, (route.version,), dep)
         if worker is None and route.others:
-            worker, cursor = pick_worker(pool, cursor, skip, route.others)
+            worker, cursor = pick_worker(pool, cursor, skip, route.others, dep)
         self._cursor[key] = cursor
         return worker
 
