@@ -291,6 +291,7 @@ def test_policy_reports_every_problem_at_once_and_rejects_unknown_fields():
         ({"max_instances": 2.5}, "max_instances must be a whole number (got 2.5)"),
         ({"scale_up_load": True}, "scale_up_load must be a number (got True)"),
         ({"down_window": float("nan")}, "down_window must be a number (got nan)"),
+        ({"max_instances": float("inf")}, "max_instances must be a whole number (got inf)"),
     ],
 )
 def test_policy_from_json_rejects_values_that_are_not_numbers(fields, problem):

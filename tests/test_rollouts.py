@@ -134,6 +134,10 @@ BAD_PLANS = {
         {"strategy": "canary", "thresholds": {"min_sessions": "many"}},
         "min_sessions must be a whole number (got 'many')",
     ),
+    "infinite threshold": (  # JSON's 1e999: not an OverflowError (500) in int()
+        {"strategy": "canary", "thresholds": {"min_sessions": float("inf")}},
+        "min_sessions must be a whole number (got inf)",
+    ),
     "negative threshold": (
         {"strategy": "canary", "thresholds": {"max_failure_rate_increase": -0.1}},
         "thresholds must be >= 0",

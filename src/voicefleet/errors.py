@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 class VoicefleetError(Exception):
     """Base of every error voicefleet raises on purpose."""
@@ -60,8 +62,8 @@ class BuildFailed(VoicefleetError):
 
 
 def check_numbers(what: str, values: dict[str, object], integers: tuple[str, ...] = ()) -> None:
-    """Settings read from JSON: each value (None aside) must be a number, not a bool or NaN, and
-    those named in `integers` whole numbers; else InvalidRequest naming them."""
+    """Settings read from JSON: each value (None aside) must be a finite number, not a bool,
+    and those named in `integers` whole numbers; else InvalidRequest naming them."""
     bad = [
         f"{name} must be {'a whole number' if name in integers else 'a number'} (got {value!r})"
         for name, value in values.items()
@@ -69,7 +71,7 @@ def check_numbers(what: str, values: dict[str, object], integers: tuple[str, ...
         and (
             isinstance(value, bool)
             or not isinstance(value, int | float)
-            or value != value  # NaN
+            or not math.isfinite(value)  # NaN, or 1e999 read as infinity
             or (name in integers and value != int(value))
         )
     ]
