@@ -372,3 +372,33 @@ async def test_one_rollout_at_a_time_a_deploy_in_the_way_says_why_and_hangs_noth
     assert set(versions()) == {"v1", "v2", "v3"}
     status = api_get(server, "/agents/my-agent")
     assert status["deployments"][0]["version"] == "v2"  # stable serves on
+
+
+async def test_a_failed_rollout_lets_go_only_of_what_it_started_and_cuts_no_session(
+    start_server: Callable[..., Server], agent_dir: Path, tmp_path: Path
+) -> None:
+    server = start_server()
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    vf(server, agent_dir, "create")
+    vf(server, agent_dir, "secrets", "set", f"MARKER_DIR={markers}")
+    vf(server, agent_dir, "deploy")
+    [good] = api_get(server, "/agents/my-agent")["instances"]
+    lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
+    try:
+        call = await dispatch(lk, "held-through-the-failure", hold=20)
+        await wait_for(job_state(server, call, "running"), 60, "the call running")
+        # A second instance that crashes at start (secrets reach new instances only)...
+        vf(server, agent_dir, "secrets", "set", "CRASH_AT_START=1")
+        vf(server, agent_dir, "scale", "2")
+        # ...then a rollout of the serving version gathers both and fails on the broken one.
+        failed = vf(server, agent_dir, "deploy", "--version", "v1", ok=False)
+        assert failed.returncode == 1 and "crashed while starting" in failed.stderr, failed.stderr
+        instances = {i["id"]: i for i in api_get(server, "/agents/my-agent")["instances"]}
+        # The instance that was serving before the rollout still serves, same process.
+        assert instances[good["id"]]["status"] == "ready", instances
+        assert instances[good["id"]]["pid"] == good["pid"]
+        job = await wait_for(job_state(server, call, "succeeded", "failed"), 60, "the call")
+        assert job["state"] == "succeeded" and job["instance"] == good["id"], job
+    finally:
+        await lk.aclose()

@@ -55,10 +55,14 @@ class Autoscaler:
             if dep.autoscale is None or not dep.version:
                 continue
             agent = await plane.repo.agent(dep.agent_id)
-            if agent is None or plane.lock(agent.id).locked():
+            lock = plane.lock(dep.agent_id, dep.name)
+            if agent is None or lock.locked():
                 continue  # a rollout is under way: its sizes are its own
-            async with plane.lock(agent.id):
-                await self._scale(plane, agent, dep, queued.get(agent.name, 0), now)
+            async with lock:
+                # Read again: a rollout may have ended (and changed the version) since the list.
+                fresh = await plane.repo.deployment(agent.id, dep.name)
+                if fresh is not None and fresh.autoscale is not None and fresh.version:
+                    await self._scale(plane, agent, fresh, queued.get(agent.name, 0), now)
 
     async def _scale(
         self, plane: ControlPlane, agent: AgentRow, dep: DeploymentRow, queued: int, now: float

@@ -131,6 +131,12 @@ class Instances:
             if row.status == RETIRING:  # a rollback: take the warm instance back
                 await self.repo.set_instance_status(row.id, "ready")
                 log.info("retired instance taken back", extra={"instance": row.id})
+        # Retired instances of this version not taken back drain now: once it is routed again,
+        # only routing kept sessions off them.
+        taken = {r.id for r in rows}
+        for row in await self.repo.instances(agent.id, [RETIRING]):
+            if row.deployment == deployment and row.version == version and row.id not in taken:
+                await self.drain(row, agent.grace_period)
         while len(rows) < want:
             rows.append(await self.start(agent, deployment, version))
         return [r.id for r in rows]
@@ -256,6 +262,24 @@ class Instances:
         for instance_id in instance_ids:
             await self.runtime.stop(instance_id)
             await self.repo.set_instance_status(instance_id, "stopped")
+
+    async def give_up(
+        self, agent: AgentRow, serving: str, instance_ids: list[str], since: float
+    ) -> None:
+        """A rollout that failed before its shift lets go of the instances it gathered. Those it
+        started (since `since`) stop, or drain if their version is the one serving (they may
+        have sessions); retired ones it took back retire again; ones that were serving already
+        go on serving. Nobody's session is cut."""
+        for row in await self.repo.instances(agent.id, [*LIVE, RETIRING]):
+            if row.id not in instance_ids:
+                continue
+            if row.created_at >= since:
+                if row.version == serving:
+                    await self.drain(row, agent.grace_period)
+                else:
+                    await self.stop([row.id])
+            elif row.version != serving:
+                await self.repo.set_instance_status(row.id, RETIRING)
 
     # -- after a server restart ---------------------------------------------------------------
 

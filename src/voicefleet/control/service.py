@@ -99,8 +99,9 @@ class ControlPlane:
         self.box = box
         self.paths = paths
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._agent_locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._numbering: dict[str, asyncio.Lock] = {}  # uploads of an agent, one at a time
+        self._starting: dict[tuple[str, str], asyncio.Lock] = {}  # check, then record a rollout
         # The latest operator command for a running canary (pause, resume, promote, abort).
         self._commands: dict[str, str] = {}
         self.instances = Instances(
@@ -139,10 +140,10 @@ class ControlPlane:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def lock(self, agent_id: str) -> asyncio.Lock:
-        """Held by a rollout of the agent (for as long as it runs) and by the autoscaler while
-        it resizes: one change to an agent's instances at a time."""
-        return self._agent_locks.setdefault(agent_id, asyncio.Lock())
+    def lock(self, agent_id: str, deployment: str) -> asyncio.Lock:
+        """Held by a rollout of the deployment (for as long as it runs) and while it is resized
+        (autoscaler, `vf agent scale`): one change to a deployment's instances at a time."""
+        return self._locks.setdefault((agent_id, deployment), asyncio.Lock())
 
     # -- agents -------------------------------------------------------------------------------
 
@@ -295,30 +296,32 @@ class ControlPlane:
         row = await self.version(agent, version)
         if row.status != "ready":
             raise InvalidRequest(f"{version} is {row.status}, not ready: it cannot be rolled out")
-        dep = await self.deployment(agent, deployment)
-        strategy = plan["strategy"]
-        if strategy != "rolling" and (not dep.version or dep.version == version):
-            raise InvalidRequest(
-                f"a {strategy} deploy needs another version serving {deployment} "
-                f"(it serves {dep.version or 'nothing'}); deploy without --{strategy} first"
+        # Checked and recorded as one step: two deploys at once cannot both pass the check.
+        async with self._starting.setdefault((agent.id, deployment), asyncio.Lock()):
+            dep = await self.deployment(agent, deployment)
+            strategy = plan["strategy"]
+            if strategy != "rolling" and (not dep.version or dep.version == version):
+                raise InvalidRequest(
+                    f"a {strategy} deploy needs another version serving {deployment} "
+                    f"(it serves {dep.version or 'nothing'}); deploy without --{strategy} first"
+                )
+            await self._refuse_if_rolling(agent, deployment)
+            now = time.time()
+            rollout = RolloutRow(
+                id=new_id("RO_"),
+                agent_id=agent.id,
+                deployment=deployment,
+                from_version=dep.version,
+                to_version=version,
+                strategy=strategy,
+                state=PROGRESSING,
+                step="",
+                reason=kind,
+                plan={**plan, "replicas": max(dep.replicas, 1)},
+                created_at=now,
+                updated_at=now,
             )
-        await self._refuse_if_rolling(agent, deployment)
-        now = time.time()
-        rollout = RolloutRow(
-            id=new_id("RO_"),
-            agent_id=agent.id,
-            deployment=deployment,
-            from_version=dep.version,
-            to_version=version,
-            strategy=strategy,
-            state=PROGRESSING,
-            step="",
-            reason=kind,
-            plan={**plan, "replicas": max(dep.replicas, 1)},
-            created_at=now,
-            updated_at=now,
-        )
-        await self.repo.save(rollout)
+            await self.repo.save(rollout)
         await self.repo.event(
             agent.id,
             f"{kind}_started",
@@ -388,17 +391,20 @@ class ControlPlane:
             raise InvalidRequest("give a number of instances or an autoscaling policy")
         if not 0 <= replicas <= 100:
             raise InvalidRequest("replicas must be between 0 and 100")
-        if dep.autoscale is not None:
-            dep.autoscale = None
-            await self.repo.event(agent.id, "autoscale_off", f"{deployment}: fixed size")
-        await self.repo.event(agent.id, "scaled", f"{deployment}: {replicas} instance(s)")
-        await self.resize(agent, dep, replicas)
+        await self._refuse_if_rolling(agent, deployment)  # its sizes are its own
+        async with self.lock(agent.id, deployment):
+            dep = await self.deployment(agent, deployment)  # as it is now, under the lock
+            if dep.autoscale is not None:
+                dep.autoscale = None
+                await self.repo.event(agent.id, "autoscale_off", f"{deployment}: fixed size")
+            await self.repo.event(agent.id, "scaled", f"{deployment}: {replicas} instance(s)")
+            await self.resize(agent, dep, replicas)
         return dep
 
     async def resize(self, agent: AgentRow, dep: DeploymentRow, n: int) -> list[str]:
-        """Run `n` instances of the deployment's version. Going down drains idle instances
-        first; an instance with sessions drains (they finish), it is never cut. Returns the
-        instances started or drained."""
+        """Run `n` instances of the deployment's version (under `lock(agent, deployment)`).
+        Going down drains idle instances first; an instance with sessions drains (they finish),
+        it is never cut. Returns the instances started or drained."""
         dep.replicas, dep.updated_at = n, time.time()
         await self.repo.save(dep)
         if not dep.version:
@@ -418,7 +424,7 @@ class ControlPlane:
         return [v.id for v in victims]
 
     async def _run_rollout(self, rollout: RolloutRow) -> None:
-        async with self.lock(rollout.agent_id):
+        async with self.lock(rollout.agent_id, rollout.deployment):
             try:
                 if rollout.strategy == "canary":
                     await run_canary(rollout, self, self.repo)
@@ -432,8 +438,24 @@ class ControlPlane:
                 log.exception("rollout failed", extra={"rollout": rollout.id})
                 rollout.state, rollout.reason = "aborted", f"internal error: {e}"
                 await self.repo.save(rollout)
+                await self._settle(rollout)
             finally:
                 self._commands.pop(rollout.id, None)
+
+    async def _settle(self, rollout: RolloutRow) -> None:
+        """After a rollout broke off: new sessions go to the version the deployment records as
+        serving, and instances of other versions retire (their sessions finish)."""
+        agent = await self.repo.agent(rollout.agent_id)
+        dep = await self.repo.deployment(rollout.agent_id, rollout.deployment)
+        if agent is None or dep is None or not dep.version:
+            return
+        self.dispatch.routing.set_weights(agent.name, {dep.version: 100}, dep.name)
+        serving = [
+            r.id
+            for r in await self.instances.live(agent.id)
+            if r.deployment == dep.name and r.version == dep.version
+        ]
+        await self.instances.retire_others(agent, dep.name, dep.version, serving, warm=True)
 
     async def rollout_command(self, agent: AgentRow, deployment: str, command: str) -> RolloutRow:
         """pause, resume, promote or abort the canary running on `deployment`."""
@@ -441,6 +463,8 @@ class ControlPlane:
             raise InvalidRequest(f"unknown command '{command}' (one of {', '.join(COMMANDS)})")
         for rollout in await self.repo.rollouts(agent.id, [PROGRESSING, PAUSED]):
             if rollout.deployment == deployment and rollout.strategy == "canary":
+                if rollout.step == "promote":  # past the point a command is read
+                    raise InvalidRequest(f"canary {rollout.to_version} is already being promoted")
                 self._commands[rollout.id] = command
                 await self.repo.event(agent.id, f"canary_{command}", f"{command} requested")
                 return rollout
@@ -504,8 +528,10 @@ class ControlPlane:
         serving = (await self.deployment(agent, deployment)).version
         return await self.instances.retire_others(agent, deployment, serving, keep, warm)
 
-    async def stop_instances(self, instance_ids: list[str]) -> None:
-        await self.instances.stop(instance_ids)
+    async def give_up(self, rollout: RolloutRow, instance_ids: list[str]) -> None:
+        agent = await self.agent(rollout.agent_id)
+        serving = (await self.deployment(agent, rollout.deployment)).version
+        await self.instances.give_up(agent, serving, instance_ids, rollout.created_at)
 
     # -- secrets ------------------------------------------------------------------------------
 

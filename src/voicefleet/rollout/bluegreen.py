@@ -69,13 +69,13 @@ async def run_bluegreen(rollout: RolloutRow, fleet: BlueGreenFleet, repo: Repo) 
         try:
             await fleet.wait_serving(ids)
         except RolloutFailed as e:
-            await fleet.stop_instances(ids)
+            await fleet.give_up(rollout, ids)
             await _abort(repo, rollout, f"green {green} did not come up: {e}")
             return
         await _step(repo, rollout, "smoke")
         failure = await fleet.smoke_test(agent, dep, green, ids, test)
         if failure is not None:
-            await fleet.stop_instances(ids)
+            await fleet.give_up(rollout, ids)
             await _abort(repo, rollout, f"smoke test of {green} failed: {failure}")
             return
         await repo.event(agent, "smoke_passed", f"{green}: {test.sessions} synthetic session(s) ok")

@@ -141,7 +141,7 @@ async def run_canary(rollout: RolloutRow, fleet: CanaryFleet, repo: Repo) -> Non
         try:
             await fleet.wait_serving(ids)
         except RolloutFailed as e:
-            await fleet.stop_instances(ids)
+            await fleet.give_up(rollout, ids)
             await _finish(repo, rollout, ABORTED, f"{new} did not come up: {e}", "canary_aborted")
             return
         await _enter(fleet, repo, rollout, plan, 0)
@@ -168,7 +168,7 @@ async def run_canary(rollout: RolloutRow, fleet: CanaryFleet, repo: Repo) -> Non
         try:
             await fleet.wait_serving(full)
         except RolloutFailed as e:
-            await _abort(rollout, fleet, repo, ids, f"promotion failed: {e}")
+            await _abort(rollout, fleet, repo, full, f"promotion failed: {e}")
             return
         await fleet.route(agent, dep, new)
         rollout.weight = 100

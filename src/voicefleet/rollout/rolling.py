@@ -44,7 +44,7 @@ class Fleet(Protocol):
     async def drain_others(
         self, agent_id: str, deployment: str, keep: list[str], warm: bool = True
     ) -> list[str]: ...
-    async def stop_instances(self, instance_ids: list[str]) -> None: ...
+    async def give_up(self, rollout: RolloutRow, instance_ids: list[str]) -> None: ...
 
 
 def size(rollout: RolloutRow) -> int:
@@ -72,7 +72,7 @@ async def run_rolling(rollout: RolloutRow, fleet: Fleet, repo: Repo) -> None:
         try:
             await fleet.wait_serving(new)
         except RolloutFailed as e:
-            await fleet.stop_instances(new)
+            await fleet.give_up(rollout, new)
             rollout.reason = str(e)
             await _step(repo, rollout, "wait", ABORTED)
             await repo.event(agent, "rollout_aborted", f"{version} did not come up: {e}")

@@ -3,8 +3,9 @@
 Its settings come the way a user's secrets do, as environment variables: MARKER_DIR (where
 `<job id>.started` / `.done` go) and VF_TEST_SECRET (copied into the marker to prove secrets
 arrive). The job's metadata may be {"hold": seconds}. Files next to it change it per version:
-CRASH makes it fail to start, FAIL makes every session's process die (after `.started`),
-THREADS runs jobs in threads instead of processes (cheap jobs, for tests that dispatch hundreds).
+CRASH makes it fail to start (so does the variable CRASH_AT_START, per instance), FAIL makes
+every session's process die (after `.started`), THREADS runs jobs in threads instead of
+processes (cheap jobs, for tests that dispatch hundreds).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from livekit.agents import JobContext, JobExecutorType, WorkerOptions, cli
 
-if Path(__file__).with_name("CRASH").exists():
+if Path(__file__).with_name("CRASH").exists() or os.environ.get("CRASH_AT_START"):
     raise SystemExit("this version is broken on purpose")
 
 HERE = Path(__file__).parent
