@@ -16,7 +16,7 @@ from livekit import api
 from livekit.protocol import agent
 
 from tests.peers import Peer, worker_jwt
-from tests.support import DEV_KEY, DEV_SECRET, Server, wait_for
+from tests.support import DEV_KEY, DEV_SECRET, Server, admin_token, wait_for
 from voicefleet.protocol import tokens
 
 
@@ -276,6 +276,33 @@ async def test_a_worker_that_starts_a_job_late_keeps_it_if_nobody_else_took_it(
         await slow.close()
 
 
+async def test_a_job_never_goes_back_to_any_worker_that_did_not_start_it(
+    start_server: Callable[..., Server],
+) -> None:
+    server = start_server("--start-timeout", "1")
+    first = await Peer.connect(server.ws_url, "twice")
+    first.start_jobs = False
+    try:
+        job_id = await dispatch(server, "twice", "twice-dropped")
+        await wait_for(lambda: first.assignments, 10, "the first assignment")
+        second = await Peer.connect(server.ws_url, "twice")
+        second.start_jobs = False
+        try:
+            await wait_for(lambda: second.assignments, 10, "the second assignment")
+            await wait_for(
+                lambda: server.metric("voicefleet_offers_total", outcome="not_started") == 2,
+                10,
+                "the second start timeout",
+            )
+            await asyncio.sleep(1.5)  # passes over the workers every 0.25 s meanwhile
+            assert (len(first.offers), len(second.offers)) == (1, 1)
+            assert server.job(job_id)["state"] == "pending"  # type: ignore[index]
+        finally:
+            await second.close()
+    finally:
+        await first.close()
+
+
 async def test_silent_worker_is_disconnected_and_its_jobs_fail_with_the_reason(
     start_server: Callable[..., Server],
 ) -> None:
@@ -290,4 +317,40 @@ async def test_silent_worker_is_disconnected_and_its_jobs_fail_with_the_reason(
         assert "sent nothing for 1.5s" in job["error"]
         assert server.workers("silent") == []
     finally:
+        await peer.close()
+
+
+async def test_a_queued_job_no_worker_can_take_holds_up_no_job_behind_it(server: Server) -> None:
+    # production routes to v1, staging to v2; only a production v1 worker is there.
+    admin = {"Authorization": f"Bearer {admin_token()}"}
+    for deployment, version in (("production", "v1"), ("staging", "v2")):
+        r = httpx.put(
+            f"{server.url}/api/v1/routing/hol",
+            json={"weights": {version: 100}, "deployment": deployment},
+            headers=admin,
+        )
+        assert r.status_code == 200, r.text
+    key, secret = tokens.instance_credentials(
+        DEV_SECRET, tokens.WorkerIdentity(agent="CA_hol", version="v1", instance="hol-v1-1")
+    )
+    peer = await Peer.connect(
+        server.ws_url, "hol", token=worker_jwt(key, secret), deployment="production"
+    )
+    lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
+    try:
+        staging = await lk.agent_dispatch.create_dispatch(
+            api.CreateAgentDispatchRequest(agent_name="hol", room="s", deployment="staging")
+        )
+        [waiting] = staging.state.jobs
+        production = await lk.agent_dispatch.create_dispatch(
+            api.CreateAgentDispatchRequest(agent_name="hol", room="p", deployment="production")
+        )
+        [call] = production.state.jobs
+        # The production call goes to the free v1 worker now, not after the staging job's
+        # queue timeout (60 s); the staging job keeps waiting for a v2 worker.
+        await wait_for(lambda: call.id in {a.job.id for a in peer.assignments}, 20, "the call")
+        assert waiting.id not in peer.offers
+        assert (server.job(waiting.id) or {}).get("state") == "pending"
+    finally:
+        await lk.aclose()
         await peer.close()

@@ -76,8 +76,9 @@ class Job:
     pin_version: str = ""
     # Workers that refused or did not answer this job in the current dispatch pass.
     tried: set[str] = field(default_factory=set, repr=False)
-    # The worker whose assignment the start timeout took back (it may still start the job).
-    not_started_by: str = field(default="", repr=False)
+    # Workers that accepted it and did not start it in time: never offered it again (one may
+    # still be starting it), and one that starts it late keeps it if nobody else has it.
+    not_started_by: set[str] = field(default_factory=set, repr=False)
 
     @property
     def ended(self) -> bool:

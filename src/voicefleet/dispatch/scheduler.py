@@ -122,7 +122,11 @@ class Scheduler:
         key = job_key(job)
         waiting = self._waiting.get(key)
         if waiting:
-            waiting.append(job)  # keep FIFO: jobs queued before this one go first
+            waiting.append(job)  # behind the jobs queued before it (FIFO)
+            if self._pick(key, job) is not None:
+                # A worker is free for it: the queue's pass gives that worker to the first
+                # waiting job that can take it, this one if those before it cannot.
+                self._on_capacity(key)
         else:
             self._spawn(self._dispatch(job))
 
@@ -140,7 +144,7 @@ class Scheduler:
         if (
             job is not None
             and job.state == JobState.PENDING
-            and job.not_started_by == worker.id
+            and worker.id in job.not_started_by
             and update.status == agent.JobStatus.JS_RUNNING
         ):
             # Slow, not gone: the start timeout took the job back and no other worker has it
@@ -246,7 +250,7 @@ class Scheduler:
         pool = self.registry.pools.get(key, ())
         cursor = self._cursor.get(key, 0)
         # Never again the worker that did not start it in time: it may still be starting it.
-        skip = job.tried | {job.not_started_by} if job.not_started_by else job.tried
+        skip = job.tried | job.not_started_by if job.not_started_by else job.tried
         # Versions are routed per deployment: staging's v2 instances are not production's.
         dep = job.deployment or self.routing.default_deployment
         if job.pin_version:
@@ -364,7 +368,6 @@ class Scheduler:
         job.agent_id = worker.identity.agent
         job.version = worker.pool
         job.instance = worker.identity.instance
-        job.not_started_by = ""
         self.book.transition(job, JobState.ASSIGNED)
         worker.jobs.add(job.id)
 
@@ -380,7 +383,7 @@ class Scheduler:
         worker.jobs.discard(job.id)
         self.registry.job_ended(worker)
         job.tried.add(worker.id)
-        job.not_started_by = worker.id  # it keeps the job if it starts it before another takes it
+        job.not_started_by.add(worker.id)  # it keeps the job if it starts it before another does
         self.book.transition(job, JobState.PENDING)  # listeners see the version that failed it
         job.worker_id = job.agent_id = job.version = job.instance = ""
         self.requeue(job)
@@ -414,30 +417,44 @@ class Scheduler:
         wake = self._wake[key]
         try:
             while waiting:
-                job = waiting[0]
-                if job.state != JobState.PENDING:
-                    waiting.popleft()
+                if self._place_one(key, waiting):
                     continue
-                worker = self._pick(key, job)
-                if worker is None:
-                    wake.clear()
-                    # A refusal can be passing (a worker counts offers it is still answering
-                    # against its load), so a refused job retries after a while even if no
-                    # worker's status changes.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(
-                            wake.wait(), self.settings.retry_interval if job.tried else None
-                        )
-                    for parked in waiting:
-                        parked.tried.clear()  # a new pass over the workers
-                    continue
-                waiting.popleft()
-                self._spawn(self._dispatch(job, worker))
+                wake.clear()
+                # A refusal can be passing (a worker counts offers it is still answering
+                # against its load), so a refused job retries after a while even if no
+                # worker's status changes.
+                retry = self.settings.retry_interval if any(j.tried for j in waiting) else None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), retry)
+                for parked in waiting:
+                    parked.tried.clear()  # a new pass over the workers
         finally:
             del self._pumps[key]
             if not waiting:
                 del self._waiting[key]
                 del self._wake[key]
+
+    def _place_one(self, key: PoolKey, waiting: deque[Job]) -> bool:
+        """Hand the first waiting job some worker can take now to that worker; False if none.
+
+        FIFO among jobs that want the same workers. A job that no worker can take (its pinned
+        version, deployment or routed version has none free) holds up no job behind it that
+        wants other workers: each such kind of job is tried once per pass."""
+        stuck: set[tuple[str, str, str]] = set()
+        for i, job in enumerate(waiting):
+            if job.state != JobState.PENDING:
+                del waiting[i]
+                return True
+            if (job.pin_version, job.deployment, job.routed_version) in stuck:
+                continue
+            worker = self._pick(key, job)
+            if worker is None:
+                stuck.add((job.pin_version, job.deployment, job.routed_version))
+                continue
+            del waiting[i]
+            self._spawn(self._dispatch(job, worker))
+            return True
+        return False
 
     def _no_worker_reason(self, key: PoolKey, waited: float) -> str:
         pool = self.registry.pools.get(key, [])
