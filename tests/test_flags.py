@@ -88,6 +88,7 @@ def test_without_a_session_percentages_admit_nobody_but_plain_rules_apply() -> N
     ("bad", "message"),
     [
         ({"key": "a b", "type": "boolean", "value": True}, "flag key"),
+        ({"key": "stream", "type": "boolean", "value": True}, "'stream' is reserved"),
         ({"key": "a", "type": "list", "value": True}, "type must be"),
         ({"key": "a", "type": "number", "value": True}, "must be a number"),
         ({"key": "a", "type": "boolean", "value": True,
@@ -237,6 +238,31 @@ def test_sdk_sees_changes_within_a_second_and_keeps_working_while_the_server_is_
     static = VoicefleetProvider(bare).resolve_integer_details("max_turns", 3)
     assert (static.value, static.reason) == (12, Reason.STATIC)
     assert VoicefleetProvider(bare).resolve_boolean_details("greeting", True).value is True
+
+
+def test_a_deleted_agents_draining_instances_keep_their_flags(
+    server: Server, tmp_path: Path
+) -> None:
+    agent_id = create_agent(server, "flags-deleted")
+    headers = {"Authorization": f"Bearer {admin_token()}"}
+    r = httpx.put(
+        f"{server.url}/api/v1/agents/{agent_id}/flags/greeting",
+        json={"type": "string", "value": "hello"},
+        headers=headers,
+    )
+    r.raise_for_status()
+    cache = tmp_path / "flags.json"
+    client = FlagsClient(server.url, agent_id, DEV_KEY, DEV_SECRET, cache_path=cache).start()
+    try:
+        assert client.wait_ready(5) and client.get_str("greeting") == "hello"
+        version = client.version
+        r = httpx.delete(f"{server.url}/api/v1/agents/{agent_id}", headers=headers)
+        assert r.status_code == 204, r.text
+        # Calls still running on its draining instances go on with the flags they had.
+        assert not client.wait_version(version, 2.5)
+        assert client.get_str("greeting") == "hello"
+    finally:
+        client.close()
 
 
 def test_stream_refuses_other_agents_instances_room_tokens_and_bad_tokens(server: Server) -> None:

@@ -116,9 +116,9 @@ class FlagService:
 
     def forget(self, agent_id: str) -> None:
         """A deleted agent's flags leave memory (the store dropped them with the agent). Not
-        published: its draining instances keep the flags they have until their calls end."""
+        published, and its version number stays: an open stream sees no change, so its
+        draining instances keep the flags they have until their calls end."""
         self._flags.pop(agent_id, None)
-        self._versions.pop(agent_id, None)
 
     async def _publish(self, agent_id: str, key: str, flag: dict[str, Any] | None) -> None:
         flags = self._flags.setdefault(agent_id, {})

@@ -135,6 +135,8 @@ def validate(flag: Mapping[str, Any]) -> dict[str, Any]:
     key = flag.get("key")
     if not isinstance(key, str) or not KEY.match(key):
         raise ValueError("a flag key is 1-100 letters, digits, '_', '.' or '-'")
+    if key == "stream":  # GET /agents/<agent>/flags/stream is the live stream
+        raise ValueError("'stream' is reserved: choose another flag key")
     kind = flag.get("type")
     if kind not in TYPES:
         raise ValueError(f"flag type must be one of {', '.join(TYPES)}")
