@@ -192,10 +192,16 @@ class Scheduler:
         """A worker reports jobs it runs (after a reconnect, e.g. when this server restarted)."""
         for job_id in job_ids:
             job = self.book.jobs.get(job_id)
-            if job is None or job.ended:
+            if job is None or job.ended or job.agent_name != worker.key.agent_name:
                 continue
-            job.worker_id = worker.id
-            worker.jobs.add(job_id)
+            holder = self.registry.workers.get(job.worker_id) if job.worker_id else None
+            if holder is not None and holder is not worker and holder.connected:
+                continue  # another live worker has it
+            if job.state == JobState.PENDING:
+                self._hold(job, worker)  # taken back by the start timeout, yet it runs here
+            else:
+                job.worker_id = worker.id
+                worker.jobs.add(job_id)
             log.info("job re-adopted", extra={"job": job_id, "worker": worker.id})
 
     def terminate(self, job: Job, reason: str) -> None:
@@ -280,6 +286,8 @@ class Scheduler:
 
     async def _offer(self, job: Job, worker: Worker) -> bool:
         """Offer `job` to `worker`; True once the job is no longer waiting for a worker."""
+        if not worker.connected:  # gone since it was picked: its disconnect has been handled
+            return self._declined(job, worker, "worker_gone")
         fut: asyncio.Future[agent.AvailabilityResponse] = asyncio.get_running_loop().create_future()
         worker.offers[job.id] = fut
         worker.send(agent.ServerMessage(availability=agent.AvailabilityRequest(job=job.to_proto())))
