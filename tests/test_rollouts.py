@@ -25,7 +25,7 @@ from tests.test_deploy import AGENT_SRC, all_stopped, api_get, dispatch, job_sta
 from voicefleet.dispatch.jobs import Job, JobBook, JobState
 from voicefleet.dispatch.routing import BUCKETS, RoutingTable, bucket
 from voicefleet.dispatch.stats import VersionStats, Window
-from voicefleet.rollout.canary import Thresholds, judge
+from voicefleet.rollout.canary import Thresholds, judge, may_advance
 
 # -- the routing table --------------------------------------------------------------------------
 
@@ -122,6 +122,15 @@ def test_canary_verdicts() -> None:
     crashed = judge(window(), healthy, 1, t)
     assert crashed is not None and "crash" in crashed
     assert judge(window(), healthy, 1, Thresholds(max_restarts=1)) is None
+
+
+def test_a_step_moves_on_only_after_its_interval_and_enough_sessions_to_judge() -> None:
+    t = Thresholds(min_sessions=5)
+    assert may_advance(300, 300, window(5), t)
+    assert not may_advance(299, 300, window(50), t)  # not yet
+    # Two failed sessions a step, never judged: held, not promoted step after step.
+    assert not may_advance(3600, 300, window(2, 2), t)
+    assert may_advance(0, 0, window(), Thresholds(min_sessions=0))
 
 
 BAD_PLANS = {

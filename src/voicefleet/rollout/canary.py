@@ -118,6 +118,13 @@ def judge(canary: Window, stable: Window, restarts: int, t: Thresholds) -> str |
     return None
 
 
+def may_advance(elapsed: float, interval: float, canary: Window, t: Thresholds) -> bool:
+    """A step moves on after its interval, and only once the canary ended enough sessions in it
+    to be judged: a canary with too little traffic holds its share, it is never promoted
+    unjudged."""
+    return elapsed >= interval and canary.ended >= t.min_sessions
+
+
 class CanaryFleet(Fleet, Protocol):
     async def set_weights(
         self, agent_id: str, deployment: str, weights: dict[str, float]
@@ -211,6 +218,7 @@ async def _watch(
     elapsed = time.time() - rollout.step_started_at  # a resumed step keeps its time
     last = time.monotonic()
     holding = index == len(plan.steps) - 1  # the last step below 100 waits for promote
+    said_waiting = False
     while True:
         command = fleet.command(rollout.id)
         if command == "abort":
@@ -238,7 +246,16 @@ async def _watch(
             elapsed += now - last
         last = now
         if not holding and rollout.state != PAUSED and elapsed >= plan.interval:
-            return "next"
+            if may_advance(elapsed, plan.interval, canary, plan.thresholds):
+                return "next"
+            if not said_waiting:
+                said_waiting = True
+                await repo.event(
+                    rollout.agent_id,
+                    "canary_waiting",
+                    f"{rollout.weight:g}% held: canary ended {canary.ended} session(s) this step, "
+                    f"{plan.thresholds.min_sessions} needed to judge it",
+                )
         await asyncio.sleep(0.5)
 
 
