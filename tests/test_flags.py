@@ -316,6 +316,10 @@ async def test_a_running_agent_sees_a_flipped_flag_in_its_next_session(
         third = await dispatch(lk, "flag-3")
         marker = await wait_for(lambda: started(markers, third), 60, "the third session")
         assert marker["greeting"] == ""  # a killed string flag gives its off value
+        # Its copy for when the server is down: in the data dir, not the shared temp dir.
+        agent_id = server._get("/api/v1/agents/my-agent")["agent"]["id"]
+        cache = json.loads((server.data_dir / "agents" / agent_id / "flags-cache.json").read_text())
+        assert [f["key"] for f in cache["flags"]] == ["greeting"]
     finally:
         await lk.aclose()
 

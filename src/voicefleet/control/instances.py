@@ -202,6 +202,7 @@ class Instances:
             VOICEFLEET_AGENT_ID=agent.id,
             VOICEFLEET_VERSION=row.version,
             VOICEFLEET_INSTANCE_ID=instance_id,
+            VOICEFLEET_FLAGS_CACHE=str(self.paths.flags_cache(agent.id)),
         )
         return InstanceSpec(
             instance_id=instance_id,

@@ -76,6 +76,10 @@ class Paths:
         """voicefleet.sdk for the agents' own Python (voicefleet.flags.install)."""
         return self.data_dir / "sdk"
 
+    def flags_cache(self, agent_id: str) -> Path:
+        """The agent's instances' copy of its flags, for when the server is unreachable."""
+        return self.data_dir / "agents" / agent_id / "flags-cache.json"
+
     def instance_logs(self, agent_id: str) -> Path:
         return self.data_dir / "logs" / agent_id
 

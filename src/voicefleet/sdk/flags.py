@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -92,7 +91,10 @@ class FlagsClient:
         self.agent = agent or os.environ.get("VOICEFLEET_AGENT_ID", "")
         self.api_key = api_key or os.environ.get("LIVEKIT_API_KEY", "")
         self.api_secret = api_secret or os.environ.get("LIVEKIT_API_SECRET", "")
-        default_cache = Path(tempfile.gettempdir()) / f"voicefleet-flags-{self.agent or 'x'}.json"
+        # The user's own cache dir, not the shared temp dir (where another user could plant a
+        # file or a link under the same name); instances voicefleet runs get one per agent.
+        cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        default_cache = Path(cache_home) / "voicefleet" / f"flags-{self.agent or 'x'}.json"
         self.cache_path = Path(
             cache_path or os.environ.get("VOICEFLEET_FLAGS_CACHE", "") or default_cache
         )
@@ -258,6 +260,7 @@ class FlagsClient:
     def _write_cache(self, flags: Mapping[str, Any]) -> None:
         tmp = self.cache_path.with_name(self.cache_path.name + f".{os.getpid()}.tmp")
         try:
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps({"flags": list(flags.values()), "at": time.time()}))
             os.replace(tmp, self.cache_path)  # readers never see half a file
         except OSError as e:
