@@ -77,6 +77,17 @@ def test_conditions_compare_json_values_as_their_json_text() -> None:
     assert evaluate(n, Session(room="r", metadata='{"tier": 2}'))[0] is True
 
 
+def test_openfeature_context_values_become_what_a_job_carries() -> None:
+    from voicefleet.sdk.openfeature import session_of
+
+    ctx = EvaluationContext("AD_9", {"room": "r", "metadata": {"vip": True}, "beta": True})
+    session = session_of(ctx)
+    assert (session.metadata, session.attributes) == ('{"vip": true}', {"beta": "true"})
+    when = [{"attr": "metadata.vip", "value": True}, {"attr": "attributes.beta", "value": "true"}]
+    f = flag(rules=[{"when": when, "value": True}])
+    assert evaluate(f, session) == (True, "rule 1")
+
+
 def test_without_a_session_percentages_admit_nobody_but_plain_rules_apply() -> None:
     f = flag(rules=[{"when": [], "percent": 99.99, "value": True}])
     assert evaluate(f, Session()) == (False, "default")

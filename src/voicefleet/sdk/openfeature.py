@@ -19,6 +19,7 @@ STATIC (no flag known: a VOICEFLEET_FLAG_<KEY> variable), ERROR (FLAG_NOT_FOUND,
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,11 +38,19 @@ def session_of(context: EvaluationContext | None) -> Session:
         return Session()
     attrs = dict(context.attributes or {})
     return Session(
-        room=str(attrs.pop("room", "") or ""),
+        room=_text(attrs.pop("room", "")),
         dispatch_id=context.targeting_key or "",
-        metadata=str(attrs.pop("metadata", "") or ""),
-        attributes={k: str(v) for k, v in attrs.items()},
+        metadata=_text(attrs.pop("metadata", "")),
+        attributes={k: _text(v) for k, v in attrs.items()},
     )
+
+
+def _text(value: Any) -> str:
+    """A context value as a job would carry it: text as is, anything else as JSON (True ->
+    "true", {"vip": true} -> '{"vip": true}'), so rules match as they do on the server."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
 class VoicefleetProvider(AbstractProvider):
