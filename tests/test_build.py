@@ -99,10 +99,30 @@ def test_gzip_bomb_stops_at_the_size_limit(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_a_huge_tar_header_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    # A PAX header of 64 MB of zeros gzips to a few kB; tarfile would read it all into memory.
+    info = member("x.py")
+    info.pax_headers = {"comment": "0" * (64 * 2**20)}
+    bundle = tmp_path / "pax.tar.gz"
+    with tarfile.open(bundle, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(b""))
+    assert bundle.stat().st_size < 2**20
+    with pytest.raises(BundleRejected, match="tar header of"):
+        extract_bundle(bundle, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_too_many_files_and_oversized_uploads_are_rejected(tmp_path: Path) -> None:
     many = evil_bundle(tmp_path / "many.tar.gz", *((member(f"f{i}"), b"x") for i in range(30)))
     with pytest.raises(BundleRejected, match="more than 20 files"):
         extract_bundle(many, tmp_path / "a", max_files=20)
+    folders = evil_bundle(
+        tmp_path / "folders.tar.gz",
+        (member("a.py"), b"x"),
+        *((member(f"d{i}", tarfile.DIRTYPE), b"") for i in range(30)),
+    )
+    with pytest.raises(BundleRejected, match="more than 20 files and folders"):
+        extract_bundle(folders, tmp_path / "c", max_files=20)
     with pytest.raises(BundleRejected, match="upload limit"):
         extract_bundle(many, tmp_path / "b", max_compressed=64)
 

@@ -194,6 +194,14 @@ def test_hostile_bundle_and_broken_livekit_toml_get_clear_errors(
     assert "escape.py" in r.json()["detail"]
     assert not (tmp_path / "escape.py").exists()
     assert api_get(server, "/agents/hostile/versions") == []
+    # A NUL in a secret would make every instance of the agent fail to start: refused.
+    r = httpx.put(
+        f"{server.url}/api/v1/agents/hostile/secrets",
+        json={"secrets": {"TOKEN": "abc\u0000def"}},
+        headers={"Authorization": f"Bearer {admin_token()}"},
+    )
+    assert r.status_code == 400 and "NUL" in r.json()["detail"], r.text
+    assert api_get(server, "/agents/hostile/secrets") == []
 
     (agent_dir / "livekit.toml").write_text("[agent\nid = ")
     broken = vf(server, agent_dir, "status", ok=False)
@@ -219,6 +227,9 @@ async def test_crashing_version_is_aborted_and_the_previous_one_keeps_serving(
     logs = vf(server, agent_dir, "logs")
     assert "this version is broken on purpose" in logs.stdout  # the crash, as the agent said it
     assert "registered worker" in logs.stdout  # and v1's instance, serving
+    # An instance id, not a path: the server's own log (<data>/server.log) stays out of reach.
+    escape = vf(server, agent_dir, "logs", "--instance", "../../server", ok=False)
+    assert escape.returncode == 4 and "no logs for instance" in escape.stderr, escape
 
     status = api_get(server, "/agents/my-agent")
     assert status["deployments"][0]["version"] == "v1"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -144,3 +145,59 @@ async def test_adoption_takes_back_the_same_process_and_refuses_a_reused_pid(
     finally:
         await after_restart.close(leave_running=True)
     assert psutil.pid_exists(state.pid)  # leave_running: the instance outlives its runtime
+
+
+async def test_an_instance_drained_while_it_waits_to_restart_stays_down(
+    server: Server, runtime: LocalRuntime, tmp_path: Path
+) -> None:
+    (tmp_path / "agent.py").write_text("import sys\nsys.exit('boom at import')\n")
+    state = await runtime.start(spec(server, tmp_path, "drained-crashy"))
+    await wait_for(lambda: state.restarts >= 2, 30, "two restarts")
+    await wait_for(lambda: state.status == InstanceStatus.FAILED, 30, "a crash")
+    await runtime.drain(state.spec.instance_id, grace=10)  # during its restart backoff
+    await wait_for(lambda: state.status == InstanceStatus.STOPPED, 10, "it to stay down")
+    restarts = state.restarts
+    await asyncio.sleep(2)  # longer than the backoff it was waiting out
+    assert state.restarts == restarts and state.status == InstanceStatus.STOPPED
+
+
+async def test_a_drain_taken_over_after_a_server_restart_signals_nothing_and_the_call_ends(
+    server: Server, runtime: LocalRuntime, tmp_path: Path
+) -> None:
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    agent = spec(
+        server, MARKER_AGENT.parent, "redrained", entry=MARKER_AGENT.name,
+        log_dir=tmp_path / "logs", MARKER_DIR=str(markers),
+    )  # fmt: skip
+    state = await runtime.start(agent)
+    await wait_for(lambda: server.workers("redrained"), 60, "the worker to register")
+    lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
+    try:
+        d = await lk.agent_dispatch.create_dispatch(
+            api.CreateAgentDispatchRequest(
+                agent_name="redrained", room="call", metadata=json.dumps({"hold": 4})
+            )
+        )
+    finally:
+        await lk.aclose()
+    job_id = d.state.jobs[0].id
+    await wait_for(lambda: started(markers, job_id), 30, "the call to start")
+    await runtime.drain(state.spec.instance_id, grace=60)  # SIGTERM: the call goes on
+
+    # The server restarts; the next one adopts the draining instance and takes the drain over.
+    # livekit-agents exits at once on a second SIGTERM, so it must get none.
+    after_restart = LocalRuntime(tick=0.1)
+    try:
+        adopted = await after_restart.adopt(agent, state.pid, state.started_at)
+        assert adopted is not None
+        await after_restart.drain(agent.instance_id, grace=60, signalled=True)
+        job = await wait_for(
+            lambda: (j := server.job(job_id)) and j["state"] in ("succeeded", "failed") and j,
+            60,
+            "the call to end",
+        )
+        assert job["state"] == "succeeded" and (markers / f"{job_id}.done").exists(), job
+        await wait_for(lambda: adopted.status == InstanceStatus.STOPPED, 30, "the exit")
+    finally:
+        await after_restart.close(leave_running=False)

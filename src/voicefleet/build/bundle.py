@@ -127,6 +127,30 @@ class _Counting(io.RawIOBase):
         return len(data)
 
 
+MAX_HEADER = 1 << 20  # a PAX or GNU long-name header's own payload
+
+
+class _BoundedHeaders(tarfile.TarInfo):
+    """tarfile reads a PAX or GNU long-name header's whole payload into memory before any
+    member is seen: a header claiming gigabytes of zeros, a few kilobytes gzipped, would take
+    gigabytes of memory. Refuse such headers before they are read."""
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in HEADER_TYPES and self.size > MAX_HEADER:
+            raise BundleRejected(f"bundle has a tar header of {self.size} bytes (a bomb?)")
+        member: tarfile.TarInfo = super()._proc_member(tar)  # type: ignore[misc]
+        return member
+
+
+HEADER_TYPES = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+
 def _check_member(member: tarfile.TarInfo) -> PurePosixPath:
     name = member.name
     if not name or "\0" in name or len(name) > MAX_NAME:
@@ -159,18 +183,20 @@ def extract_bundle(
     owned = open(src, "rb") if isinstance(src, Path) else None
     try:
         counting = _Counting(owned or src, max_compressed)  # type: ignore[arg-type]
-        files = size = 0
+        files = entries = size = 0
         try:
-            with tarfile.open(fileobj=io.BufferedReader(counting), mode="r|gz") as tar:
+            stream = io.BufferedReader(counting)
+            with tarfile.open(fileobj=stream, mode="r|gz", tarinfo=_BoundedHeaders) as tar:
                 for member in tar:
                     rel = _check_member(member)
                     target = tmp.joinpath(*rel.parts)
+                    entries += 1  # folders count: a million empty ones would eat the inodes
+                    if entries > max_files:
+                        raise BundleRejected(f"bundle has more than {max_files} files and folders")
                     if member.isdir():
                         target.mkdir(parents=True, exist_ok=True)
                         continue
                     files += 1
-                    if files > max_files:
-                        raise BundleRejected(f"bundle has more than {max_files} files")
                     target.parent.mkdir(parents=True, exist_ok=True)
                     reader = tar.extractfile(member)
                     assert reader is not None

@@ -379,7 +379,8 @@ async def instance_logs(
     folder = plane.paths.instance_logs(row.id)
     if instance is not None:
         paths = [folder / f"{instance}.log"]
-        if not paths[0].exists():
+        # An instance id, not a path: "../../x" must not read another file.
+        if paths[0].parent != folder or not paths[0].exists():
             raise HTTPException(404, f"no logs for instance '{instance}'")
     else:
         paths = sorted(folder.glob("*.log"), key=lambda p: p.stat().st_mtime)

@@ -202,6 +202,7 @@ class Instances:
             VOICEFLEET_AGENT_ID=agent.id,
             VOICEFLEET_VERSION=row.version,
             VOICEFLEET_INSTANCE_ID=instance_id,
+            VOICEFLEET_GRACE_PERIOD=f"{agent.grace_period:g}",
             VOICEFLEET_FLAGS_CACHE=str(self.paths.flags_cache(agent.id)),
         )
         return InstanceSpec(
@@ -288,7 +289,11 @@ class Instances:
         """Take back the instances the last run left: adopted when their process still runs,
         started again when it should be serving, forgotten when it was on its way out."""
         for row in await self.repo.instances(statuses=[*LIVE, RETIRING, "draining"]):
-            await self._adopt_or_restart(row)
+            try:
+                await self._adopt_or_restart(row)
+            except Exception:  # one instance that cannot start must not stop the server
+                log.exception("instance not taken back", extra={"instance": row.id})
+                await self.repo.set_instance_status(row.id, "failed")
 
     async def _adopt_or_restart(self, row: InstanceRow) -> None:
         agent = await self.repo.agent(row.agent_id)
@@ -298,8 +303,9 @@ class Instances:
         state = await self.runtime.adopt(spec, row.pid, row.pid_started_at) if row.pid else None
         if state is not None:
             log.info("instance re-adopted", extra={"instance": row.id, "pid": row.pid})
-            if row.status == "draining":
-                await self.runtime.drain(row.id, agent.grace_period)
+            if row.status == "draining":  # SIGTERMed before the restart: the rest of its grace
+                left = max(0.0, agent.grace_period - (time.time() - row.updated_at))
+                await self.runtime.drain(row.id, left, signalled=True)
             return
         if row.status in ("draining", RETIRING):
             await self.repo.set_instance_status(row.id, "stopped")

@@ -543,6 +543,8 @@ class ControlPlane:
         for name in values:
             if not name or not (name.replace("_", "a").isalnum()) or name[0].isdigit():
                 raise InvalidRequest(f"secret name '{name}' must be a valid environment variable")
+            if "\x00" in values[name]:
+                raise InvalidRequest(f"secret {name}: an environment variable cannot hold a NUL")
         now = time.time()
         await self.repo.save(
             *(

@@ -60,6 +60,8 @@ def _alive(pid: int) -> bool:
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
+    if pid <= 0:  # never started: killpg(0) would signal voicefleet's own group
+        return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
 
@@ -117,8 +119,8 @@ class LocalRuntime:
 
     async def start(self, spec: InstanceSpec) -> InstanceState:
         inst = _Instance(InstanceState(spec=spec))
+        await self._spawn(inst)  # known only once it runs: nothing to signal if this fails
         self._instances[spec.instance_id] = inst
-        await self._spawn(inst)
         inst.supervisor = asyncio.create_task(self._supervise(inst))
         return inst.state
 
@@ -183,7 +185,10 @@ class LocalRuntime:
             code = await self._exit_code(inst)
             if code is None:
                 await self._check_health(inst)
-                self._rotate(inst)
+                try:
+                    self._rotate(inst)
+                except OSError as e:  # a full disk must not end the supervision
+                    log.warning("log rotation failed: %s", e)
                 if time.time() - inst.state.started_at > self.stable_after:
                     backoff = self.backoff_initial
                 continue
@@ -206,7 +211,12 @@ class LocalRuntime:
             if inst.draining or inst.stopping:
                 self._set(inst, InstanceStatus.STOPPED)
                 return
-            await self._spawn(inst)
+            try:
+                await self._spawn(inst)
+            except Exception:  # e.g. its environment was removed: try again after the backoff
+                log.exception(
+                    "instance did not start", extra={"instance": inst.state.spec.instance_id}
+                )
 
     async def _check_health(self, inst: _Instance) -> None:
         if inst.draining:
@@ -244,16 +254,24 @@ class LocalRuntime:
 
     # -- stopping -----------------------------------------------------------------------------
 
-    async def drain(self, instance_id: str, grace: float | None = None) -> None:
-        """SIGTERM now (livekit-agents finishes its sessions, then exits); SIGKILL after grace."""
+    async def drain(
+        self, instance_id: str, grace: float | None = None, signalled: bool = False
+    ) -> None:
+        """SIGTERM now (livekit-agents finishes its sessions, then exits); SIGKILL after grace.
+
+        `signalled`: it had its SIGTERM already (adopted after a server restart mid-drain). A
+        second SIGTERM makes livekit-agents exit at once, cutting its calls: never send one."""
         inst = self._instances.get(instance_id)
-        if inst is None or inst.draining or inst.exited.is_set():
+        if inst is None or inst.draining:
             return
         inst.draining = True
+        if inst.exited.is_set():  # crashed, waiting out its restart backoff: it stays down
+            return
         self._set(inst, InstanceStatus.DRAINING)
         grace = inst.state.spec.grace_period if grace is None else grace
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(inst.state.pid, signal.SIGTERM)
+        if not signalled and inst.state.pid > 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(inst.state.pid, signal.SIGTERM)
         inst.killer = asyncio.create_task(self._kill_after(inst, grace))
 
     async def _kill_after(self, inst: _Instance, grace: float) -> None:
