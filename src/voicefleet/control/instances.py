@@ -202,7 +202,7 @@ class Instances:
             VOICEFLEET_AGENT_ID=agent.id,
             VOICEFLEET_VERSION=row.version,
             VOICEFLEET_INSTANCE_ID=instance_id,
-            VOICEFLEET_GRACE_PERIOD=f"{agent.grace_period:g}",
+            VOICEFLEET_GRACE_PERIOD=str(int(agent.grace_period)),
             VOICEFLEET_FLAGS_CACHE=str(self.paths.flags_cache(agent.id)),
         )
         return InstanceSpec(

@@ -39,7 +39,7 @@ def main() -> None:
         sys.exit("usage: launch.py --port N agent.py [args...]")
     port, entry, args = int(sys.argv[2]), os.path.abspath(sys.argv[3]), sys.argv[4:]
     raw_grace = os.environ.get("VOICEFLEET_GRACE_PERIOD", "")
-    grace = int(float(raw_grace)) if raw_grace.replace(".", "", 1).isdigit() else None
+    grace = int(raw_grace) if raw_grace.isdigit() else None
     _give_port(port, grace)
     sys.argv = [entry, *args]
     sys.path.insert(0, os.path.dirname(entry))
