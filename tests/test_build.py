@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import os
 import tarfile
 from pathlib import Path
 
+import psutil
 import pytest
 
+from tests.support import wait_for
 from voicefleet.build.bundle import bundle_files, create_bundle, extract_bundle
 from voicefleet.build.local import LocalBuilder
 from voicefleet.errors import BuildFailed, BundleRejected
@@ -191,3 +195,35 @@ async def _run(*cmd: object) -> str:
     proc = await asyncio.create_subprocess_exec(*map(str, cmd), stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
     return out.decode().strip()
+
+
+async def test_a_cancelled_build_stops_its_tool_and_leaves_nothing_half_built(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "requirements.txt").write_text("livekit-agents==1.8.9\nsix==1.16.0\n")  # seconds
+    builder = LocalBuilder(tmp_path / "envs")
+    lines: list[str] = []
+    build = asyncio.create_task(builder.build(source, lines.append))
+
+    def alive(p: psutil.Process) -> bool:
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def installing() -> list[psutil.Process]:
+        found = []
+        for p in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if alive(p) and "install" in p.cmdline():
+                    found.append(p)
+        return found
+
+    tools = await wait_for(installing, 60, "uv pip install to run")
+    build.cancel()  # as a server shutdown does
+    with pytest.raises(asyncio.CancelledError):
+        await build
+    assert not any(alive(p) for p in tools)
+    assert [p.name for p in (tmp_path / "envs").iterdir() if p.is_dir()] == []

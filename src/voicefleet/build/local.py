@@ -10,9 +10,11 @@ lock per digest, so a failed or concurrent build never leaves a half environment
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import os
+import secrets
 import shutil
 import sys
 import tomllib
@@ -88,8 +90,11 @@ class LocalBuilder:
             if (env / COMPLETE).exists():  # built by a concurrent build meanwhile
                 log(f"dependencies unchanged (digest {digest[:12]}): reusing {env}")
                 return Artifact(env, env / "bin" / "python", digest, cached=True)
-            tmp = env.with_name(env.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
+            # A name of its own: a uv left running by a build that was cancelled (a server
+            # shutdown) cannot write into this one. Such leftovers are cleared here.
+            for old in self.cache_dir.glob(f"{env.name}*.tmp"):
+                shutil.rmtree(old, ignore_errors=True)
+            tmp = env.with_name(f"{env.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
             try:
                 await self._make(source, tmp, log)
             except BaseException:
@@ -142,11 +147,18 @@ class LocalBuilder:
         )
         tail: deque[str] = deque(maxlen=20)
         assert proc.stdout is not None
-        async for raw in proc.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            tail.append(line)
-            log(line)
-        if await proc.wait() != 0:
+        try:
+            async for raw in proc.stdout:
+                line = raw.decode(errors="replace").rstrip()
+                tail.append(line)
+                log(line)
+            code = await proc.wait()
+        except BaseException:  # cancelled (server shutdown): the tool must not run on
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await asyncio.shield(proc.wait())
+            raise
+        if code != 0:
             raise BuildFailed(
                 f"{Path(cmd[0]).name} {cmd[1]} failed (exit {proc.returncode}):\n" + "\n".join(tail)
             )
