@@ -52,6 +52,16 @@ def vf(
     return result
 
 
+def deploy_v1(server: Server, agent_dir: Path, tmp_path: Path) -> Path:
+    """my-agent created, its MARKER_DIR secret set and v1 deployed: the markers folder."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    vf(server, agent_dir, "create")
+    vf(server, agent_dir, "secrets", "set", f"MARKER_DIR={markers}")
+    vf(server, agent_dir, "deploy")
+    return markers
+
+
 def api_get(server: Server, path: str) -> Any:
     r = httpx.get(
         f"{server.url}/api/v1{path}",
@@ -213,11 +223,7 @@ async def test_crashing_version_is_aborted_and_the_previous_one_keeps_serving(
     start_server: Callable[..., Server], agent_dir: Path, tmp_path: Path
 ) -> None:
     server = start_server()
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    vf(server, agent_dir, "create")
-    vf(server, agent_dir, "secrets", "set", f"MARKER_DIR={markers}")
-    vf(server, agent_dir, "deploy")
+    deploy_v1(server, agent_dir, tmp_path)
 
     (agent_dir / "CRASH").write_text("yes")
     broken = vf(server, agent_dir, "deploy", ok=False)
@@ -247,11 +253,7 @@ async def test_server_restart_mid_rollout_adopts_instances_resumes_and_cuts_no_s
     start_server: Callable[..., Server], agent_dir: Path, tmp_path: Path
 ) -> None:
     server = start_server()
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    vf(server, agent_dir, "create")
-    vf(server, agent_dir, "secrets", "set", f"MARKER_DIR={markers}")
-    vf(server, agent_dir, "deploy")
+    markers = deploy_v1(server, agent_dir, tmp_path)
     [v1] = api_get(server, "/agents/my-agent")["instances"]
 
     lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
@@ -312,11 +314,7 @@ async def test_rollback_within_keep_warm_takes_the_running_instances_back(
     start_server: Callable[..., Server], agent_dir: Path, tmp_path: Path
 ) -> None:
     server = start_server()  # keep-warm: 60 s
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    vf(server, agent_dir, "create")
-    vf(server, agent_dir, "secrets", "set", f"MARKER_DIR={markers}")
-    vf(server, agent_dir, "deploy")
+    deploy_v1(server, agent_dir, tmp_path)
     [v1] = api_get(server, "/agents/my-agent")["instances"]
     (agent_dir / "VERSION").write_text("two")
     vf(server, agent_dir, "deploy")
@@ -389,11 +387,7 @@ async def test_a_failed_rollout_lets_go_only_of_what_it_started_and_cuts_no_sess
     start_server: Callable[..., Server], agent_dir: Path, tmp_path: Path
 ) -> None:
     server = start_server()
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    vf(server, agent_dir, "create")
-    vf(server, agent_dir, "secrets", "set", f"MARKER_DIR={markers}")
-    vf(server, agent_dir, "deploy")
+    deploy_v1(server, agent_dir, tmp_path)
     [good] = api_get(server, "/agents/my-agent")["instances"]
     lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
     try:

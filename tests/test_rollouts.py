@@ -21,7 +21,15 @@ import pytest
 from livekit import api
 
 from tests.support import DEV_KEY, DEV_SECRET, Server, admin_token, started, wait_for
-from tests.test_deploy import AGENT_SRC, all_stopped, api_get, dispatch, job_state, vf
+from tests.test_deploy import (
+    AGENT_SRC,
+    all_stopped,
+    api_get,
+    deploy_v1,
+    dispatch,
+    job_state,
+    vf,
+)
 from voicefleet.dispatch.jobs import Job, JobBook, JobState
 from voicefleet.dispatch.routing import BUCKETS, RoutingTable, bucket
 from voicefleet.dispatch.stats import VersionStats, Window
@@ -213,11 +221,7 @@ async def test_canary_takes_its_share_and_a_failing_canary_is_aborted_without_dr
     start_server: Callable[..., Server], agent_dir: Path, tmp_path: Path
 ) -> None:
     server = start_server()
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    vf(server, agent_dir, "create")
-    vf(server, agent_dir, "secrets", "set", f"MARKER_DIR={markers}")
-    vf(server, agent_dir, "deploy")
+    markers = deploy_v1(server, agent_dir, tmp_path)
     (agent_dir / "VERSION").write_text("two")
     out = vf(server, agent_dir, "deploy", "--canary", "10")
     assert "canary v2 takes 10% of new sessions" in out.stdout, out.stdout
@@ -331,11 +335,7 @@ async def test_blue_green_smoke_tests_green_switches_and_blue_drains_its_calls(
     start_server: Callable[..., Server], agent_dir: Path, tmp_path: Path
 ) -> None:
     server = start_server()
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    vf(server, agent_dir, "create")
-    vf(server, agent_dir, "secrets", "set", f"MARKER_DIR={markers}")
-    vf(server, agent_dir, "deploy")
+    markers = deploy_v1(server, agent_dir, tmp_path)
     lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
     try:
         calls = [await dispatch(lk, f"blue-{i}", hold=10) for i in range(4)]

@@ -15,7 +15,7 @@ import pytest
 from livekit import api
 
 from tests.support import DEV_KEY, DEV_SECRET, MARKER_AGENT, Server, started, wait_for
-from voicefleet.runtime import InstanceSpec, InstanceStatus
+from voicefleet.runtime import InstanceSpec, InstanceState, InstanceStatus
 from voicefleet.runtime.local import LocalRuntime
 
 # An agent as users write it: no port= anywhere, so `start` would bind :8081.
@@ -63,6 +63,33 @@ def spec(
     )
 
 
+async def a_call_in_flight(
+    server: Server, runtime: LocalRuntime, tmp_path: Path, name: str, hold: float
+) -> tuple[InstanceState, str]:
+    """An instance of the marker agent (markers in tmp_path/markers) with one call running for
+    `hold` seconds: its state and the call's job id."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    agent = spec(
+        server, MARKER_AGENT.parent, name, entry=MARKER_AGENT.name,
+        log_dir=tmp_path / "logs", MARKER_DIR=str(markers),
+    )  # fmt: skip
+    state = await runtime.start(agent)
+    await wait_for(lambda: server.workers(name), 60, "the worker to register")
+    lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
+    try:
+        d = await lk.agent_dispatch.create_dispatch(
+            api.CreateAgentDispatchRequest(
+                agent_name=name, room=f"{name}-call", metadata=json.dumps({"hold": hold})
+            )
+        )
+    finally:
+        await lk.aclose()
+    job_id = d.state.jobs[0].id
+    await wait_for(lambda: started(markers, job_id), 30, "the call to start")
+    return state, job_id
+
+
 async def test_two_instances_of_an_agent_without_a_port_both_start_on_ports_of_their_own(
     server: Server, runtime: LocalRuntime, tmp_path: Path
 ) -> None:
@@ -98,24 +125,7 @@ async def test_drain_kills_only_after_the_grace_period(
     server: Server, runtime: LocalRuntime, tmp_path: Path
 ) -> None:
     markers = tmp_path / "markers"
-    markers.mkdir()
-    agent = spec(
-        server, MARKER_AGENT.parent, "graceful", entry=MARKER_AGENT.name,
-        log_dir=tmp_path / "logs", MARKER_DIR=str(markers),
-    )  # fmt: skip
-    state = await runtime.start(agent)
-    await wait_for(lambda: server.workers("graceful"), 60, "the worker to register")
-    lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
-    try:
-        d = await lk.agent_dispatch.create_dispatch(
-            api.CreateAgentDispatchRequest(
-                agent_name="graceful", room="long-call", metadata=json.dumps({"hold": 120})
-            )
-        )
-    finally:
-        await lk.aclose()
-    job_id = d.state.jobs[0].id
-    await wait_for(lambda: started(markers, job_id), 30, "the call to start")
+    state, job_id = await a_call_in_flight(server, runtime, tmp_path, "graceful", hold=120)
 
     await runtime.drain(state.spec.instance_id, grace=3)
     assert state.status == InstanceStatus.DRAINING
@@ -165,24 +175,8 @@ async def test_a_drain_taken_over_after_a_server_restart_signals_nothing_and_the
     server: Server, runtime: LocalRuntime, tmp_path: Path
 ) -> None:
     markers = tmp_path / "markers"
-    markers.mkdir()
-    agent = spec(
-        server, MARKER_AGENT.parent, "redrained", entry=MARKER_AGENT.name,
-        log_dir=tmp_path / "logs", MARKER_DIR=str(markers),
-    )  # fmt: skip
-    state = await runtime.start(agent)
-    await wait_for(lambda: server.workers("redrained"), 60, "the worker to register")
-    lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
-    try:
-        d = await lk.agent_dispatch.create_dispatch(
-            api.CreateAgentDispatchRequest(
-                agent_name="redrained", room="call", metadata=json.dumps({"hold": 4})
-            )
-        )
-    finally:
-        await lk.aclose()
-    job_id = d.state.jobs[0].id
-    await wait_for(lambda: started(markers, job_id), 30, "the call to start")
+    state, job_id = await a_call_in_flight(server, runtime, tmp_path, "redrained", hold=4)
+    agent = state.spec
     await runtime.drain(state.spec.instance_id, grace=60)  # SIGTERM: the call goes on
 
     # The server restarts; the next one adopts the draining instance and takes the drain over.

@@ -119,23 +119,22 @@ class Instances:
     ) -> list[str]:
         """`want` live instances of `version`: the ones there are, warm retired ones taken
         back, new ones started."""
-        rows = [
+        of_version = [
             r
             for r in await self.repo.instances(agent.id, [*LIVE, RETIRING])
-            if r.deployment == deployment
-            and r.version == version
-            and (fresh_since is None or r.created_at >= fresh_since)
+            if r.deployment == deployment and r.version == version
+        ]
+        rows = [
+            r
+            for r in of_version
+            if (fresh_since is None or r.created_at >= fresh_since)
             and (r.status != RETIRING or self.warm(r.id))
         ][: max(want, 1)]
-        for row in rows:
-            if row.status == RETIRING:  # a rollback: take the warm instance back
+        for row in (r for r in of_version if r.status == RETIRING):
+            if row in rows:  # a rollback: take the warm instance back
                 await self.repo.set_instance_status(row.id, "ready")
                 log.info("retired instance taken back", extra={"instance": row.id})
-        # Retired instances of this version not taken back drain now: once it is routed again,
-        # only routing kept sessions off them.
-        taken = {r.id for r in rows}
-        for row in await self.repo.instances(agent.id, [RETIRING]):
-            if row.deployment == deployment and row.version == version and row.id not in taken:
+            else:  # once its version is routed again, only routing would keep sessions off it
                 await self.drain(row, agent.grace_period)
         while len(rows) < want:
             rows.append(await self.start(agent, deployment, version))

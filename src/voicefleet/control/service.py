@@ -104,8 +104,8 @@ class ControlPlane:
         self.paths = paths
         self._tasks: set[asyncio.Task[Any]] = set()
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._numbering: dict[str, asyncio.Lock] = {}  # uploads of an agent, one at a time
-        self._starting: dict[tuple[str, str], asyncio.Lock] = {}  # check, then record a rollout
+        # Brief: numbering a version, or checking then recording a rollout, one at a time.
+        self._recording: dict[str, asyncio.Lock] = {}
         # The latest operator command for a running canary (pause, resume, promote, abort).
         self._commands: dict[str, str] = {}
         self.instances = Instances(
@@ -212,7 +212,7 @@ class ControlPlane:
         rolled out to `deployment`. A failed build leaves the serving version untouched."""
         plan = strategy_plan(plan)  # a bad plan fails the upload, before anything is built
         await self._refuse_if_rolling(agent, deployment)  # ...and so does a rollout under way
-        async with self._numbering.setdefault(agent.id, asyncio.Lock()):
+        async with self._recording.setdefault(agent.id, asyncio.Lock()):
             number = await self.repo.next_version_number(agent.id)
             version = f"v{number}"
             vdir = self.paths.version_dir(agent.id, version)
@@ -301,7 +301,7 @@ class ControlPlane:
         if row.status != "ready":
             raise InvalidRequest(f"{version} is {row.status}, not ready: it cannot be rolled out")
         # Checked and recorded as one step: two deploys at once cannot both pass the check.
-        async with self._starting.setdefault((agent.id, deployment), asyncio.Lock()):
+        async with self._recording.setdefault(agent.id, asyncio.Lock()):
             dep = await self.deployment(agent, deployment)
             strategy = plan["strategy"]
             if strategy != "rolling" and (not dep.version or dep.version == version):
