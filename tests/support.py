@@ -51,7 +51,7 @@ async def wait_for(
 
 
 def admin_token() -> str:
-    return tokens.mint(DEV_KEY, DEV_SECRET, video={"roomAdmin": True})
+    return tokens.mint_admin(DEV_KEY, DEV_SECRET)
 
 
 class Server:

@@ -288,7 +288,7 @@ def test_stream_refuses_other_agents_instances_room_tokens_and_bad_tokens(server
     # A participant's room token is signed with the project's key too: not enough.
     room_token = mint(DEV_KEY, DEV_SECRET, video={"roomJoin": True, "room": "r1"})
     r = httpx.get(url, headers={"Authorization": f"Bearer {room_token}"})
-    assert r.status_code == 403 and "roomAdmin" in r.text
+    assert r.status_code == 403 and "agent admin grant" in r.text
     r = httpx.get(url, headers={"Authorization": "Bearer not-a-token"})
     assert r.status_code == 401
     # Strangers learn nothing of which agents exist.

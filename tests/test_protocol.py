@@ -103,7 +103,7 @@ async def test_instance_key_names_the_worker_and_cannot_drive_the_control_api(
         await peer.close()
     forged = worker_jwt(key, "not-derived-from-the-project-secret")
     assert upgrade(server, f"Bearer {forged}").status_code == 401
-    admin = tokens.mint(key, secret, video={"roomAdmin": True})
+    admin = tokens.mint_admin(key, secret)
     r = httpx.get(server.url + "/api/v1/agents", headers={"Authorization": f"Bearer {admin}"})
     assert r.status_code == 403 and "project's key" in r.text
 

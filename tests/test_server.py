@@ -25,10 +25,10 @@ def test_without_dev_credentials_are_generated_saved_0600_and_printed_once(
     assert saved["api_key"] != "devkey" and len(saved["api_secret"]) >= 32
     assert saved["api_secret"] in first.log()
 
-    token = tokens.mint(saved["api_key"], saved["api_secret"], video={"roomAdmin": True})
+    token = tokens.mint_admin(saved["api_key"], saved["api_secret"])
     headers = {"Authorization": f"Bearer {token}"}
     assert httpx.get(first.url + "/api/v1/workers", headers=headers).status_code == 200
-    dev = tokens.mint("devkey", "secret", video={"roomAdmin": True})
+    dev = tokens.mint_admin("devkey", "secret")
     denied = httpx.get(first.url + "/api/v1/workers", headers={"Authorization": f"Bearer {dev}"})
     assert denied.status_code == 401 and "unknown API key 'devkey'" in denied.text
     first.stop()
@@ -70,4 +70,4 @@ def test_api_needs_an_admin_token(server: Server) -> None:
     assert httpx.get(server.url + "/api/v1/jobs").status_code == 401
     worker_only = tokens.mint("devkey", "secret", video={"agent": True})
     r = httpx.get(server.url + "/api/v1/jobs", headers={"Authorization": f"Bearer {worker_only}"})
-    assert r.status_code == 403 and "roomAdmin" in r.text
+    assert r.status_code == 403 and "agent admin grant" in r.text

@@ -117,6 +117,25 @@ def test_tokens_verify_and_say_what_is_wrong() -> None:
             tokens.verify(token, secrets)
 
 
+def test_grants_count_only_when_true_and_admin_is_the_agent_admin_grant() -> None:
+    def claims(**extra: object) -> tokens.Claims:
+        video = extra.pop("video", {})
+        return tokens.verify(tokens.mint("k", "s" * 32, video=video, **extra), secrets)  # type: ignore[arg-type]
+
+    for truthy in ("false", "true", 1, ["x"], {"a": 1}):
+        with pytest.raises(PermissionDenied, match="roomAdmin"):
+            claims(video={"roomAdmin": truthy, "room": "r"}).require("roomAdmin", "r")
+        with pytest.raises(PermissionDenied, match="agent admin"):
+            claims(agent={"admin": truthy}).require_admin()
+    claims(video={"roomAdmin": True, "room": "r"}).require("roomAdmin", "r")
+    with pytest.raises(PermissionDenied, match="not for room"):
+        claims(video={"roomAdmin": True, "room": "r"}).require("roomAdmin", "other")
+    for not_admin in ({"video": {"roomAdmin": True}}, {"agent": True}, {"agent": {}}):
+        with pytest.raises(PermissionDenied, match="agent admin"):
+            claims(**not_admin).require_admin()
+    tokens.verify(tokens.mint_admin("k", "s" * 32), secrets).require_admin()
+
+
 def test_worker_token_round_trip_and_forgery() -> None:
     identity = WorkerIdentity(agent="CA_1", version="v3", instance="i-1")
     token = tokens.mint_worker_token("s" * 32, identity)

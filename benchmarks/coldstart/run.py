@@ -52,7 +52,7 @@ class Bench:
             time.sleep(0.05)
         self.url = json.loads(ready.read_text())["url"]
         self.data = data
-        token = tokens.mint(KEY, SECRET, video={"roomAdmin": True})
+        token = tokens.mint_admin(KEY, SECRET)
         self.http = httpx.Client(
             base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
         )

@@ -44,7 +44,7 @@ KEY, SECRET = "devkey", "secret"
 class Bench:
     def __init__(self, url: str, folder: Path) -> None:
         self.url, self.folder = url, folder
-        admin = tokens.mint(KEY, SECRET, video={"roomAdmin": True})
+        admin = tokens.mint_admin(KEY, SECRET)
         self.http = httpx.AsyncClient(
             base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=30
         )

@@ -247,7 +247,7 @@ async def route_split(url: str, versions: int) -> None:
     if versions < 2:
         return
     weights = {"v1": 90.0, **{f"v{i}": 10.0 / (versions - 1) for i in range(2, versions + 1)}}
-    token = tokens.mint(KEY, SECRET, video={"roomAdmin": True})
+    token = tokens.mint_admin(KEY, SECRET)
     async with aiohttp.ClientSession() as session:
         r = await session.put(
             f"{url.replace('ws://', 'http://')}/api/v1/routing/{AGENT}",

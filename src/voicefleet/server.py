@@ -22,12 +22,15 @@ from starlette.types import Receive, Scope, Send
 from voicefleet import __version__
 from voicefleet.build.local import LocalBuilder
 from voicefleet.config import Project, Settings
+from voicefleet.control.api import UPLOADS_AT_ONCE
 from voicefleet.control.api import router as api_router
+from voicefleet.control.guard import AdminGuard
 from voicefleet.control.secrets import SecretBox
 from voicefleet.control.service import ControlPlane, Paths
 from voicefleet.dispatch.endpoint import worker_endpoint
 from voicefleet.dispatch.service import DispatchService
 from voicefleet.dispatch.twirp import agent_dispatch_service
+from voicefleet.dispatch.webhooks import MAX_BODY as WEBHOOK_MAX_BODY
 from voicefleet.dispatch.webhooks import WebhookReceiver
 from voicefleet.errors import VoicefleetError
 from voicefleet.flags.api import router as flags_router
@@ -40,6 +43,8 @@ from voicefleet.store.records import Recorder, load_open
 from voicefleet.store.repo import Repo
 
 log = logging.getLogger("voicefleet")
+
+MAX_BODY = 1 << 20  # any request's body, unless its route says otherwise
 
 
 def create_app(settings: Settings, project: Project) -> FastAPI:
@@ -88,8 +93,14 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
             await recorder.flush()
             await engine.dispose()
 
-    app = FastAPI(title="voicefleet", version=__version__, lifespan=lifespan)
+    # Every request body is capped as it streams (1 MiB; uploads have their own cap), so no
+    # request, authenticated or not, makes the server buffer more than that.
+    app = FastAPI(
+        title="voicefleet", version=__version__, lifespan=lifespan, max_body_size=MAX_BODY
+    )
+    app.add_middleware(AdminGuard, secret_for=service.secret_for, project_key=project.api_key)
     app.state.dispatch = service
+    app.state.upload_slots = asyncio.Semaphore(UPLOADS_AT_ONCE)
     app.include_router(api_router)
     app.include_router(flags_router)
 
@@ -107,7 +118,7 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
     # Listed for completeness; requests reach it through `_HotPath` below, ahead of FastAPI.
     app.router.routes.append(Route(TWIRP_PREFIX + "{method}", twirp, methods=["POST"]))
 
-    @app.post("/webhooks/livekit")
+    @app.post("/webhooks/livekit", max_body_size=WEBHOOK_MAX_BODY)
     async def livekit_webhook(request: Request) -> Response:
         return await webhooks(request)
 

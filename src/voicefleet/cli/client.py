@@ -72,7 +72,7 @@ def resolve(url: str | None, api_key: str | None, api_secret: str | None) -> Tar
 class Client:
     def __init__(self, target: Target) -> None:
         self.target = target
-        token = tokens.mint(target.api_key, target.api_secret, video={"roomAdmin": True}, ttl=3600)
+        token = tokens.mint_admin(target.api_key, target.api_secret)
         self.http = httpx.Client(
             base_url=target.url + "/api/v1",
             headers={"Authorization": f"Bearer {token}"},

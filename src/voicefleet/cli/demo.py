@@ -36,9 +36,7 @@ class DemoError(Exception):
 
 
 def _admin() -> dict[str, str]:
-    return {
-        "Authorization": f"Bearer {tokens.mint(DEV_KEY, DEV_SECRET, video={'roomAdmin': True})}"
-    }
+    return {"Authorization": f"Bearer {tokens.mint_admin(DEV_KEY, DEV_SECRET)}"}
 
 
 def _table(jobs: list[dict[str, Any]]) -> Table:

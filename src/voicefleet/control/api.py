@@ -1,7 +1,8 @@
 """`/api/v1`: the control plane's REST API, used by the `vf` CLI (OpenAPI at /docs).
 
 Field names follow LiveKit's CloudAgent messages where they fit (agent id `CA_…`, deployment,
-version, replicas). Callers sign a token with the project's key and the `roomAdmin` grant.
+version, replicas). Callers sign a token with the project's key and LiveKit's agent admin grant
+(`{"agent": {"admin": true}}`, as `lk agent` does for LiveKit Cloud): see control/guard.py.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from voicefleet.build.bundle import MAX_COMPRESSED_BYTES
+from voicefleet.control.guard import admin_claims
 from voicefleet.control.service import (
     DEFAULT_DEPLOYMENT,
     ControlPlane,
@@ -27,26 +29,48 @@ from voicefleet.control.service import (
 )
 from voicefleet.control.status import agent_status
 from voicefleet.dispatch.service import DispatchService
-from voicefleet.errors import AuthError, BundleRejected
-from voicefleet.protocol import tokens
+from voicefleet.errors import AuthError
 from voicefleet.store.models import AgentRow, VersionRow
 from voicefleet.store.records import history
 
-router = APIRouter(prefix="/api/v1")
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"model": ErrorBody, "description": description}
+
+
+# What every control-API route may answer besides its success (and FastAPI's own 422).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _error("Bad request: the detail says which value and why"),
+    401: _error("No token, or one that is malformed, expired or wrongly signed"),
+    403: _error("The token is valid but lacks the agent admin grant of the project's key"),
+    404: _error("No such agent, version, rollout, job or instance"),
+    413: _error("Request body over the limit (1 MiB; bundles 50 MB)"),
+    503: _error("The data dir is full or unavailable"),
+}
+TEXT: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}}
+}
+
+router = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES)
 
 
 def admin(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> DispatchService:
     service: DispatchService = request.app.state.dispatch
-    try:
-        claims = tokens.verify(tokens.bearer(authorization), service.secret_for)
-        claims.require("roomAdmin")
-    except AuthError as e:
-        raise HTTPException(e.status, str(e)) from None
-    if claims.api_key != service.project.api_key:
-        raise HTTPException(403, "the control API takes the project's key, not an instance's")
-    request.state.claims = claims  # who is asking, for event logs (voicefleet.flags.api.actor)
+    # AdminGuard checked the caller before the body was read; check again where it did not run
+    # (an app mounted without it must not be open).
+    if getattr(request.state, "claims", None) is None:
+        try:
+            request.state.claims = admin_claims(
+                authorization, service.secret_for, service.project.api_key
+            )
+        except AuthError as e:
+            raise HTTPException(e.status, str(e)) from None
     return service
 
 
@@ -96,7 +120,7 @@ class Weights(BaseModel):
     weights: dict[str, float] | None
 
 
-@router.put("/routing/{agent_name}")
+@router.put("/routing/{agent_name}", responses={409: _error("A deployed agent: rollouts route it")})
 async def set_routing(agent_name: str, body: Weights, request: Request, service: Admin) -> Any:
     """Route an agent name's sessions by worker version, for workers that are not deployed by
     voicefleet but sign with version keys of their own (`vf/<agent>/<version>/<instance>`).
@@ -215,7 +239,20 @@ async def delete_agent(agent: str, request: Request, plane: Control) -> None:
     request.app.state.flags.forget(row.id)
 
 
-@router.post("/agents/{agent}/versions", status_code=201)
+# Uploads stream to disk; more at once than this are refused (429) rather than queued, so a
+# burst of them cannot fill the disk or hold connections open without bound.
+UPLOADS_AT_ONCE = 4
+
+
+@router.post(
+    "/agents/{agent}/versions",
+    status_code=201,
+    max_body_size=MAX_COMPRESSED_BYTES,
+    responses={
+        413: {"description": "Bundle over the upload limit (50 MB compressed)"},
+        429: {"description": f"{UPLOADS_AT_ONCE} uploads are already in progress"},
+    },
+)
 async def upload_version(
     agent: str,
     request: Request,
@@ -226,25 +263,28 @@ async def upload_version(
     """Upload a source bundle (tar.gz body): it becomes the next version, is built, then
     rolled out to `deployment` by `plan` (JSON: {"strategy": "canary", "steps": [...], ...};
     rolling when empty). Follow the build at .../versions/{version}/log?follow=true."""
-    row = await plane.agent(agent)
-    rollout_plan = _plan(plan)
-    uploads = plane.paths.data_dir / "uploads"
-    uploads.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=uploads, suffix=".tar.gz")
-    path = Path(name)
-    try:
-        size = 0
-        with os.fdopen(fd, "wb") as out:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > MAX_COMPRESSED_BYTES:
-                    raise BundleRejected(
-                        f"bundle is over the {MAX_COMPRESSED_BYTES // 2**20} MB upload limit"
-                    )
-                out.write(chunk)
-        version = await plane.upload(row, path, deployment, rollout_plan)
-    finally:
-        path.unlink(missing_ok=True)
+    slots: asyncio.Semaphore = request.app.state.upload_slots
+    if slots.locked():
+        raise HTTPException(
+            429,
+            f"{UPLOADS_AT_ONCE} uploads are in progress; retry when one has finished",
+            headers={"Retry-After": "5"},
+        )
+    async with slots:
+        row = await plane.agent(agent)
+        rollout_plan = _plan(plan)
+        uploads = plane.paths.data_dir / "uploads"
+        uploads.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=uploads, suffix=".tar.gz")
+        path = Path(name)
+        try:
+            # The body is capped as it streams (max_body_size: a 413 past the limit).
+            with os.fdopen(fd, "wb") as out:
+                async for chunk in request.stream():
+                    out.write(chunk)
+            version = await plane.upload(row, path, deployment, rollout_plan)
+        finally:
+            path.unlink(missing_ok=True)
     return version_dict(version)
 
 
@@ -258,7 +298,9 @@ async def list_versions(agent: str, plane: Control) -> list[dict[str, Any]]:
     ]
 
 
-@router.get("/agents/{agent}/versions/{version}/log")
+@router.get(
+    "/agents/{agent}/versions/{version}/log", response_class=PlainTextResponse, responses=TEXT
+)
 async def build_log(
     agent: str, version: str, plane: Control, follow: bool = False
 ) -> StreamingResponse:
@@ -370,7 +412,7 @@ async def events(agent: str, plane: Control, limit: int = 100) -> list[dict[str,
     ]
 
 
-@router.get("/agents/{agent}/logs")
+@router.get("/agents/{agent}/logs", response_class=PlainTextResponse, responses=TEXT)
 async def instance_logs(
     agent: str, plane: Control, instance: str | None = None, follow: bool = False
 ) -> StreamingResponse:

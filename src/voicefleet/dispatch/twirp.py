@@ -12,7 +12,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from voicefleet.dispatch.service import DispatchService
-from voicefleet.errors import InvalidRequest, NotFound, ProtocolError, VoicefleetError
+from voicefleet.errors import (
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    ProtocolError,
+    VoicefleetError,
+)
 from voicefleet.protocol import tokens
 
 log = logging.getLogger("voicefleet.dispatch")
@@ -73,8 +79,31 @@ def _encode(kind: str, message: Message) -> Response:
 
 
 def _authorize(request: Request, service: DispatchService, room: str) -> None:
+    """LiveKit's rule (roomAdmin for the request's room), and one of voicefleet's: an instance's
+    key, which the agent's code holds, reaches only rooms where that instance runs a job now
+    (an agent may dispatch a second agent into its own call, not into anyone else's)."""
     claims = tokens.verify(tokens.bearer(request.headers.get("authorization")), service.secret_for)
     claims.require("roomAdmin", room)
+    identity = tokens.instance_identity(claims.api_key)
+    if identity is not None and not _runs_in(service, identity, room):
+        raise PermissionDenied(
+            f"instance {identity.instance}'s key reaches only rooms where it runs a job now, "
+            f"not '{room}'"
+        )
+
+
+def _runs_in(service: DispatchService, identity: tokens.WorkerIdentity, room: str) -> bool:
+    for dispatch in service.book.in_room(room):
+        for job_id in dispatch.job_ids:
+            job = service.book.jobs.get(job_id)
+            if (
+                job is not None
+                and not job.ended
+                and job.agent_id == identity.agent
+                and job.instance == identity.instance
+            ):
+                return True
+    return False
 
 
 async def _create(request: Request, service: DispatchService) -> Response:

@@ -41,8 +41,12 @@ class WebhookReceiver:
                 return secret
         return None
 
-    def verify(self, body: bytes, authorization: str | None) -> webhook.WebhookEvent:
-        claims = tokens.verify(tokens.bearer(authorization), self._secret_for)
+    def authenticate(self, authorization: str | None) -> tokens.Claims:
+        """The webhook's token, checked before its body is read."""
+        return tokens.verify(tokens.bearer(authorization), self._secret_for)
+
+    def verify(self, body: bytes, claims: tokens.Claims) -> webhook.WebhookEvent:
+        """The event, once the body matches the token's sha256 claim."""
         signed = claims.raw.get("sha256")
         if not isinstance(signed, str) or not signed:
             raise AuthError("webhook token has no sha256 claim")
@@ -89,12 +93,14 @@ class WebhookReceiver:
         return created
 
     async def __call__(self, request: Request) -> Response:
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return JSONResponse({"error": f"body over {MAX_BODY} bytes"}, status_code=413)
         try:
-            event = self.verify(body, request.headers.get("authorization"))
+            # Who sent it before what they sent: a stranger's body is never read. The body
+            # itself is capped as it streams (the route's max_body_size, MAX_BODY).
+            claims = self.authenticate(request.headers.get("authorization"))
+            event = self.verify(await request.body(), claims)
             created = self.handle(event)
         except VoicefleetError as e:
-            return JSONResponse({"error": str(e)}, status_code=e.status)
+            # Closed: a rejected sender's unread body is not taken in.
+            headers = {"Connection": "close"} if isinstance(e, AuthError) else None
+            return JSONResponse({"error": str(e)}, status_code=e.status, headers=headers)
         return JSONResponse({"dispatches": created})

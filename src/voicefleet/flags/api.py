@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
-from voicefleet.control.api import Control
+from voicefleet.control.api import ERROR_RESPONSES, Control
 from voicefleet.control.service import ControlPlane
 from voicefleet.dispatch.service import DispatchService
 from voicefleet.errors import AuthError
@@ -21,7 +21,7 @@ from voicefleet.flags.service import FlagService
 from voicefleet.protocol import tokens
 from voicefleet.sdk.evaluate import Session
 
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES)
 KEEPALIVE = 15.0
 
 
@@ -47,7 +47,11 @@ async def list_flags(agent: str, plane: Control, flags: Flags) -> list[dict[str,
     return flags.list((await plane.agent(agent)).id)
 
 
-@router.get("/agents/{agent}/flags/stream")
+@router.get(
+    "/agents/{agent}/flags/stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+)
 async def stream_flags(
     agent: str,
     request: Request,
@@ -56,16 +60,19 @@ async def stream_flags(
 ) -> StreamingResponse:
     """Server-sent events: `snapshot` (all the agent's flags) at once and after every change,
     a keepalive comment every 15 s. For the agent's own instances, or the project's key with
-    the roomAdmin grant."""
+    the agent admin grant (as the rest of the control API)."""
     plane: ControlPlane = request.app.state.control
     service: DispatchService = request.app.state.dispatch
     try:  # before the agent is looked up: no telling strangers which agents exist
         claims = tokens.verify(tokens.bearer(authorization), service.secret_for)
     except AuthError as e:
         raise HTTPException(e.status, str(e)) from None
-    if claims.api_key == service.project.api_key and not claims.video.get("roomAdmin"):
+    if claims.api_key == service.project.api_key:
         # The project's key also signs the room tokens handed to end users' browsers.
-        raise HTTPException(403, "a project-key token needs the roomAdmin grant to read flags")
+        try:
+            claims.require_admin()
+        except AuthError as e:
+            raise HTTPException(e.status, str(e)) from None
     row = await plane.agent(agent)
     identity = tokens.instance_identity(claims.api_key)
     if claims.api_key != service.project.api_key and (identity is None or identity.agent != row.id):

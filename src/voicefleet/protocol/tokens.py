@@ -1,7 +1,9 @@
 """LiveKit access tokens: verify what workers and API callers send, mint what workers need.
 
 LiveKit tokens are HS256 JWTs: `iss` is the API key, the key's secret signs, grants sit under
-`video` with camelCase names (`agent`, `roomAdmin`, `roomJoin`, ...).
+`video` with camelCase names (`agent`, `roomAdmin`, `roomJoin`, ...), and the agent grants that
+manage LiveKit Cloud's agents under `agent` (`{"admin": true}`): voicefleet's control API takes
+exactly that one. A grant counts only when it is JSON `true`: `"false"` is not a grant.
 """
 
 from __future__ import annotations
@@ -37,10 +39,22 @@ class Claims:
 
     def require(self, grant: str, room: str | None = None) -> None:
         """Raise PermissionDenied unless the token holds `grant` (for `room`, when given)."""
-        if not self.video.get(grant):
+        if self.video.get(grant) is not True:
             raise PermissionDenied(f"token lacks the '{grant}' grant")
         if room is not None and self.video.get("room", "") != room:
             raise PermissionDenied(f"token's '{grant}' grant is not for room '{room}'")
+
+    def require_admin(self) -> None:
+        """Raise PermissionDenied unless the token holds LiveKit's agent admin grant
+        (`"agent": {"admin": true}`, what manages a project's agents). Room grants never do:
+        a LiveKit app hands `roomAdmin` for one room to that room's moderator."""
+        grants = self.raw.get("agent")
+        if not isinstance(grants, dict) or grants.get("admin") is not True:
+            raise PermissionDenied(
+                "the control API needs a token with the agent admin grant "
+                '({"agent": {"admin": true}}, signed with the project\'s key); room grants '
+                "such as roomAdmin are not enough"
+            )
 
 
 def bearer(header: str | None) -> str:
@@ -111,6 +125,11 @@ def mint(
         **extra,
     }
     return jwt.encode(claims, api_secret, algorithm="HS256")
+
+
+def mint_admin(api_key: str, api_secret: str, ttl: float = 3600) -> str:
+    """A token for voicefleet's control API: LiveKit's agent admin grant, no room grants."""
+    return mint(api_key, api_secret, video={}, ttl=ttl, agent={"admin": True})
 
 
 def mint_room_token(

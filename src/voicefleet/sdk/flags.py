@@ -56,7 +56,7 @@ def _token(api_key: str, api_secret: str, ttl: int = 3600) -> str:
         "exp": now + ttl,
         # Needed when signing with the project's key (a worker started by hand); an
         # instance's own key reads its agent's flags without it.
-        "video": {"roomAdmin": True},
+        "agent": {"admin": True},
     }
     body = b64(json.dumps(claims).encode())
     signature = hmac.new(api_secret.encode(), f"{header}.{body}".encode(), hashlib.sha256)
