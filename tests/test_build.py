@@ -9,10 +9,11 @@ import os
 import tarfile
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
-from tests.support import wait_for
+from tests.support import Server, admin_token, wait_for
 from voicefleet.build.bundle import bundle_files, create_bundle, extract_bundle
 from voicefleet.build.local import LocalBuilder
 from voicefleet.errors import BuildFailed, BundleRejected
@@ -142,6 +143,48 @@ def test_garbage_and_truncated_bundles_are_rejected(tmp_path: Path, content: byt
         assert not (tmp_path / f"out{i}").exists()
 
 
+# Bundles a tar accepts but a file system does not: each name clashes with another, or is
+# longer than a file name may be. The error is the server's own OSError, with its path.
+CLASHING = {
+    "a file under a file": [(member("a.py"), b"x"), (member("a.py/b.py"), b"x")],
+    "a folder where a file is": [(member("x"), b"x"), (member("x", tarfile.DIRTYPE), b"")],
+    "a file where a folder is": [(member("pkg", tarfile.DIRTYPE), b""), (member("pkg"), b"x")],
+    "a name too long": [(member("a" * 300 + ".py"), b"x")],
+}
+
+
+@pytest.mark.parametrize("case", CLASHING)
+def test_a_bundle_the_file_system_refuses_is_rejected_naming_its_member_not_a_server_path(
+    tmp_path: Path, case: str
+) -> None:
+    bundle = evil_bundle(tmp_path / "evil.tar.gz", *CLASHING[case])
+    dest = tmp_path / "data" / "agents" / "CA_1" / "v1" / "src"
+    with pytest.raises(BundleRejected) as rejected:
+        extract_bundle(bundle, dest)
+    said = str(rejected.value)
+    assert "bundle member" in said and CLASHING[case][-1][0].name[:40] in said, said
+    assert str(tmp_path) not in said and "/tmp/" not in said and "data/agents" not in said, said
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_an_uploaded_bundle_is_refused_with_no_path_of_the_server_in_the_answer(
+    server: Server, tmp_path: Path
+) -> None:
+    headers = {"Authorization": f"Bearer {admin_token()}"}
+    r = httpx.post(f"{server.url}/api/v1/agents", json={"name": "clashing"}, headers=headers)
+    assert r.status_code == 201, r.text
+    bundle = evil_bundle(tmp_path / "evil.tar.gz", *CLASHING["a file under a file"])
+    r = httpx.post(
+        f"{server.url}/api/v1/agents/clashing/versions",
+        content=bundle.read_bytes(),
+        headers={**headers, "Content-Type": "application/gzip"},
+    )
+    assert r.status_code == 400, r.text
+    said = r.json()["detail"]
+    assert "a.py/b.py" in said, said
+    assert str(server.data_dir) not in said and "/tmp/" not in said, said
+
+
 async def test_builder_installs_requirements_once_and_reuses_the_env_when_unchanged(
     tmp_path: Path,
 ) -> None:
@@ -187,6 +230,30 @@ async def test_failed_build_says_why_and_leaves_no_env(tmp_path: Path) -> None:
     with pytest.raises(BuildFailed, match="this-package-does-not-exist-vf"):
         await LocalBuilder(tmp_path / "envs").build(source, lambda _: None)
     assert [p.name for p in (tmp_path / "envs").iterdir() if not p.name.endswith(".lock")] == []
+
+
+async def test_a_dependency_file_that_is_not_a_file_fails_the_build_naming_it_only(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "src"
+    (source / "requirements.txt").mkdir(parents=True)  # a bundle may hold a folder by that name
+    with pytest.raises(BuildFailed) as failed:
+        await LocalBuilder(tmp_path / "envs").build(source, lambda _: None)
+    assert str(failed.value) == "requirements.txt cannot be read (Is a directory)"
+
+
+async def test_a_relative_cache_dir_builds_there_and_never_in_the_sources(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "agent.py").write_text("")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # uv runs in the sources: "envs" means another folder
+    built = await LocalBuilder(Path("envs")).build(source, lambda _: None)
+    assert built.env_dir.parent == tmp_path / "cwd" / "envs"
+    assert built.python.is_absolute() and built.python.exists()
+    assert [p.name for p in source.iterdir()] == ["agent.py"]
 
 
 async def _run(*cmd: object) -> str:

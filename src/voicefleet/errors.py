@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import sqlite3
+from pathlib import Path
 
 
 class VoicefleetError(Exception):
@@ -59,6 +63,41 @@ class BuildFailed(VoicefleetError):
 
     status = 422
     twirp_code = "failed_precondition"
+
+
+FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def full_disk(exc: BaseException) -> str | None:
+    """What the system said, if `exc` says a disk (or a quota) is full: an OSError, or SQLite's
+    SQLITE_FULL as the store's driver raises it (SQLAlchemy keeps the driver's error in `orig`).
+    """
+    cause = getattr(exc, "orig", None) or exc
+    if isinstance(cause, OSError) and cause.errno in FULL_DISK_ERRNOS:
+        return cause.strerror or os.strerror(cause.errno)
+    if getattr(cause, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL:
+        return str(cause)
+    return None
+
+
+class StorageFull(VoicefleetError):
+    """The file system of the data dir is full (or the user's quota is): nothing can be
+    written until space is freed; then the request may be retried."""
+
+    status = 503
+    twirp_code = "unavailable"
+
+    def __init__(self, data_dir: Path, reason: str) -> None:
+        super().__init__(f"the data dir {data_dir} is full ({reason}): free space and retry")
+
+
+class CannotStart(VoicefleetError):
+    """The server cannot start with this data dir or store: what is wrong, where, and a hint
+    saying what to do. `vf server` prints these and exits 2, with no traceback."""
+
+    def __init__(self, what: str, where: object, hint: str) -> None:
+        super().__init__(f"{what} ({where})")
+        self.hint = hint
 
 
 def check_numbers(what: str, values: dict[str, object], integers: tuple[str, ...] = ()) -> None:

@@ -16,6 +16,7 @@ import uvicorn
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import DBAPIError
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -32,7 +33,7 @@ from voicefleet.dispatch.service import DispatchService
 from voicefleet.dispatch.twirp import agent_dispatch_service
 from voicefleet.dispatch.webhooks import MAX_BODY as WEBHOOK_MAX_BODY
 from voicefleet.dispatch.webhooks import WebhookReceiver
-from voicefleet.errors import VoicefleetError
+from voicefleet.errors import StorageFull, VoicefleetError, full_disk
 from voicefleet.flags.api import router as flags_router
 from voicefleet.flags.install import install_sdk
 from voicefleet.flags.service import FlagService
@@ -107,6 +108,18 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
     @app.exception_handler(VoicefleetError)
     async def voicefleet_error(request: Request, exc: VoicefleetError) -> Response:
         return JSONResponse({"detail": str(exc), "code": exc.twirp_code}, status_code=exc.status)
+
+    @app.exception_handler(OSError)
+    @app.exception_handler(DBAPIError)  # SQLite's "database or disk is full"
+    async def storage_full(request: Request, exc: Exception) -> Response:
+        # A full disk is the operator's to fix, not a bug: a 503 naming the data dir, and one
+        # log line instead of a traceback per request. Any other error is a bug: a 500.
+        reason = full_disk(exc)
+        if reason is None:
+            raise exc
+        full = StorageFull(settings.data_dir, reason)
+        log.warning("%s %s refused: %s", request.method, request.url.path, full)
+        return await voicefleet_error(request, full)
 
     @app.websocket("/agent")
     async def agent_socket(ws: WebSocket) -> None:

@@ -5,7 +5,8 @@ environments and caches; the same files give the same bytes (sorted, zeroed mtim
 so the bundle's sha256 is the version's source digest. `extract_bundle` trusts nothing: no
 absolute paths, no `..`, no links, no devices, and limits on sizes and file count, counted
 while streaming so a gzip bomb stops early. It extracts beside `dest` and renames at the end,
-so a rejected bundle leaves nothing behind.
+so a rejected bundle leaves nothing behind. Its errors name paths inside the bundle, never
+where the server keeps it; a full disk is no fault of the bundle's and is raised as it is.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import BinaryIO
 
 import pathspec
 
-from voicefleet.errors import BundleRejected
+from voicefleet.errors import FULL_DISK_ERRNOS, BundleRejected, VoicefleetError
 
 MAX_COMPRESSED_BYTES = 50 * 2**20
 MAX_BYTES = 200 * 2**20
@@ -176,8 +177,8 @@ def extract_bundle(
     max_compressed: int = MAX_COMPRESSED_BYTES,
 ) -> ExtractInfo:
     """Extract a bundle into `dest` (which must not exist), or raise BundleRejected."""
-    if dest.exists():
-        raise BundleRejected(f"{dest} already exists")
+    if dest.exists():  # the caller's mistake, not the bundle's
+        raise VoicefleetError("the new version's source folder already exists")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent))
     owned = open(src, "rb") if isinstance(src, Path) else None
@@ -193,25 +194,37 @@ def extract_bundle(
                     entries += 1  # folders count: a million empty ones would eat the inodes
                     if entries > max_files:
                         raise BundleRejected(f"bundle has more than {max_files} files and folders")
-                    if member.isdir():
-                        target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    files += 1
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    reader = tar.extractfile(member)
-                    assert reader is not None
-                    with open(target, "wb") as out:
-                        # Count what is written, not what the header claims.
-                        while chunk := reader.read(1 << 16):
-                            size += len(chunk)
-                            if size > max_bytes:
-                                raise BundleRejected(
-                                    f"bundle unpacks to more than {max_bytes // 2**20} MB"
-                                )
-                            out.write(chunk)
-                    os.chmod(target, 0o755 if member.mode & 0o100 else 0o644)
-        except (tarfile.TarError, EOFError, gzip.BadGzipFile, OSError, zlib.error) as e:
-            raise BundleRejected(f"not a tar.gz bundle: {e}") from None
+                    try:
+                        if member.isdir():
+                            target.mkdir(parents=True, exist_ok=True)
+                            continue
+                        files += 1
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        reader = tar.extractfile(member)
+                        assert reader is not None
+                        with open(target, "wb") as out:
+                            # Count what is written, not what the header claims.
+                            while chunk := reader.read(1 << 16):
+                                size += len(chunk)
+                                if size > max_bytes:
+                                    raise BundleRejected(
+                                        f"bundle unpacks to more than {max_bytes // 2**20} MB"
+                                    )
+                                out.write(chunk)
+                        os.chmod(target, 0o755 if member.mode & 0o100 else 0o644)
+                    except OSError as e:
+                        # Names that clash (a file under a file, a folder where a file is) or
+                        # that are too long: the bundle's fault. Its strerror has no path.
+                        if e.errno in FULL_DISK_ERRNOS:
+                            raise
+                        raise BundleRejected(
+                            f"bundle member {member.name[:120]!r} cannot be unpacked: {e.strerror}"
+                        ) from None
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # BadGzipFile: OSError
+            if isinstance(e, OSError) and e.errno in FULL_DISK_ERRNOS:
+                raise
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise BundleRejected(f"not a tar.gz bundle: {reason}") from None
         if files == 0:
             raise BundleRejected("bundle holds no files")
         tmp.rename(dest)

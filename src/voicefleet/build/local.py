@@ -5,6 +5,8 @@ uv.lock, requirements.txt, pyproject.toml (its [project] dependencies) — plus 
 version. A version whose digest was built before reuses that environment: no install runs.
 Environments are built in a temporary folder and renamed into place when complete, under a
 lock per digest, so a failed or concurrent build never leaves a half environment in use.
+Every path given to uv is absolute: uv runs in the version's sources, and a relative path
+would build the environment in there.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import signal
 import sys
 import tomllib
 from collections import deque
@@ -53,15 +56,26 @@ def dependency_source(source: Path) -> tuple[str, bytes]:
     """Which file decides the dependencies, and the bytes that count from it."""
     for name in ("uv.lock", "requirements.txt"):
         if (source / name).exists():
-            return name, (source / name).read_bytes()
+            return name, _read(source, name)
     if (source / "pyproject.toml").exists():
         try:
-            project = tomllib.loads((source / "pyproject.toml").read_text()).get("project", {})
+            text = _read(source, "pyproject.toml").decode()
+            project = tomllib.loads(text).get("project", {})
+        except UnicodeDecodeError:
+            raise BuildFailed("pyproject.toml is not UTF-8 text") from None
         except tomllib.TOMLDecodeError as e:
             raise BuildFailed(f"pyproject.toml is not valid TOML: {e}") from None
         deps = sorted(project.get("dependencies", []))
         return "pyproject.toml", "\n".join(deps).encode()
     return "", b""
+
+
+def _read(source: Path, name: str) -> bytes:
+    # The sources are an upload: say which of its files is wrong, not where the server keeps it.
+    try:
+        return (source / name).read_bytes()
+    except OSError as e:
+        raise BuildFailed(f"{name} cannot be read ({e.strerror})") from None
 
 
 def dependency_digest(source: Path, python_version: str) -> str:
@@ -73,12 +87,13 @@ def dependency_digest(source: Path, python_version: str) -> str:
 
 class LocalBuilder:
     def __init__(self, cache_dir: Path, uv: str | None = None, python: str | None = None) -> None:
-        self.cache_dir = cache_dir
+        self.cache_dir = cache_dir.absolute()
         self.uv = uv
         self.python = python or sys.executable
         self.python_version = ".".join(map(str, sys.version_info[:3]))
 
     async def build(self, source: Path, log: Log) -> Artifact:
+        source = source.absolute()
         digest = dependency_digest(source, self.python_version)
         env = self.cache_dir / digest[:24]
         if (env / COMPLETE).exists():
@@ -97,12 +112,12 @@ class LocalBuilder:
             tmp = env.with_name(f"{env.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
             try:
                 await self._make(source, tmp, log)
+                (tmp / COMPLETE).write_text(digest)
+                shutil.rmtree(env, ignore_errors=True)
+                tmp.rename(env)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            (tmp / COMPLETE).write_text(digest)
-            shutil.rmtree(env, ignore_errors=True)
-            tmp.rename(env)
         log(f"environment {digest[:12]} ready")
         return Artifact(env, env / "bin" / "python", digest, cached=False)
 
@@ -144,6 +159,7 @@ class LocalBuilder:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env={**os.environ, "NO_COLOR": "1", "UV_NO_PROGRESS": "1", "VIRTUAL_ENV": ""},
+            start_new_session=True,  # a group of its own: uv compiles bytecode in children
         )
         tail: deque[str] = deque(maxlen=20)
         assert proc.stdout is not None
@@ -154,8 +170,9 @@ class LocalBuilder:
                 log(line)
             code = await proc.wait()
         except BaseException:  # cancelled (server shutdown): the tool must not run on
+            # ... nor its workers, which would write into the folder being removed.
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
             await asyncio.shield(proc.wait())
             raise
         if code != 0:

@@ -8,13 +8,14 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from voicefleet import __version__, logs
 from voicefleet.cli.agent import app as agent_app
 from voicefleet.cli.flags import app as flags_app
 from voicefleet.config import DispatchSettings, Settings
-from voicefleet.control.projects import load_project
-from voicefleet.errors import VoicefleetError
+from voicefleet.control.projects import check_data_dir, load_project
+from voicefleet.errors import CannotStart, VoicefleetError
 
 app = typer.Typer(
     name="vf",
@@ -113,17 +114,19 @@ def server(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the voicefleet server: LiveKit agent workers connect to it at ws://HOST:PORT."""
-    from voicefleet.server import serve
+    from voicefleet.store.db import check_store
 
     logs.setup(log_level)
     settings = Settings(
-        data_dir=data_dir,
-        env_cache=env_cache,
+        # Absolute from here down: builds and instances run in other folders, where a path
+        # relative to where `vf server` was started would point somewhere else.
+        data_dir=_absolute(data_dir),
+        env_cache=_absolute(env_cache) if env_cache else None,
         host=host,
         port=port,
         dev=dev,
         log_level=log_level,
-        ready_file=ready_file,
+        ready_file=_absolute(ready_file) if ready_file else None,
         keep_instances=keep_instances,
         keep_warm=keep_warm,
         database=database_url,
@@ -139,10 +142,17 @@ def server(
             auto_dispatch=tuple(auto_dispatch or ()),
         ),
     )
+    # Checked before serving: a failure inside the server's start-up is a page of traceback
+    # from uvicorn; here it is one line saying where, and a hint.
     try:
+        check_data_dir(settings.data_dir)
+        asyncio.run(check_store(settings.database_url))
         project, created = load_project(settings)
+    except CannotStart as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}\nhint: {escape(e.hint)}")
+        raise typer.Exit(2) from None
     except VoicefleetError as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
     if created:
         err.print(
@@ -150,7 +160,13 @@ def server(
             f"{settings.data_dir / 'credentials.json'} (mode 0600):\n"
             f"  LIVEKIT_API_KEY={project.api_key}\n  LIVEKIT_API_SECRET={project.api_secret}"
         )
+    from voicefleet.server import serve  # after the checks: a failed start says so at once
+
     asyncio.run(serve(settings, project))
+
+
+def _absolute(path: Path) -> Path:
+    return path.expanduser().resolve()
 
 
 @app.command()

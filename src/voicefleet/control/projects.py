@@ -5,13 +5,41 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 from voicefleet.config import Project, Settings
-from voicefleet.errors import VoicefleetError
+from voicefleet.errors import FULL_DISK_ERRNOS, CannotStart
 
 DEV_KEY, DEV_SECRET = "devkey", "secret"
 CREDENTIALS_FILE = "credentials.json"
+
+
+def check_data_dir(path: Path) -> None:
+    """Make the data dir if need be and prove this process can write in it: a data dir that
+    cannot be used is found here, said in one line, not in a traceback from mid-start."""
+    hint = "pass --data-dir a folder this user can write (made if it does not exist)"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise CannotStart("the data dir is a file, not a folder", path, hint) from None
+    except OSError as e:
+        raise CannotStart(f"the data dir cannot be made ({e.strerror})", path, hint) from None
+    try:
+        # A byte, not an empty file: an empty file needs no free block, so a full disk
+        # would pass.
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=path)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        if e.errno in FULL_DISK_ERRNOS:
+            raise CannotStart(
+                f"the data dir is full ({e.strerror})", path, "free space, then start again"
+            ) from None
+        raise CannotStart(f"the data dir is not writable ({e.strerror})", path, hint) from None
 
 
 def load_project(settings: Settings) -> tuple[Project, bool]:
@@ -25,6 +53,7 @@ def load_project(settings: Settings) -> tuple[Project, bool]:
         return Project(name="dev", api_key=DEV_KEY, api_secret=DEV_SECRET, **sfu), False
     path = settings.data_dir / CREDENTIALS_FILE
     if path.exists():
+        hint = "restore it from a backup, or move it aside to make new credentials"
         try:
             saved = json.loads(path.read_text())
             return Project(
@@ -33,8 +62,14 @@ def load_project(settings: Settings) -> tuple[Project, bool]:
                 api_secret=saved["api_secret"],
                 **sfu,
             ), False
+        except OSError as e:
+            raise CannotStart(
+                f"the credentials cannot be read ({e.strerror})", path, hint
+            ) from None
         except (ValueError, KeyError, TypeError) as e:
-            raise VoicefleetError(f"{path} is not a voicefleet credentials file: {e}") from None
+            raise CannotStart(
+                f"{path.name} is not a voicefleet credentials file: {e}", path, hint
+            ) from None
     project = Project(
         name="default",
         api_key="API" + secrets.token_urlsafe(9),
