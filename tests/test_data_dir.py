@@ -272,3 +272,25 @@ def test_a_data_dir_that_cannot_be_used_stops_the_start_with_one_line_saying_whe
     assert "Traceback" not in output
     assert len(lines) == 2 and lines[0].startswith("error: "), output  # the error, a hint
     assert f"({where.resolve()})" in lines[0], output
+
+
+def test_an_upload_cut_short_by_a_stopped_server_does_not_block_the_next_one(
+    tmp_path: Path, start_server: Callable[..., Server]
+) -> None:
+    server = start_server(data_dir=tmp_path / "data")
+    admin = {"Authorization": f"Bearer {admin_token()}"}
+    agent = httpx.post(server.url + "/api/v1/agents", json={"name": "cut"}, headers=admin).json()
+    # What a server that stopped between unpacking v1 and recording it leaves behind.
+    leftover = tmp_path / "data" / "agents" / agent["id"] / "v1" / "src"
+    leftover.mkdir(parents=True)
+    (leftover / "agent.py").write_text("half of an old upload")
+    bundle = tmp_path / "bundle.tar.gz"
+    create_bundle(AGENT_SRC, bundle)
+    r = httpx.post(
+        server.url + "/api/v1/agents/cut/versions",
+        content=bundle.read_bytes(),
+        headers={**admin, "Content-Type": "application/gzip"},
+        timeout=60,
+    )
+    assert r.status_code == 201 and r.json()["version"] == "v1", r.text
+    assert (leftover / "agent.py").read_text() == (AGENT_SRC / "agent.py").read_text()

@@ -216,12 +216,15 @@ class ControlPlane:
             number = await self.repo.next_version_number(agent.id)
             version = f"v{number}"
             vdir = self.paths.version_dir(agent.id, version)
-            vdir.mkdir(parents=True, exist_ok=True)
+            # No row has this number, so a folder of that name is what a server that stopped
+            # mid-upload left: every later upload would trip over it.
+            shutil.rmtree(vdir, ignore_errors=True)
+            vdir.mkdir(parents=True)
             try:
                 info = await asyncio.to_thread(
                     extract_bundle, bundle, self.paths.source(agent.id, version)
                 )
-            except VoicefleetError:
+            except BaseException:  # refused, disk full, cancelled: nothing half-unpacked stays
                 shutil.rmtree(vdir, ignore_errors=True)
                 raise
             shutil.move(bundle, self.paths.bundle(agent.id, version))
