@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 import psutil
@@ -29,13 +29,28 @@ DEV_KEY, DEV_SECRET = "devkey", "secret"
 T = TypeVar("T")
 
 
+class Seen:
+    """A check's "not yet" that says what it saw: falsy, so wait_for keeps polling, and shown in
+    wait_for's timeout message, where a bare False would say nothing."""
+
+    def __init__(self, what: object) -> None:
+        self.what = what
+
+    def __bool__(self) -> Literal[False]:
+        return False
+
+    def __repr__(self) -> str:
+        return self.what if isinstance(self.what, str) else repr(self.what)
+
+
 async def wait_for(
-    check: Callable[[], T | Awaitable[T | None] | None],
+    check: Callable[[], T | Seen | Awaitable[T | Seen | None] | None],
     timeout: float = 20.0,
     what: str = "condition",
     interval: float = 0.05,
 ) -> T:
-    """Poll `check` until it returns something truthy; fail with `what` after `timeout`."""
+    """Poll `check` until it returns something truthy; fail with `what` after `timeout`, and
+    with the last thing `check` returned (return a `Seen` to say what the state was)."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while True:
@@ -217,6 +232,11 @@ class Worker:
             self.proc.wait()
 
 
+def release(marker_dir: Path, job_id: str) -> None:
+    """Let a marker agent's job dispatched with {"until_released": true} end."""
+    (marker_dir / f"{job_id}.release").write_text("release")
+
+
 def started(marker_dir: Path, job_id: str) -> dict[str, Any] | None:
     path = marker_dir / f"{job_id}.started"
     if not path.exists():
@@ -226,3 +246,44 @@ def started(marker_dir: Path, job_id: str) -> dict[str, Any] | None:
     except ValueError:
         return None  # still being written
     return data
+
+
+async def job_in(
+    server: Server, job_id: str, *states: str, timeout: float = 30.0
+) -> dict[str, Any]:
+    """Wait until job `job_id` is in one of `states`; a timeout says the state and error it had."""
+
+    def check() -> dict[str, Any] | Seen:
+        job = server.job(job_id)
+        if job is None:
+            return Seen("no such job")
+        if job["state"] in states:
+            return job
+        return Seen(f"state {job['state']!r}, error {job['error']!r}")
+
+    return await wait_for(check, timeout, f"job {job_id} to be {'/'.join(states)}", interval=0.2)
+
+
+# The error voicefleet records when a worker reports a job failed and gives no reason: all that
+# livekit-agents 1.8.9 says when a job's process exits non-zero.
+NO_REASON = "the agent's job failed"
+
+
+async def ran_to_its_end(server: Server, markers: Path, job_id: str) -> dict[str, Any]:
+    """Wait until the marker agent's job `job_id` has ended after its entrypoint ran to its end.
+
+    Ended as its worker reported it: succeeded, or now and then failed with no reason.
+    livekit-agents judges a job by its process's exit code (ipc/job_proc_executor.py:
+    `SUCCESS if self.exitcode == 0 else FAILED`), and on Linux reads it from CPython's
+    forkserver, whose Popen.poll is not safe from two threads (CPython gh-130895). Yet two poll
+    each job process: the "proc_join_thread" (ipc/supervised_proc.py) that joins it, and the
+    executor thread on which proc_pool.py starts the next idle process, as Process.start() polls
+    every child first. When both find the status there, one reads it and the other reads EOF and
+    records 255, often last: a process that exited 0 is reported JS_FAILED, error "". The worker
+    sends nothing else voicefleet could tell this from a crash by, so that is what it records.
+    """
+    job = await job_in(server, job_id, "succeeded", "failed")
+    assert (markers / f"{job_id}.done").exists(), f"the entrypoint of {job_id} did not finish"
+    if job["state"] == "failed":
+        assert job["error"] == NO_REASON, job
+    return job

@@ -11,7 +11,15 @@ from pathlib import Path
 import jwt
 from livekit import api
 
-from tests.support import DEV_SECRET, Server, Worker, started, wait_for
+from tests.support import (
+    DEV_SECRET,
+    Server,
+    Worker,
+    job_in,
+    ran_to_its_end,
+    started,
+    wait_for,
+)
 
 
 async def dispatch(lk: api.LiveKitAPI, agent: str, room: str, hold: float = 0) -> str:
@@ -23,15 +31,6 @@ async def dispatch(lk: api.LiveKitAPI, agent: str, room: str, hold: float = 0) -
     )
     assert len(d.state.jobs) == 1
     return d.state.jobs[0].id
-
-
-async def job_in(server: Server, job_id: str, *states: str) -> dict:
-    return await wait_for(
-        lambda: (j := server.job(job_id)) and j["state"] in states and j,
-        30,
-        f"job {job_id} to be {'/'.join(states)}",
-        interval=0.2,
-    )
 
 
 async def workers_ready(*workers: Worker) -> list[str]:
@@ -58,7 +57,9 @@ async def test_worker_registers_and_a_dispatched_job_runs_with_a_room_token(
     assert claims["video"]["roomJoin"] is True
     assert claims["attributes"]["lk.agent_name"] == "reg"
 
-    job = await job_in(server, job_id, "succeeded")
+    # Succeeded, or failed with no reason when livekit-agents misreads its process's exit
+    # status (see ran_to_its_end): the worker's report, recorded as it came.
+    job = await ran_to_its_end(server, markers, job_id)
     assert job["worker_id"] == worker_id
     assert job["participant_identity"] == f"agent-{job_id}"
 
@@ -90,12 +91,8 @@ async def test_worker_whose_request_fnc_rejects_passes_the_job_to_the_next(
 
     job_ids = [await dispatch(lkapi, "reject", f"room-reject-{i}") for i in range(4)]
     for job_id in job_ids:
-        # Ended, not necessarily succeeded: livekit-agents 1.8.9 now and then reports a job whose
-        # entrypoint finished as failed (its process exits 255 after ctx.shutdown()). What this
-        # test is about is where the job went and that its entrypoint ran there.
-        job = await job_in(server, job_id, "succeeded", "failed")
+        job = await ran_to_its_end(server, markers, job_id)
         assert job["worker_id"] == taking_id
-        assert (markers / f"{job_id}.done").exists()
     assert server.metric("voicefleet_offers_total", outcome="refused") > refused_before
     assert not any(started(markers, j) and started(markers, j)["worker_pgid"] == refusing.pid
                    for j in job_ids)  # fmt: skip
@@ -103,7 +100,7 @@ async def test_worker_whose_request_fnc_rejects_passes_the_job_to_the_next(
 
 
 async def test_worker_that_rejects_for_good_terminates_the_job_as_livekit_does(
-    server: Server, lkapi: api.LiveKitAPI, start_worker: Callable[..., Worker]
+    server: Server, lkapi: api.LiveKitAPI, start_worker: Callable[..., Worker], markers: Path
 ) -> None:
     # livekit-agents' JobRequest.reject() defaults to terminate=True: "the job will not be
     # assigned to another worker". The server must honour that, not pass the job on.
@@ -113,19 +110,19 @@ async def test_worker_that_rejects_for_good_terminates_the_job_as_livekit_does(
     job_id = await dispatch(lkapi, "terminate-x", "room-none")  # no worker: stays pending
     assert (await job_in(server, job_id, "pending"))["state"] == "pending"
     for i in range(2):
-        job = await job_in(
-            server, await dispatch(lkapi, "terminate", f"room-term-{i}"), "terminated", "succeeded"
-        )
+        job_id = await dispatch(lkapi, "terminate", f"room-term-{i}")
+        job = await job_in(server, job_id, "terminated", "succeeded", "failed")
         if job["state"] == "terminated":
             assert rejecting_id in job["error"]
             assert job["worker_id"] == ""
             break
+        await ran_to_its_end(server, markers, job_id)  # taken by the other worker
     else:
         raise AssertionError("no job was offered to the rejecting worker")
 
 
 async def test_full_worker_is_skipped(
-    server: Server, lkapi: api.LiveKitAPI, start_worker: Callable[..., Worker]
+    server: Server, lkapi: api.LiveKitAPI, start_worker: Callable[..., Worker], markers: Path
 ) -> None:
     small = start_worker(server, "full", MAX_JOBS="1")
     small_id = await small.registered()
@@ -139,7 +136,7 @@ async def test_full_worker_is_skipped(
 
     job_ids = [await dispatch(lkapi, "full", f"room-full-{i}") for i in range(3)]
     for job_id in job_ids:
-        assert (await job_in(server, job_id, "succeeded"))["worker_id"] == other_id
+        assert (await ran_to_its_end(server, markers, job_id))["worker_id"] == other_id
     assert (await job_in(server, busy_job, "running"))["worker_id"] == small_id
 
 
@@ -161,11 +158,12 @@ async def test_sigterm_mid_session_finishes_the_session_and_takes_no_new_jobs(
     )  # fmt: skip
     new_jobs = [await dispatch(lkapi, "term", f"room-term-{i}") for i in range(3)]
     for job_id in new_jobs:
-        assert (await job_in(server, job_id, "succeeded"))["worker_id"] == staying_id
+        assert (await ran_to_its_end(server, markers, job_id))["worker_id"] == staying_id
 
-    call = await job_in(server, in_flight, "succeeded", "failed")
-    assert call["state"] == "succeeded", call["error"]
-    assert (markers / f"{in_flight}.done").exists()
+    # Not cut: its entrypoint finished, on the worker that left, and the job did not fail for
+    # the worker leaving ("disconnected while the job was running").
+    call = await ran_to_its_end(server, markers, in_flight)
+    assert call["worker_id"] == leaving_id
     assert leaving.proc.wait(30) == 0
 
 
@@ -185,7 +183,7 @@ async def test_kill9_mid_session_fails_the_job_with_a_reason_and_never_offers_it
 
     new_jobs = [await dispatch(lkapi, "kill", f"room-kill-{i}") for i in range(3)]
     for job_id in new_jobs:
-        assert (await job_in(server, job_id, "succeeded"))["worker_id"] == survivor_id
+        assert (await ran_to_its_end(server, markers, job_id))["worker_id"] == survivor_id
 
 
 async def test_job_waits_in_the_queue_until_a_worker_arrives(
@@ -193,9 +191,10 @@ async def test_job_waits_in_the_queue_until_a_worker_arrives(
 ) -> None:
     job_id = await dispatch(lkapi, "late", "room-late")
     assert (await job_in(server, job_id, "pending"))["worker_id"] == ""
-    assert server.metric("voicefleet_queued_jobs", agent_name="late") == 1
+    # No worker has registered as "late" yet: a name callers choose is no metric label.
+    assert server.metric("voicefleet_queued_jobs", agent_name="late") == 0
+    assert server.metric("voicefleet_queued_jobs", agent_name="(unknown)") >= 1
 
     worker_id = await start_worker(server, "late").registered()
-    job = await job_in(server, job_id, "succeeded")
+    job = await ran_to_its_end(server, markers, job_id)
     assert job["worker_id"] == worker_id
-    assert started(markers, job_id) is not None

@@ -44,12 +44,25 @@ class DispatchSettings:
     retry_interval: float = 0.25
     # Jobs waiting for a worker, all agents together; past this CreateDispatch is refused.
     queue_limit: int = 10_000
+    # Jobs waiting for a worker in one room. A room rarely needs more than a handful of agents
+    # at once, and a token scoped to one room may dispatch into it at will: without this one
+    # caller could fill the whole queue and every other room would be refused.
+    queue_limit_per_room: int = 100
+    # Jobs waiting for one agent name; None: half of `queue_limit`, so that one agent whose
+    # workers are all busy or gone cannot take the whole queue from the others.
+    queue_limit_per_agent: int | None = None
     # A worker that sends nothing (workers report status every 2.5 s) for this long is dead.
     worker_silence_timeout: float = 30.0
     # Agents dispatched to every room a LiveKit `room_started` webhook announces.
     auto_dispatch: tuple[str, ...] = ()
     # Finished jobs kept in memory for ListDispatch; older ones live only in the store.
     finished_jobs_in_memory: int = 10_000
+
+    @property
+    def agent_queue_limit(self) -> int:
+        if self.queue_limit_per_agent is not None:
+            return self.queue_limit_per_agent
+        return max(1, self.queue_limit // 2)
 
 
 @dataclass(frozen=True)

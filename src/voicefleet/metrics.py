@@ -56,8 +56,16 @@ class Metrics:
 
         self.routing_overflow = Counter(
             "voicefleet_routing_overflow_total",
-            "Sessions whose routed version had no free worker and went to another routed version.",
+            "Sessions whose routed version had no free worker and went to another routed version "
+            '(agent names no worker registered with and no routing entry has: "(unknown)").',
             ["agent_name", "routed", "served"],
+            registry=self.registry,
+        )
+        self.failed_sessions = Counter(
+            "voicefleet_failed_sessions",
+            "Sessions that ended failed, by kind of reason "
+            "(crashed, killed, exited, not_started, worker_lost, no_worker, other).",
+            ["kind"],
             registry=self.registry,
         )
 

@@ -7,7 +7,8 @@ Driven by environment variables so that one file covers every test:
   REJECT_JOBS=terminate  its request_fnc rejects every job for good (reject()'s default)
   MAX_JOBS       it reports FULL once it runs this many jobs (default 8)
 A job's metadata may be JSON {"hold": seconds}: the entrypoint waits that long, then ends the
-job with ctx.shutdown().
+job with ctx.shutdown(). With {"until_released": true} it then also waits for the test to write
+`<job id>.release` (tests.support.release): a call in flight for exactly as long as a test needs.
 """
 
 from __future__ import annotations
@@ -38,9 +39,18 @@ def load(worker: object) -> float:
     return min(len(worker.active_jobs) / MAX_JOBS, 1.0)  # type: ignore[attr-defined]
 
 
+async def appears(path: Path) -> None:
+    # The test's process writes it: there is nothing to await but the file itself.
+    while True:
+        if path.exists():
+            return
+        await asyncio.sleep(0.05)
+
+
 async def entrypoint(ctx: JobContext) -> None:
     job = ctx.job
-    hold = float(json.loads(job.metadata or "{}").get("hold", 0))
+    options = json.loads(job.metadata or "{}")
+    hold = float(options.get("hold", 0))
     (MARKER_DIR / f"{job.id}.started").write_text(
         json.dumps(
             {
@@ -55,6 +65,8 @@ async def entrypoint(ctx: JobContext) -> None:
         )
     )
     await asyncio.sleep(hold)
+    if options.get("until_released"):
+        await appears(MARKER_DIR / f"{job.id}.release")
     (MARKER_DIR / f"{job.id}.done").write_text("done")
     ctx.shutdown("done")
 

@@ -97,6 +97,15 @@ def server(
     queue_limit: Annotated[
         int, typer.Option(help="Jobs that may wait for a worker; past it dispatches are refused.")
     ] = DispatchSettings.queue_limit,
+    queue_limit_per_room: Annotated[
+        int, typer.Option(min=1, help="Jobs that may wait for a worker in one room.")
+    ] = DispatchSettings.queue_limit_per_room,
+    queue_limit_per_agent: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Jobs that may wait for one agent's workers (default: half --queue-limit)."
+        ),
+    ] = DispatchSettings.queue_limit_per_agent,
     worker_silence_timeout: Annotated[
         float, typer.Option(help="Seconds without a frame after which a worker is dead.")
     ] = DispatchSettings.worker_silence_timeout,
@@ -138,6 +147,8 @@ def server(
             start_timeout=start_timeout,
             queue_timeout=queue_timeout,
             queue_limit=queue_limit,
+            queue_limit_per_room=queue_limit_per_room,
+            queue_limit_per_agent=queue_limit_per_agent,
             worker_silence_timeout=worker_silence_timeout,
             auto_dispatch=tuple(auto_dispatch or ()),
         ),

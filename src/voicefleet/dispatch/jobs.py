@@ -133,6 +133,51 @@ class IllegalTransition(Exception):
     pass
 
 
+class PendingCounts:
+    """Jobs waiting for a worker (state pending): in all, by room and by agent name.
+
+    Kept up to date as jobs enter and leave PENDING (a JobBook job listener), so that checking a
+    new job against the queue's quotas costs O(1) however many jobs wait. Each job is counted
+    once, by id: a job restored after a restart, which never passed through `add_job`, is
+    counted when it is queued again, and one never counted is never subtracted.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._by_room: dict[str, int] = {}
+        self._by_agent: dict[str, int] = {}
+        self._counted: set[str] = set()
+
+    def in_room(self, room: str) -> int:
+        return self._by_room.get(room, 0)
+
+    def for_agent(self, agent_name: str) -> int:
+        return self._by_agent.get(agent_name, 0)
+
+    def job_changed(self, job: Job, previous: JobState | None = None) -> None:
+        pending = job.state == JobState.PENDING
+        if pending == (job.id in self._counted):
+            return
+        if pending:
+            self._counted.add(job.id)
+            self.total += 1
+            _step(self._by_room, job.room, 1)
+            _step(self._by_agent, job.agent_name, 1)
+        else:
+            self._counted.discard(job.id)
+            self.total -= 1
+            _step(self._by_room, job.room, -1)
+            _step(self._by_agent, job.agent_name, -1)
+
+
+def _step(counts: dict[str, int], key: str, by: int) -> None:
+    n = counts.get(key, 0) + by
+    if n:
+        counts[key] = n
+    else:
+        del counts[key]  # rooms come and go: keep only those with jobs waiting
+
+
 class JobBook:
     """Live jobs and dispatches; ended jobs stay a while (ListDispatch), then only in the store."""
 

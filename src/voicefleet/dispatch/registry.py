@@ -85,11 +85,20 @@ class Registry:
     def __init__(self) -> None:
         self.workers: dict[str, Worker] = {}
         self.pools: dict[PoolKey, list[Worker]] = {}
+        # Agent names workers registered with since this server started (see `knows`).
+        self._names: set[str] = set()
         self._listeners: list[CapacityListener] = []
 
     def on_capacity(self, listener: CapacityListener) -> None:
         """Call `listener(key)` whenever a worker of pool `key` may take a job it could not."""
         self._listeners.append(listener)
+
+    def knows(self, agent_name: str) -> bool:
+        """Whether a worker registered with `agent_name` since this server started.
+
+        Workers authenticate, so their names are the operator's, unlike the names callers
+        dispatch to; and an agent whose workers are all gone stays known while its jobs wait."""
+        return agent_name in self._names
 
     def _capacity(self, key: PoolKey) -> None:
         for listener in self._listeners:
@@ -122,6 +131,7 @@ class Registry:
         )
         self.workers[worker_id] = worker
         self.pools.setdefault(key, []).append(worker)
+        self._names.add(key.agent_name)
         self._capacity(key)
         return worker
 

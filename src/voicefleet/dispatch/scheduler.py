@@ -4,7 +4,8 @@ As LiveKit's server does: a job goes only to workers registered for its agent na
 and job type; the server sends an availability request and waits up to `availability_timeout`
 for the answer; a refusal (or here also a timeout, or the worker vanishing) moves the job to the
 next worker. Workers are taken round robin among those available. A job that finds no available
-worker waits in a bounded FIFO queue until one is, or fails after `queue_timeout`.
+worker waits in a FIFO queue until one is, or fails after `queue_timeout`; the queue is bounded
+in all, per room and per agent name, so that no one caller can take it from the others.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from livekit.protocol import agent
 
 from voicefleet.config import DispatchSettings, Project
-from voicefleet.dispatch.jobs import Job, JobBook, JobState
+from voicefleet.dispatch.jobs import Job, JobBook, JobState, PendingCounts
 from voicefleet.dispatch.registry import PoolKey, Registry, Worker
 from voicefleet.dispatch.routing import RoutingTable
 from voicefleet.errors import NoCapacity
@@ -30,6 +31,10 @@ from voicefleet.protocol.tokens import mint_room_token
 log = logging.getLogger("voicefleet.dispatch")
 
 ATTRIBUTE_AGENT_NAME = "lk.agent_name"
+# The metric label value of every agent name that is not a known agent's (see agent_label).
+UNKNOWN_AGENT = "(unknown)"
+# A caller's room or agent name quoted in an error: enough to recognise it, bounded.
+SHOWN_NAME = 100
 
 
 class WorkerGone(Exception):
@@ -89,6 +94,11 @@ class Scheduler:
         # Overflows by (agent name, routed version, serving version): counted, not hidden.
         self.overflow: dict[tuple[str, str, str], int] = {}
         self._queued_listeners: list[Callable[[str], None]] = []
+        # Jobs waiting for a worker, by room and by agent: the queue's quotas, checked in O(1).
+        self.pending = PendingCounts()
+        book.job_listeners.append(self.pending.job_changed)
+        # Agent names with a routing entry (of any deployment): known agents, for metric labels.
+        self._routed: set[str] = set()
         registry.on_capacity(self._on_capacity)
         routing.on_change(self._on_route)
 
@@ -102,6 +112,25 @@ class Scheduler:
             out[key.agent_name] = out.get(key.agent_name, 0) + len(waiting)
         return out
 
+    def queued_by_label(self) -> dict[str, int]:
+        """`queued_by_agent`, by metric label value: unknown agents' names summed under one."""
+        out: dict[str, int] = {}
+        for name, n in self.queued_by_agent().items():
+            label = self.agent_label(name)
+            out[label] = out.get(label, 0) + n
+        return out
+
+    def agent_label(self, agent_name: str) -> str:
+        """`agent_name` as a metric label value.
+
+        Callers choose the agent names they dispatch to: any length, any characters, as many as
+        they like. Each would be a series of its own, and a NUL or a 10,000-character name in
+        /metrics breaks scrapers. So only known agents' names become labels: one a worker
+        registered with, or one with a routing entry (set by the control plane)."""
+        if self.registry.knows(agent_name) or agent_name in self._routed:
+            return agent_name
+        return UNKNOWN_AGENT
+
     @property
     def queued(self) -> int:
         return sum(len(q) for q in self._waiting.values())
@@ -109,16 +138,34 @@ class Scheduler:
     # -- entry points -------------------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
-        """Take a new job: offer it now, or queue it. Raises NoCapacity when the queue is full."""
-        if self.queued >= self.settings.queue_limit:
-            raise NoCapacity(
-                f"dispatch queue is full ({self.settings.queue_limit} jobs wait for a worker)"
-            )
+        """Take a new job: offer it now, or queue it. Raises NoCapacity, naming the quota, when
+        the queue, the job's room or its agent has as many jobs waiting as it may."""
+        self._admit(job)
         self.book.add_job(job)
         self.requeue(job)
 
+    def _admit(self, job: Job) -> None:
+        # Per room: a token scoped to one room may dispatch into it at will. Per agent: an agent
+        # whose workers are all busy or gone. Neither can then take the queue from the others.
+        s, pending = self.settings, self.pending
+        if pending.total >= s.queue_limit:
+            raise NoCapacity(f"dispatch queue is full ({s.queue_limit} jobs wait for a worker)")
+        if pending.in_room(job.room) >= s.queue_limit_per_room:
+            raise NoCapacity(
+                f"room {_shown(job.room)} is at its queue quota: {s.queue_limit_per_room} jobs "
+                "wait for a worker there (--queue-limit-per-room)"
+            )
+        if pending.for_agent(job.agent_name) >= s.agent_queue_limit:
+            raise NoCapacity(
+                f"agent {_shown(job.agent_name)} is at its queue quota: {s.agent_queue_limit} "
+                "jobs wait for its workers (--queue-limit-per-agent)"
+            )
+
     def requeue(self, job: Job) -> None:
         """(Re)start dispatching a job already in the book."""
+        # Counted against the quotas from now on if it was not yet: a job restored after a
+        # restart is put in the book without passing through add_job.
+        self.pending.job_changed(job)
         key = job_key(job)
         waiting = self._waiting.get(key)
         if waiting:
@@ -358,7 +405,7 @@ class Scheduler:
             k = (job.agent_name, job.routed_version, worker.pool)
             self.overflow[k] = self.overflow.get(k, 0) + 1
             self.metrics.routing_overflow.labels(
-                job.agent_name, job.routed_version, worker.pool
+                self.agent_label(job.agent_name), job.routed_version, worker.pool
             ).inc()
             log.info(
                 "routed version full, overflow",
@@ -415,6 +462,10 @@ class Scheduler:
             wake.set()
 
     def _on_route(self, agent_name: str) -> None:
+        if self._has_route(agent_name):
+            self._routed.add(agent_name)
+        else:
+            self._routed.discard(agent_name)
         for key in self._wake:
             if key.agent_name == agent_name:
                 self._on_capacity(key)
@@ -464,6 +515,17 @@ class Scheduler:
             return True
         return False
 
+    def _has_route(self, agent_name: str) -> bool:
+        """Whether `agent_name` has a routing entry of any deployment (once per route change)."""
+        # Snapshot keys are "name/deployment" and either part may hold a "/": confirm each
+        # candidate split with the table itself.
+        prefix = agent_name + "/"
+        return any(
+            key.startswith(prefix)
+            and self.routing.weights(agent_name, key[len(prefix) :]) is not None
+            for key in self.routing.snapshot()
+        )
+
     def _no_worker_reason(self, key: PoolKey, waited: float) -> str:
         pool = self.registry.pools.get(key, [])
         name = key.agent_name or "(automatic dispatch, no agent_name)"
@@ -475,3 +537,7 @@ class Scheduler:
             f"no worker for agent '{name}' took the job within {waited:g}s "
             f"({len(pool)} registered, none available or all refused: {states}{more})"
         )
+
+
+def _shown(name: str) -> str:
+    return repr(name if len(name) <= SHOWN_NAME else name[:SHOWN_NAME] + "…")

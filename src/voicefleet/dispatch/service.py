@@ -52,9 +52,10 @@ class DispatchService:
         )
         metrics.gauge(
             "voicefleet_queued_jobs",
-            "Jobs waiting for an available worker.",
+            "Jobs waiting for an available worker, by agent name; names no worker registered "
+            'with and no routing entry has are summed under agent_name="(unknown)".',
             "agent_name",
-            self.scheduler.queued_by_agent,
+            self.scheduler.queued_by_label,
         )
 
     def secret_for(self, api_key: str) -> str | None:
