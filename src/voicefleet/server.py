@@ -72,7 +72,7 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
             keep_warm=settings.keep_warm,
         )
         app.state.control = plane
-        recorder = Recorder(engine)
+        recorder = Recorder(engine, failures=metrics.failed_sessions)
         service.book.job_listeners.append(recorder.job_changed)
         service.book.dispatch_listeners.append(recorder.dispatch_changed)
         dispatches, jobs = await load_open(engine)

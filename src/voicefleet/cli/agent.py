@@ -154,6 +154,20 @@ def deploy(
     max_restarts: Annotated[
         int, typer.Option(help="Canary: instance restarts (crashes) tolerated.")
     ] = 0,
+    max_error_lines_increase: Annotated[
+        float | None,
+        typer.Option(
+            help="Canary: abort when it logs more ERROR lines per session than stable by this "
+            "(default 0.5)."
+        ),
+    ] = None,
+    min_duration_ratio: Annotated[
+        float | None,
+        typer.Option(
+            help="Canary: abort when its median session lasts less than this share of "
+            "stable's, less 2 s (default 0.25; 0 turns it off)."
+        ),
+    ] = None,
     smoke_sessions: Annotated[
         int, typer.Option(help="Blue-green: synthetic sessions sent to green.")
     ] = 3,
@@ -166,6 +180,10 @@ def deploy(
     smoke_metadata: Annotated[
         str, typer.Option(help="Blue-green: job metadata of the synthetic sessions.")
     ] = '{"smoke": true}',
+    smoke_max_error_lines: Annotated[
+        int | None,
+        typer.Option(help="Blue-green: ERROR lines the synthetic sessions may log (default 0)."),
+    ] = None,
 ) -> None:
     """Upload FOLDER as a new version, build it, and roll it out without dropping a session.
 
@@ -185,15 +203,17 @@ def deploy(
             )
         except ValueError:
             fail(f"--steps '{steps}' is not a list of percentages like 10,25,50,100", USAGE)
-        plan.update(
-            steps=shares,
-            interval=_duration(interval),
-            thresholds={
-                "max_failure_rate_increase": max_failure_increase,
-                "min_sessions": min_sessions,
-                "max_restarts": max_restarts,
-            },
-        )
+        thresholds: dict[str, float] = {
+            "max_failure_rate_increase": max_failure_increase,
+            "min_sessions": min_sessions,
+            "max_restarts": max_restarts,
+        }
+        # Unset: the server's defaults apply (the plan is parsed there, once).
+        if max_error_lines_increase is not None:
+            thresholds["max_error_lines_increase"] = max_error_lines_increase
+        if min_duration_ratio is not None:
+            thresholds["min_duration_ratio"] = min_duration_ratio
+        plan.update(steps=shares, interval=_duration(interval), thresholds=thresholds)
     elif strategy == "bluegreen":
         plan["smoke"] = {
             "sessions": smoke_sessions,
@@ -201,6 +221,8 @@ def deploy(
             "command": smoke_command,
             "metadata": smoke_metadata,
         }
+        if smoke_max_error_lines is not None:
+            plan["smoke"]["max_error_lines"] = smoke_max_error_lines
     elif strategy != "rolling":
         fail(f"unknown strategy '{strategy}' (rolling, canary or bluegreen)", USAGE)
     if version is not None:
@@ -363,6 +385,19 @@ def status(agent: AgentOpt = None) -> None:
                     f"on {n['instances']} instance(s)"
                     + (" (kept warm for a rollback)" if what == "retiring" else "")
                 )
+    recent = data.get("sessions", {})
+    if recent.get("by_version"):
+        out.print(f"sessions in the last {recent['since_seconds'] / 60:g} min, by version:")
+        for v, s in sorted(recent["by_version"].items()):
+            last = s["last_failure"]
+            out.print(
+                f"  {v or '(unversioned)'}: {s['failed']} of {s['ended']} failed"
+                + (f"; last {ago(last['ended_at'])} ({last['job_id']}): " if last else "")
+                + (_one_line(last["error"]) if last else ""),
+                markup=False,  # an exception's text is no markup: "[i]" must stay as it is
+                highlight=False,
+                overflow="fold",
+            )
     t = Table(title="instances")
     for col in ("instance", "deployment", "version", "status", "sessions", "restarts", "pid"):
         t.add_column(col)

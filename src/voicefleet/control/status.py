@@ -13,6 +13,10 @@ from voicefleet.control.service import ControlPlane, rollout_dict
 from voicefleet.rollout.canary import PAUSED
 from voicefleet.rollout.rolling import PROGRESSING
 from voicefleet.store.models import AgentRow
+from voicefleet.store.records import outcomes
+
+# "Recent sessions" in the status: those created within this many seconds.
+RECENT = 3600.0
 
 
 async def agent_status(plane: ControlPlane, agent: AgentRow) -> dict[str, Any]:
@@ -69,8 +73,12 @@ async def agent_status(plane: ControlPlane, agent: AgentRow) -> dict[str, Any]:
                 agent.id, r["to_version"], r["from_version"], r["step_started_at"]
             )
             r["analysis"] = {"canary": canary.to_dict(), "stable": stable.to_dict()}
+    # Per version: how many of the last hour's sessions failed and why the newest did, so a
+    # version whose sessions fail is seen where operators look first.
+    sessions = await outcomes(plane.repo.engine, agent.name, time.time() - RECENT)
     return {
         "agent": {"id": agent.id, "name": agent.name, "grace_period": agent.grace_period},
+        "sessions": {"since_seconds": RECENT, "by_version": sessions},
         "deployments": deployments,
         "instances": instances,
         "rollouts": out,

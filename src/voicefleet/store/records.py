@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from typing import Any
 
-from sqlalchemy import select
+from prometheus_client import Counter
+from sqlalchemy import case, func, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -31,6 +33,31 @@ _JOB_COLUMNS = (*_JOB_FIELDS, "metadata")
 _DISPATCH_COLUMNS = (
     "id", "agent_name", "room", "metadata", "attributes", "deployment", "created_at", "deleted_at",
 )  # fmt: skip
+
+
+# Why sessions failed, as a metric label: a small fixed set (never the error's text, unbounded).
+FAILURE_KINDS = ("crashed", "killed", "exited", "not_started", "worker_lost", "no_worker", "other")
+_EXCEPTION = re.compile(r"[A-Za-z_][\w.]*(: |$)")  # "RuntimeError: v2 is broken"
+
+
+def failure_kind(error: str, previous: JobState | None) -> str:
+    """The kind of reason a job failed for, from the state it failed in and its error: the
+    launcher's words for what the worker reports (voicefleet.runtime.launch) or the dispatcher's."""
+    if previous == JobState.PENDING:
+        return "no_worker"  # never assigned: the queue timed out
+    if error.startswith("job process killed by "):
+        return "killed"
+    if error.startswith("job process exited with code "):
+        return "exited"
+    if (error.startswith("worker ") and " while the job was " in error) or error.startswith(
+        "voicefleet restarted"
+    ):
+        return "worker_lost"
+    if _EXCEPTION.match(error):
+        return "crashed"  # the entrypoint raised: "<Type>: <message>"
+    if previous == JobState.ASSIGNED:
+        return "not_started"
+    return "other"
 
 
 def _sqlite_upsert(table: str, columns: tuple[str, ...], update: tuple[str, ...]) -> str:
@@ -69,9 +96,16 @@ def _dispatch_row(d: Dispatch) -> dict[str, Any]:
 
 
 class Recorder:
-    def __init__(self, engine: AsyncEngine, interval: float = 0.5) -> None:
+    def __init__(
+        self, engine: AsyncEngine, interval: float = 0.5, failures: Counter | None = None
+    ) -> None:
         self.engine = engine
         self.interval = interval
+        # Failed sessions by kind (label "kind"), counted where each job's end is first seen.
+        self.failures = failures
+        if failures is not None:
+            for kind in FAILURE_KINDS:
+                failures.labels(kind=kind)  # every kind's series exists, from 0
         self._jobs: dict[str, Job] = {}
         self._dispatches: dict[str, Dispatch] = {}
         # One flush at a time: a second one would find nothing left to write and return before
@@ -83,6 +117,8 @@ class Recorder:
 
     def job_changed(self, job: Job, previous: JobState | None = None) -> None:
         self._jobs[job.id] = job
+        if self.failures is not None and job.state == JobState.FAILED and previous != job.state:
+            self.failures.labels(kind=failure_kind(job.error, previous)).inc()
 
     def dispatch_changed(self, dispatch: Dispatch) -> None:
         self._dispatches[dispatch.id] = dispatch
@@ -216,3 +252,34 @@ async def history(
     async with engine.connect() as conn:
         rows = (await conn.execute(query)).all()
     return [dict(r._mapping) for r in rows]
+
+
+async def outcomes(engine: AsyncEngine, agent_name: str, since: float) -> dict[str, dict[str, Any]]:
+    """Per version, the agent's sessions created since `since` that have ended: how many, how
+    many failed, and the newest failure (job id, error, when)."""
+    where = (
+        JobRow.state.in_([str(s) for s in ENDED]),
+        JobRow.created_at >= since,
+        JobRow.agent_name == agent_name,
+    )
+    failed = JobRow.state == str(JobState.FAILED)
+    counts = (
+        select(JobRow.version, func.count(), func.sum(case((failed, 1), else_=0)))
+        .where(*where)
+        .group_by(JobRow.version)
+    )
+    out: dict[str, dict[str, Any]] = {}
+    async with engine.connect() as conn:
+        for version, ended, failures in (await conn.execute(counts)).all():
+            last = None
+            if failures:
+                newest = (
+                    select(JobRow.id, JobRow.error, JobRow.ended_at)
+                    .where(*where, failed, JobRow.version == version)
+                    .order_by(JobRow.ended_at.desc())
+                    .limit(1)
+                )
+                row = (await conn.execute(newest)).one()
+                last = {"job_id": row.id, "error": row.error, "ended_at": row.ended_at}
+            out[version] = {"ended": ended, "failed": int(failures), "last_failure": last}
+    return out
