@@ -10,6 +10,7 @@ session on an instance (load 0.6) must bring a second instance up before any wor
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shutil
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 from livekit import api
 
-from tests.support import DEV_KEY, DEV_SECRET, Server, started, wait_for
+from tests.support import DEV_KEY, DEV_SECRET, ROOT, Server, started, wait_for
 from tests.test_deploy import AGENT_SRC, api_get, dispatch, job_state, vf
 
 
@@ -156,5 +157,59 @@ async def test_scale_to_zero_cold_start_and_a_spike_beyond_max_queues_without_dr
             for e in autoscale_events(server)
         ]
         assert max(targets) == 2, targets  # never beyond max
+    finally:
+        await lk.aclose()
+
+
+async def test_a_version_whose_sessions_crash_is_not_scaled_up_to_crash_more(
+    start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    server = start_server()
+    folder = tmp_path / "my-agent"
+    shutil.copytree(ROOT / "tests" / "agents" / "canary_cases", folder)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    await deploy_autoscaled(
+        server, folder, markers, "--min", "1", "--max", "3", "--up-window", "1s",
+    )  # fmt: skip
+    lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
+    try:
+        # Six sessions whose job process dies, one after another (load stays low meanwhile).
+        for i in range(6):
+            made = await lk.agent_dispatch.create_dispatch(
+                api.CreateAgentDispatchRequest(
+                    agent_name="my-agent", room=f"crash-{i}", metadata=json.dumps({"exit": 1})
+                )
+            )
+            job_id = made.state.jobs[0].id
+            job = await wait_for(job_state(server, job_id, "succeeded", "failed"), 60, job_id)
+            assert job["state"] == "failed", job
+        # Then load that would ask for a second instance (3 sessions: 0.6 at target 0.5).
+        calls = [await dispatch(lk, f"held-{i}", hold=20) for i in range(3)]
+        for job_id in calls:
+            await wait_for(lambda j=job_id: started(markers, j), 60, f"session {job_id} to start")
+
+        def held_events() -> list[dict[str, object]]:
+            found = api_get(server, "/agents/my-agent/events")
+            return [e for e in found if e["kind"] == "autoscale_held"]
+
+        held = await wait_for(
+            held_events, 60, "the autoscaler to hold the failing version", interval=0.2
+        )
+        message = str(held[0]["message"])
+        assert "v1 not scaled up (1 -> 2 wanted" in message, message
+        assert "6/6 recent sessions failed (100%)" in message, message
+
+        # Still held a few decisions later (the load has not changed), and said only once.
+        def later_decision() -> dict[str, object] | None:
+            decision = api_get(server, "/agents/my-agent")["deployments"][0]["decision"]
+            held_at = float(str(held[0]["at"]))
+            return decision if decision and decision["at"] > held_at + 3 else None
+
+        decision = await wait_for(later_decision, 60, "later decisions", interval=0.2)
+        assert str(decision["reason"]).startswith("holding at 1, not scaling up to 2"), decision
+        assert len(held_events()) == 1
+        assert [e for e in autoscale_events(server) if e["kind"] == "autoscaled_up"] == []
+        assert len(instances(server, "ready", "starting")) == 1
     finally:
         await lk.aclose()

@@ -16,12 +16,16 @@ import pytest
 
 from voicefleet.autoscale.policy import (
     Decision,
+    FailureGuard,
     InstanceSignal,
     Policy,
     Sample,
     decide,
+    failing,
+    hold_failing,
     pick_victims,
 )
+from voicefleet.dispatch.stats import Window
 from voicefleet.errors import InvalidRequest
 
 CAPACITY = 8  # sessions at load 1.0, as the simulator's workers
@@ -298,3 +302,33 @@ def test_policy_from_json_rejects_values_that_are_not_numbers(fields, problem):
     # Not a TypeError deep inside `decide` a second later, in the autoscaler's loop.
     with pytest.raises(InvalidRequest, match=re.escape(problem)):
         Policy.from_dict(fields)
+
+
+def recent(ended: int, failed: int) -> Window:
+    reasons = (("RuntimeError: v2 is broken", failed),) if failed else ()
+    return Window(ended, failed, ended, (0.1,) * ended, failure_reasons=reasons)
+
+
+def test_a_version_whose_recent_sessions_mostly_fail_is_not_scaled_up():
+    guard = FailureGuard()
+    why = failing(recent(8, 6), guard)
+    assert why == "6/8 recent sessions failed (75%): RuntimeError: v2 is broken (6)"
+    assert failing(recent(8, 3), guard) is None  # most succeed
+    assert failing(recent(4, 4), guard) is None  # too few to say
+    assert failing(recent(10, 5), guard) is not None  # half is "mostly" enough
+
+    policy = Policy(min_instances=1, max_instances=5, up_window=0)
+    busy = [sample(0, [0.9, 0.9])]  # load 1.8 at target 0.5: 4 instances wanted
+    wished = decide(policy, busy, 2)
+    assert wished.desired == 4
+    held = hold_failing(policy, wished, 2, why)
+    assert held.desired == 2 and held.wanted == wished.wanted
+    assert held.reason == f"holding at 2, not scaling up to 4: {why}"
+    # Healthy again: scaled as before. Going down, or its minimum, is never held back.
+    assert hold_failing(policy, wished, 2, None) is wished
+    down = Decision(1, "load fell")
+    assert hold_failing(policy, down, 2, why) is down
+    assert hold_failing(Policy(min_instances=3), Decision(4, "up"), 2, why).desired == 3
+    # Nothing running and a session queued: one instance, not a session waiting for nothing.
+    cold = Decision(3, "cold start: a session waits")
+    assert hold_failing(Policy(min_instances=0), cold, 0, why, queued=2).desired == 1

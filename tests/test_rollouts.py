@@ -20,7 +20,7 @@ import httpx
 import pytest
 from livekit import api
 
-from tests.support import DEV_KEY, DEV_SECRET, Server, admin_token, started, wait_for
+from tests.support import DEV_KEY, DEV_SECRET, ROOT, Server, admin_token, started, wait_for
 from tests.test_deploy import (
     AGENT_SRC,
     all_stopped,
@@ -212,6 +212,17 @@ def unfinished(server: Server, markers: Path, wave: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+CASES_SRC = ROOT / "tests" / "agents" / "canary_cases"
+
+
+@pytest.fixture
+def cases_dir(tmp_path: Path) -> Path:
+    """tests/agents/canary_cases as my-agent: files in it make a version's sessions go wrong."""
+    folder = tmp_path / "my-agent"
+    shutil.copytree(CASES_SRC, folder)
+    return folder
+
+
 def events(server: Server, kind: str) -> list[dict[str, object]]:
     return [e for e in api_get(server, "/agents/my-agent/events") if e["kind"] == kind]
 
@@ -388,5 +399,150 @@ async def test_blue_green_smoke_tests_green_switches_and_blue_drains_its_calls(
         job = await wait_for(job_state(server, after, "succeeded"), 60, "a session on v2")
         assert job["version"] == "v2"
         assert json.loads(json.dumps(events(server, "rollout_aborted")))
+    finally:
+        await lk.aclose()
+
+
+@pytest.mark.timeout(420)
+async def test_a_canary_whose_entrypoint_raises_is_aborted_within_min_sessions_naming_the_error(
+    start_server: Callable[..., Server], cases_dir: Path, tmp_path: Path
+) -> None:
+    server = start_server()
+    markers = deploy_v1(server, cases_dir, tmp_path)
+    lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
+    try:
+        calls = [await dispatch(lk, f"long-{i}", hold=40) for i in range(3)]
+        for job_id in calls:
+            await wait_for(lambda j=job_id: started(markers, j), 60, f"call {job_id} to start")
+        (cases_dir / "RAISE").write_text("v2 is broken")
+        out = vf(
+            server, cases_dir, "deploy", "--canary", "50", "--min-sessions", "5",
+            "--min-duration-ratio", "0.3",
+        )  # fmt: skip
+        assert "canary v2 takes 50% of new sessions" in out.stdout, out.stdout
+
+        def latest() -> dict[str, object]:
+            found: dict[str, object] = api_get(server, "/agents/my-agent")["rollouts"][0]
+            return found
+
+        # Callers dial in one after another, each call over before the next, while it runs.
+        for i in range(80):
+            if latest()["state"] != "progressing":
+                break
+            job_id = await dispatch(lk, f"call-{i}")
+            await wait_for(job_state(server, job_id, "succeeded", "failed"), 60, job_id)
+        rollout = await wait_for(
+            lambda: (r := latest())["state"] == "aborted" and r, 30, "the canary to be aborted"
+        )
+        reason = str(rollout["reason"])
+        on_canary = [j for j in server.jobs() if j["version"] == "v2"]
+        print(f"aborted after {len(on_canary)} canary session(s): {reason}")
+        thresholds = rollout["plan"]["thresholds"]  # type: ignore[index]
+        assert thresholds["min_duration_ratio"] == 0.3  # the flag given
+        assert thresholds["max_error_lines_increase"] == 0.5  # the server's default
+        assert "RuntimeError: v2 is broken" in reason and "new sessions go to v1" in reason
+        # Judged once it ended --min-sessions; the few more are the ones under way meanwhile.
+        assert 5 <= len(on_canary) <= 5 + 3, (len(on_canary), reason)
+        for job_id in calls:
+            job = await wait_for(job_state(server, job_id, "succeeded", "failed"), 60, job_id)
+            assert job["state"] == "succeeded" and job["version"] == "v1", job
+        after = await dispatch(lk, "after-abort")
+        job = await wait_for(job_state(server, after, "succeeded"), 60, "a session on v1")
+        assert job["version"] == "v1"
+        await wait_for(all_stopped(server, "v2"), 60, "the canary's instances to stop")
+    finally:
+        await lk.aclose()
+
+
+@pytest.mark.timeout(420)
+async def test_blue_green_smoke_sessions_that_raise_or_log_errors_keep_blue_serving_and_say_why(
+    start_server: Callable[..., Server], cases_dir: Path, tmp_path: Path
+) -> None:
+    server = start_server()
+    deploy_v1(server, cases_dir, tmp_path)
+    # Sessions that succeed but log errors: the smoke test counts the lines and names them.
+    (cases_dir / "ERROR_LINES").write_text("2")
+    failed = vf(server, cases_dir, "deploy", "--strategy", "bluegreen", ok=False)
+    assert failed.returncode == 1, failed.stdout
+    print(failed.stderr.strip())
+    assert "smoke test of v2 failed: synthetic sessions logged" in failed.stderr, failed.stderr
+    assert "error line(s): could not reach the speech service (" in failed.stderr
+    # Sessions whose entrypoint raises: the exception is the reason.
+    (cases_dir / "ERROR_LINES").unlink()
+    (cases_dir / "RAISE").write_text("v3 is broken")
+    failed = vf(server, cases_dir, "deploy", "--strategy", "bluegreen", ok=False)
+    assert failed.returncode == 1, failed.stdout
+    print(failed.stderr.strip())
+    assert "smoke test of v3 failed" in failed.stderr and "RuntimeError: v3 is broken" in (
+        failed.stderr
+    ), failed.stderr
+    assert "v1 keeps serving" in failed.stderr
+    status = api_get(server, "/agents/my-agent")
+    assert status["deployments"][0]["version"] == "v1"
+    assert status["deployments"][0]["routing"] == {"v1": 100}
+    await wait_for(all_stopped(server, "v2", "v3"), 60, "the failed greens to stop")
+    # Errors the operator allows pass: v2 again, built already, with a budget of error lines.
+    vf(
+        server, cases_dir, "deploy", "--version", "v2", "--strategy", "bluegreen",
+        "--smoke-max-error-lines", "100",
+    )  # fmt: skip
+    assert api_get(server, "/agents/my-agent")["deployments"][0]["version"] == "v2"
+
+
+@pytest.mark.timeout(420)
+async def test_a_canary_failing_a_check_of_the_users_own_is_aborted_saying_which(
+    start_server: Callable[..., Server], cases_dir: Path, tmp_path: Path
+) -> None:
+    server = start_server()
+    markers = deploy_v1(server, cases_dir, tmp_path)
+    # The check runs in v2's folder and is told the rollout's names; it reports v2 worse.
+    script = (
+        'test -f agent.py && test "$VF_VERSION" = v2 && test "$VF_STABLE_VERSION" = v1 '
+        '&& test "$VF_AGENT" = my-agent && echo 0.9 || echo 0'
+    )
+    checks = tmp_path / "checks.json"
+    checks.write_text(
+        json.dumps(
+            [
+                {
+                    "name": "p95-latency",
+                    "command": {"argv": ["sh", "-c", script]},
+                    "interval": 1,
+                    "failure": "result > 0.5",
+                    "failure_limit": 1,
+                }
+            ]
+        )
+    )
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"name": "x", "command": {"argv": ["true"]}, "interval": "1s"}]))
+    refused = vf(server, cases_dir, "deploy", "--canary", "50", "--checks", str(bad), ok=False)
+    assert refused.returncode == 1 and "check 'x': interval" in refused.stderr, refused.stderr
+
+    lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
+    try:
+        calls = [await dispatch(lk, f"long-{i}", hold=30) for i in range(2)]
+        for job_id in calls:
+            await wait_for(lambda j=job_id: started(markers, j), 60, f"call {job_id} to start")
+        out = vf(
+            server, cases_dir, "deploy", "--canary", "50", "--interval", "10m",
+            "--checks", str(checks),
+        )  # fmt: skip
+        assert "canary v2 takes 50% of new sessions" in out.stdout, out.stdout
+
+        def latest() -> dict[str, object]:
+            found: dict[str, object] = api_get(server, "/agents/my-agent")["rollouts"][0]
+            return found
+
+        rollout = await wait_for(
+            lambda: (r := latest())["state"] == "aborted" and r, 60, "the canary to be aborted"
+        )
+        reason = str(rollout["reason"])
+        assert "check p95-latency failed 2 times (limit 1): result 0.9" in reason, reason
+        assert "new sessions go to v1" in reason
+        for job_id in calls:  # the calls in flight finish where they were
+            job = await wait_for(job_state(server, job_id, "succeeded", "failed"), 60, job_id)
+            assert job["state"] == "succeeded" and job["version"] == "v1", job
+        await wait_for(all_stopped(server, "v2"), 60, "the canary's instances to stop")
     finally:
         await lk.aclose()

@@ -5,7 +5,9 @@ its first instance without waiting for the tick) it samples each autoscaled depl
 instances from the dispatcher's registry (the load and sessions their workers report, plus the
 agent's queued jobs), asks `policy.decide`, and resizes through the control plane: new instances
 start at once; going down, idle instances drain first and busy ones are only ever drained.
-A deployment in the middle of a rollout is left alone until the rollout ends.
+A deployment in the middle of a rollout is left alone until the rollout ends. A version whose
+recent sessions mostly fail (the dispatcher's per-version stats) is not scaled up: an
+`autoscale_held` event says so once, until it stops failing.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from voicefleet.autoscale.policy import Decision, Policy, Sample, decide
+from voicefleet.autoscale.policy import (
+    Decision,
+    FailureGuard,
+    Policy,
+    Sample,
+    decide,
+    failing,
+    hold_failing,
+)
 
 if TYPE_CHECKING:
     from voicefleet.control.service import ControlPlane
@@ -27,9 +37,14 @@ log = logging.getLogger("voicefleet.autoscale")
 
 
 class Autoscaler:
-    def __init__(self, plane: ControlPlane, interval: float = 1.0) -> None:
+    def __init__(
+        self, plane: ControlPlane, interval: float = 1.0, guard: FailureGuard | None = None
+    ) -> None:
         self.plane = plane
         self.interval = interval
+        self.guard = guard or FailureGuard()
+        # (agent id, deployment, version) held back as failing, said once until it recovers.
+        self._held: set[tuple[str, str, str]] = set()
         self.samples: dict[tuple[str, str], deque[Sample]] = {}
         self.decisions: dict[tuple[str, str], tuple[float, Decision]] = {}
         self._wake = asyncio.Event()
@@ -80,8 +95,26 @@ class Autoscaler:
         keep = max(policy.up_window, policy.down_window, policy.idle_to_zero or 0) + 5
         while history and history[0].at < now - keep:
             history.popleft()
-        decision = decide(policy, history, len(rows))
+        wished = decide(policy, history, len(rows))
+        seen = plane.dispatch.stats.window(agent.name, dep.version, now - self.guard.window)
+        why = failing(seen, self.guard)
+        decision = hold_failing(policy, wished, len(rows), why, queued)
         self.decisions[key] = (now, decision)
+        held = (agent.id, dep.name, dep.version)
+        if why is None:
+            self._held.discard(held)
+        elif decision is not wished and held not in self._held:
+            self._held.add(held)
+            await plane.repo.event(
+                agent.id,
+                "autoscale_held",
+                f"{dep.name}: {dep.version} not scaled up ({len(rows)} -> {wished.desired} "
+                f"wanted: {wished.reason}): {why}",
+            )
+            log.warning(
+                "failing version not scaled up",
+                extra={"agent": agent.name, "version": dep.version, "reason": why},
+            )
         if decision.desired == len(rows):
             return
         changed = await plane.resize(agent, dep, decision.desired)

@@ -13,6 +13,9 @@ Made for voice sessions, which last minutes and cannot move between workers:
 Which instances go on a scale-down is `pick_victims`: idle ones first; an instance with sessions is
 only ever drained (its sessions finish), never stopped.
 
+A version whose recent sessions mostly fail is not scaled up (`failing`, `hold_failing`): more
+instances of it would only fail more calls. It keeps what it has (and its minimum).
+
 Everything here is deterministic: the same (policy, samples) give the same decision, so decisions
 are unit-tested and replayed by the simulator in benchmarks/autoscale.
 """
@@ -25,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
 
+from voicefleet.dispatch.stats import Window, top
 from voicefleet.errors import check_numbers
 
 
@@ -222,3 +226,40 @@ def pick_victims(instances: Sequence[InstanceSignal], count: int) -> list[Instan
     """
     order = sorted(instances, key=lambda i: (i.sessions, i.load, i.registered))
     return list(order[: max(0, count)])
+
+
+@dataclass(frozen=True)
+class FailureGuard:
+    """When a version's recent sessions count as mostly failing."""
+
+    max_failure_rate: float = 0.5
+    min_sessions: int = 5  # ended in the window: fewer say nothing
+    window: float = 300.0  # seconds of recent sessions
+
+
+def failing(seen: Window, guard: FailureGuard) -> str | None:
+    """Why the version's recent sessions (`seen`, over `guard.window`) count as failing, or
+    None."""
+    if seen.ended < guard.min_sessions or seen.failure_rate < guard.max_failure_rate:
+        return None
+    reasons = f": {top(seen.failure_reasons)}" if seen.failure_reasons else ""
+    return f"{seen.failed}/{seen.ended} recent sessions failed ({seen.failure_rate:.0%}){reasons}"
+
+
+def hold_failing(
+    policy: Policy, decision: Decision, current: int, why: str | None, queued: int = 0
+) -> Decision:
+    """`decision`, but never above what a failing version runs now (`why` says it fails): no
+    more instances to fail more calls. Its minimum still holds, and with nothing running a
+    queued session still gets one instance rather than waiting for nothing."""
+    if why is None or decision.desired <= current:
+        return decision
+    ceiling = max(current, policy.min_instances, 1 if queued and current == 0 else 0)
+    if decision.desired <= ceiling:
+        return decision
+    return Decision(
+        ceiling,
+        f"holding at {ceiling}, not scaling up to {decision.desired}: {why}",
+        decision.wanted,
+        decision.details,
+    )

@@ -168,6 +168,13 @@ def deploy(
             "stable's, less 2 s (default 0.25; 0 turns it off)."
         ),
     ] = None,
+    checks: Annotated[
+        Path | None,
+        typer.Option(
+            help="Canary: a JSON file listing checks of your own (a PromQL query or a command, "
+            "each interval; see docs/rollouts.md), judged beside the built-in ones."
+        ),
+    ] = None,
     smoke_sessions: Annotated[
         int, typer.Option(help="Blue-green: synthetic sessions sent to green.")
     ] = 3,
@@ -214,6 +221,8 @@ def deploy(
         if min_duration_ratio is not None:
             thresholds["min_duration_ratio"] = min_duration_ratio
         plan.update(steps=shares, interval=_duration(interval), thresholds=thresholds)
+        if checks is not None:
+            plan["checks"] = _checks_file(checks)  # checked by the server, which says what is wrong
     elif strategy == "bluegreen":
         plan["smoke"] = {
             "sessions": smoke_sessions,
@@ -270,6 +279,15 @@ def deploy(
     if quiet:
         print_json({"version": built, "rollout": rollout})
     _report(rollout)
+
+
+def _checks_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        fail(f"cannot read --checks {path}: {e.strerror}", USAGE)
+    except ValueError as e:
+        fail(f"--checks {path} is not JSON: {e}", USAGE)
 
 
 def _duration(text: str) -> float:

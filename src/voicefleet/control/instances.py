@@ -30,6 +30,7 @@ from voicefleet.errors import NotFound
 from voicefleet.protocol.tokens import WorkerIdentity, instance_credentials
 from voicefleet.rollout.rolling import RolloutFailed
 from voicefleet.runtime import InstanceSpec, InstanceStatus, Runtime
+from voicefleet.runtime.joblogs import JobLogs
 from voicefleet.store.models import AgentRow, InstanceRow
 from voicefleet.store.repo import Repo
 
@@ -64,6 +65,8 @@ class Instances:
         self.serving_timeout = serving_timeout
         self.keep_warm = keep_warm
         self._spawn = spawn
+        # What each session logged at ERROR, for the per-version stats that judge versions.
+        self.joblogs = JobLogs(dispatch.stats.log_errors)
         runtime.on_change(self._changed)
 
     def http_url(self) -> str:
@@ -154,6 +157,7 @@ class Instances:
         )
         await self.repo.save(row)  # in the store before it exists: a restart finds it
         state = await self.runtime.start(await self._spec(agent, deployment, version, instance_id))
+        self.joblogs.follow(instance_id, state.log_path, agent.name, version)
         row.pid, row.pid_started_at = state.pid or 0, state.started_at or 0.0
         await self.repo.save(row)
         log.info("instance started", extra={"instance": instance_id, "pid": row.pid})
@@ -302,6 +306,7 @@ class Instances:
         state = await self.runtime.adopt(spec, row.pid, row.pid_started_at) if row.pid else None
         if state is not None:
             log.info("instance re-adopted", extra={"instance": row.id, "pid": row.pid})
+            self.joblogs.follow(row.id, state.log_path, agent.name, row.version)
             if row.status == "draining":  # SIGTERMed before the restart: the rest of its grace
                 left = max(0.0, agent.grace_period - (time.time() - row.updated_at))
                 await self.runtime.drain(row.id, left, signalled=True)
@@ -310,12 +315,15 @@ class Instances:
             await self.repo.set_instance_status(row.id, "stopped")
             return
         state = await self.runtime.start(spec)
+        self.joblogs.follow(row.id, state.log_path, agent.name, row.version)
         await self.repo.set_instance_status(
             row.id, "starting", pid=state.pid or 0, pid_started_at=state.started_at or 0.0
         )
         log.info("instance restarted after server restart", extra={"instance": row.id})
 
     def _changed(self, instance_id: str, status: InstanceStatus) -> None:
+        if status == InstanceStatus.STOPPED:
+            self.joblogs.forget(instance_id)
         self._spawn(self._persist(instance_id, status))
 
     async def _persist(self, instance_id: str, status: InstanceStatus) -> None:

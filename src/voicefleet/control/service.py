@@ -27,7 +27,8 @@ from voicefleet.control.secrets import SecretBox
 from voicefleet.control.smoke import smoke_test
 from voicefleet.dispatch.service import DispatchService
 from voicefleet.dispatch.stats import Window
-from voicefleet.errors import BuildFailed, InvalidRequest, NotFound, VoicefleetError
+from voicefleet.errors import BuildFailed, InvalidRequest, NotFound
+from voicefleet.rollout.analysis import Context
 from voicefleet.rollout.bluegreen import SmokeTest, run_bluegreen
 from voicefleet.rollout.canary import COMMANDS, PAUSED, PROMOTED, CanaryPlan, run_canary
 from voicefleet.rollout.rolling import COMPLETE, PROGRESSING, run_rolling
@@ -123,6 +124,7 @@ class ControlPlane:
                 self.dispatch.routing.set_weights(agent.name, {dep.version: 100}, dep.name)
         await self.instances.adopt_all()
         self._spawn(self.instances.reap_retired())
+        self._spawn(self.instances.joblogs.run())
         self._spawn(self.autoscaler.run())
         for rollout in await self.repo.rollouts(states=[PROGRESSING, PAUSED], limit=1000):
             log.info("resuming rollout", extra={"rollout": rollout.id, "step": rollout.step})
@@ -515,6 +517,18 @@ class ControlPlane:
 
     def restarts(self, instance_ids: list[str]) -> int:
         return self.instances.restarts(instance_ids)
+
+    async def analysis_context(
+        self, agent_id: str, deployment: str, version: str, stable: str
+    ) -> Context:
+        """The names a canary's analysis checks take; commands run in the version's folder."""
+        return Context(
+            agent=(await self.agent(agent_id)).name,
+            deployment=deployment,
+            version=version,
+            stable_version=stable,
+            workdir=str(self.paths.source(agent_id, version)),
+        )
 
     async def windows(self, agent_id: str, a: str, b: str, since: float) -> tuple[Window, Window]:
         name = (await self.agent(agent_id)).name

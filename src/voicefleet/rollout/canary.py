@@ -6,7 +6,8 @@ Steps (each recorded before it is acted on, so a restarted server resumes where 
   wait       until they are healthy and their workers registered
   step:N     route steps[N] % of new sessions to the canary, the rest to stable; every second,
              compare the canary with stable over the same window (since the step began):
-             failure rate of ended sessions, assignment -> running time, instance restarts.
+             instance restarts, failure rate of ended sessions (naming the commonest reasons),
+             error log lines per session, median session length, assignment -> running time.
              After `interval` of unpaused time, the next step. A last step below 100 holds until
              `vf agent canary promote`.
   promote    the canary becomes the deployment's version: full size, all new sessions, the old
@@ -21,11 +22,13 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from voicefleet.dispatch.stats import Window
+from voicefleet.dispatch.stats import Window, top
 from voicefleet.errors import InvalidRequest, check_numbers
+from voicefleet.rollout.analysis import Analysis, AnalysisCheck, Context, parse_checks
 from voicefleet.rollout.rolling import ABORTED, PROGRESSING, Fleet, RolloutFailed, _step, size
 from voicefleet.store.models import RolloutRow
 from voicefleet.store.repo import Repo
@@ -50,11 +53,22 @@ class Thresholds:
     start_delay_slack: float = 1.0
     # Restarts (crashes) of canary instances since the canary began.
     max_restarts: int = 0
+    # ERROR lines the canary's instances logged per ended session, minus stable's. An
+    # exception in a session's code logs one: half the sessions doing so more than stable's is
+    # a broken version, not noise.
+    max_error_lines_increase: float = 0.5
+    # Canary's median session length (sessions that succeeded) below stable's x ratio - slack
+    # seconds: calls that end in 5 s where stable's last minutes are broken even if nothing
+    # raised. Judged once both have `min_sessions` such sessions; a ratio of 0 turns it off.
+    min_duration_ratio: float = 0.25
+    duration_slack: float = 2.0
 
     def __post_init__(self) -> None:
         check_numbers("canary thresholds", asdict(self), integers=("min_sessions", "max_restarts"))
         if any(v < 0 for v in asdict(self).values()):
             raise InvalidRequest("canary thresholds must be >= 0")
+        if self.min_duration_ratio > 1:
+            raise InvalidRequest("min_duration_ratio must be <= 1 (a share of stable's length)")
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,8 @@ class CanaryPlan:
     steps: tuple[float, ...] = (10.0, 25.0, 50.0, 100.0)
     interval: float = 300.0
     thresholds: Thresholds = field(default_factory=Thresholds)
+    # The user's own checks (a PromQL query, a command), judged beside the built-in ones.
+    checks: tuple[AnalysisCheck, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -91,30 +107,83 @@ class CanaryPlan:
                 steps=tuple(float(s) for s in data.get("steps", cls.steps)),
                 interval=float(data.get("interval", cls.interval)),
                 thresholds=Thresholds(**data.get("thresholds") or {}),
+                checks=parse_checks(data.get("checks")),
             )
         except (TypeError, ValueError) as e:
             raise InvalidRequest(f"bad canary plan: {e}") from None
 
 
-def judge(canary: Window, stable: Window, restarts: int, t: Thresholds) -> str | None:
-    """Why the canary must be aborted, or None. Pure: the same windows give the same verdict."""
+Check = Callable[[Window, Window, int, Thresholds], str | None]
+
+
+def _restarts(canary: Window, stable: Window, restarts: int, t: Thresholds) -> str | None:
     if restarts > t.max_restarts:
         return f"canary instances restarted {restarts} time(s) (crash); allowed {t.max_restarts}"
-    if canary.ended >= t.min_sessions:
-        excess = canary.failure_rate - stable.failure_rate
-        if excess > t.max_failure_rate_increase:
-            return (
-                f"canary failed {canary.failed}/{canary.ended} sessions "
-                f"({canary.failure_rate:.0%}) vs stable {stable.failed}/{stable.ended} "
-                f"({stable.failure_rate:.0%}); allowed +{t.max_failure_rate_increase:.0%}"
-            )
-    if canary.started >= t.min_sessions and stable.started:
-        limit = stable.start_delay_p50 * t.max_start_delay_ratio + t.start_delay_slack
-        if canary.start_delay_p50 > limit:
-            return (
-                f"canary sessions took {canary.start_delay_p50:.2f}s (median) from assignment "
-                f"to running vs stable {stable.start_delay_p50:.2f}s; allowed {limit:.2f}s"
-            )
+    return None
+
+
+def _failures(canary: Window, stable: Window, restarts: int, t: Thresholds) -> str | None:
+    if canary.ended < t.min_sessions:
+        return None
+    if canary.failure_rate - stable.failure_rate <= t.max_failure_rate_increase:
+        return None
+    reasons = f": {top(canary.failure_reasons)}" if canary.failure_reasons else ""
+    return (
+        f"canary failed {canary.failed}/{canary.ended} sessions ({canary.failure_rate:.0%})"
+        f"{reasons}; stable {stable.failed}/{stable.ended} ({stable.failure_rate:.0%}); "
+        f"allowed +{t.max_failure_rate_increase:.0%}"
+    )
+
+
+def _error_lines(canary: Window, stable: Window, restarts: int, t: Thresholds) -> str | None:
+    if canary.ended < t.min_sessions:
+        return None
+    mine, theirs = canary.error_lines_per_session, stable.error_lines_per_session
+    if mine - theirs <= t.max_error_lines_increase:
+        return None
+    kinds = f": {top(canary.error_kinds)}" if canary.error_kinds else ""
+    return (
+        f"canary logged {canary.error_lines} error line(s) in {canary.ended} sessions "
+        f"({mine:.2f} per session){kinds}; stable {stable.error_lines} in {stable.ended} "
+        f"({theirs:.2f}); allowed +{t.max_error_lines_increase:g} per session"
+    )
+
+
+def _durations(canary: Window, stable: Window, restarts: int, t: Thresholds) -> str | None:
+    mine, theirs = len(canary.durations), len(stable.durations)
+    if mine < t.min_sessions or theirs < max(t.min_sessions, 1):
+        return None
+    limit = stable.duration_p50 * t.min_duration_ratio - t.duration_slack
+    if canary.duration_p50 >= limit:
+        return None
+    return (
+        f"canary sessions lasted {canary.duration_p50:.1f}s (median of {mine}) vs stable "
+        f"{stable.duration_p50:.1f}s (median of {theirs}); allowed at least {limit:.1f}s"
+    )
+
+
+def _start_delays(canary: Window, stable: Window, restarts: int, t: Thresholds) -> str | None:
+    if canary.started < t.min_sessions or not stable.started:
+        return None
+    limit = stable.start_delay_p50 * t.max_start_delay_ratio + t.start_delay_slack
+    if canary.start_delay_p50 <= limit:
+        return None
+    return (
+        f"canary sessions took {canary.start_delay_p50:.2f}s (median) from assignment "
+        f"to running vs stable {stable.start_delay_p50:.2f}s; allowed {limit:.2f}s"
+    )
+
+
+# In the order they are asked: a crash says most, then what callers felt, then the slowness.
+CHECKS: tuple[Check, ...] = (_restarts, _failures, _error_lines, _durations, _start_delays)
+
+
+def judge(canary: Window, stable: Window, restarts: int, t: Thresholds) -> str | None:
+    """Why the canary must be aborted, or None. Pure: the same windows give the same verdict."""
+    for check in CHECKS:
+        why = check(canary, stable, restarts, t)
+        if why is not None:
+            return why
     return None
 
 
@@ -135,6 +204,9 @@ class CanaryFleet(Fleet, Protocol):
         self, agent_id: str, a: str, b: str, since: float
     ) -> tuple[Window, Window]: ...
     def command(self, rollout_id: str) -> str | None: ...
+    async def analysis_context(
+        self, agent_id: str, deployment: str, version: str, stable: str
+    ) -> Context: ...
 
 
 async def run_canary(rollout: RolloutRow, fleet: CanaryFleet, repo: Repo) -> None:
@@ -154,22 +226,10 @@ async def run_canary(rollout: RolloutRow, fleet: CanaryFleet, repo: Repo) -> Non
         await _enter(fleet, repo, rollout, plan, 0)
     ids = await fleet.ensure_instances(agent, dep, new, None, plan.instances(size(rollout)))
     baseline = fleet.restarts(ids)
-    while rollout.step.startswith("step:"):
-        index = int(rollout.step.split(":")[1])
-        share = plan.steps[index]
-        if share >= 100:
-            await _step(repo, rollout, "promote")
-            break
-        if rollout.weight != share:  # resumed after a restart between the two saves
-            await _enter(fleet, repo, rollout, plan, index)
-        await fleet.set_weights(agent, dep, {stable: 100 - share, new: share})
-        outcome = await _watch(rollout, fleet, repo, plan, ids, baseline, index)
-        if outcome == "abort":
-            return
-        if outcome == "promote":
-            await _step(repo, rollout, "promote")
-            break
-        await _enter(fleet, repo, rollout, plan, index + 1)
+    async with Analysis(plan.checks) as analysis:
+        ctx = await fleet.analysis_context(agent, dep, new, stable) if plan.checks else None
+        if await _steps(rollout, fleet, repo, plan, ids, baseline, _Judges(analysis, ctx)):
+            return  # aborted: leaving the block stops the checks (and their commands)
     if rollout.step == "promote":
         full = await fleet.ensure_instances(agent, dep, new, None, size(rollout))
         try:
@@ -185,6 +245,51 @@ async def run_canary(rollout: RolloutRow, fleet: CanaryFleet, repo: Repo) -> Non
             f"{dep} serves {new}; {len(drained)} {stable or 'old'} instance(s) retire",
             "canary_promoted",
         )  # fmt: skip
+
+
+@dataclass
+class _Judges:
+    """The user's analysis checks of one canary (none: ctx is None), and the names they take."""
+
+    analysis: Analysis
+    ctx: Context | None
+
+    async def failure(self) -> str | None:
+        if self.ctx is None:
+            return None
+        return await self.analysis.failure(self.ctx, time.monotonic())
+
+
+async def _steps(
+    rollout: RolloutRow,
+    fleet: CanaryFleet,
+    repo: Repo,
+    plan: CanaryPlan,
+    ids: list[str],
+    baseline: int,
+    judges: _Judges,
+) -> bool:
+    """Walk the steps below 100 % until the canary is to be promoted (False) or was aborted
+    (True)."""
+    agent, dep = rollout.agent_id, rollout.deployment
+    new, stable = rollout.to_version, rollout.from_version
+    while rollout.step.startswith("step:"):
+        index = int(rollout.step.split(":")[1])
+        share = plan.steps[index]
+        if share >= 100:
+            await _step(repo, rollout, "promote")
+            break
+        if rollout.weight != share:  # resumed after a restart between the two saves
+            await _enter(fleet, repo, rollout, plan, index)
+        await fleet.set_weights(agent, dep, {stable: 100 - share, new: share})
+        outcome = await _watch(rollout, fleet, repo, plan, ids, baseline, index, judges)
+        if outcome == "abort":
+            return True
+        if outcome == "promote":
+            await _step(repo, rollout, "promote")
+            break
+        await _enter(fleet, repo, rollout, plan, index + 1)
+    return False
 
 
 async def _enter(
@@ -213,6 +318,7 @@ async def _watch(
     ids: list[str],
     baseline: int,
     index: int,
+    judges: _Judges,
 ) -> str:
     """Hold one step: 'next' after the interval, 'promote' or 'abort' when told or judged."""
     elapsed = time.time() - rollout.step_started_at  # a resumed step keeps its time
@@ -238,6 +344,7 @@ async def _watch(
             rollout.agent_id, rollout.to_version, rollout.from_version, rollout.step_started_at
         )
         why = judge(canary, stable, fleet.restarts(ids) - baseline, plan.thresholds)
+        why = why or await judges.failure()
         if why is not None:
             await _abort(rollout, fleet, repo, ids, why)
             return "abort"
