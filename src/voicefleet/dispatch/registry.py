@@ -46,6 +46,9 @@ class Worker:
     job_count: int = 0
     draining: bool = False
     connected: bool = True
+    # Whether it ever sent a job's status. livekit-agents for Python does from its first job on;
+    # @livekit/agents for Node (1.9) never does: its jobs are never seen to start or end.
+    reports_jobs: bool = False
     # Job ids assigned to this worker and not ended.
     jobs: set[str] = field(default_factory=set)
     # Availability requests awaiting this worker's answer, by job id.

@@ -178,6 +178,7 @@ class Scheduler:
             self._spawn(self._dispatch(job))
 
     def job_update(self, worker: Worker, update: agent.UpdateJobStatus) -> None:
+        worker.reports_jobs = True
         job = self.book.jobs.get(update.job_id)
         if (
             job is not None
@@ -429,6 +430,16 @@ class Scheduler:
     def _check_started(self, job: Job, worker: Worker) -> None:
         """A job still assigned to `worker` that it never started goes to the next worker."""
         if job.state != JobState.ASSIGNED or job.worker_id != worker.id:
+            return
+        if not worker.reports_jobs:
+            # A worker that never said how any job went (Node's @livekit/agents 1.9 sends no
+            # job status at all) is not known to have dropped this one: taking it back would
+            # put a second agent in the room. LiveKit's server leaves such jobs with their
+            # worker too; the job ends when the worker goes.
+            log.info(
+                "job not reported started by a worker that reports no job status; it stays",
+                extra={"job": job.id, "worker": worker.id},
+            )
             return
         log.warning(
             "job not started in time, offering it to the next worker",
