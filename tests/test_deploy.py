@@ -80,11 +80,13 @@ def agent_dir(tmp_path: Path) -> Path:
     return folder
 
 
-async def dispatch(lk: api.LiveKitAPI, room: str, hold: float = 0) -> str:
+async def dispatch(
+    lk: api.LiveKitAPI, room: str, hold: float = 0, until_released: bool = False
+) -> str:
+    """A session of my-agent; with `until_released` it lasts until tests.support.release."""
+    meta = {"hold": hold, **({"until_released": True} if until_released else {})}
     d = await lk.agent_dispatch.create_dispatch(
-        api.CreateAgentDispatchRequest(
-            agent_name="my-agent", room=room, metadata=json.dumps({"hold": hold})
-        )
+        api.CreateAgentDispatchRequest(agent_name="my-agent", room=room, metadata=json.dumps(meta))
     )
     return d.state.jobs[0].id
 

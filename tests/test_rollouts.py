@@ -20,7 +20,16 @@ import httpx
 import pytest
 from livekit import api
 
-from tests.support import DEV_KEY, DEV_SECRET, ROOT, Server, admin_token, started, wait_for
+from tests.support import (
+    DEV_KEY,
+    DEV_SECRET,
+    ROOT,
+    Server,
+    admin_token,
+    release,
+    started,
+    wait_for,
+)
 from tests.test_deploy import (
     AGENT_SRC,
     all_stopped,
@@ -349,7 +358,7 @@ async def test_blue_green_smoke_tests_green_switches_and_blue_drains_its_calls(
     markers = deploy_v1(server, agent_dir, tmp_path)
     lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
     try:
-        calls = [await dispatch(lk, f"blue-{i}", hold=10) for i in range(4)]
+        calls = [await dispatch(lk, f"blue-{i}", until_released=True) for i in range(4)]
         for job_id in calls:
             await wait_for(lambda j=job_id: started(markers, j), 60, f"call {job_id} to start")
 
@@ -365,6 +374,8 @@ async def test_blue_green_smoke_tests_green_switches_and_blue_drains_its_calls(
         assert "draining v1: 4 active session(s)" in shown, shown
         new = await dispatch(lk, "green-call")
         assert (await wait_for(job_state(server, new, "succeeded"), 60, "green"))["version"] == "v2"
+        for job_id in calls:
+            release(markers, job_id)
         for job_id in calls:
             job = await wait_for(job_state(server, job_id, "succeeded", "failed"), 60, job_id)
             assert job["state"] == "succeeded" and job["version"] == "v1", job

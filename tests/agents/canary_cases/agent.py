@@ -8,6 +8,7 @@ change it per version; a job's metadata (JSON) changes one session:
   ERROR_LINES        every session logs that many ERROR lines, then ends normally
   SHORT              every session ends at once, whatever its "hold"
   {"hold": s}        the session lasts s seconds
+  {"until_released": true}  ...and then until the test writes `<job id>.release`
   {"raise": "text"}  this session's entrypoint raises RuntimeError("text")
   {"exit": 1}        this session's process dies (os._exit): a crashed job process
 Load is by sessions (LOAD_SESSIONS at 1.0, FULL at LOAD_THRESHOLD), as in the deployable agent.
@@ -38,6 +39,14 @@ def setting(name: str) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
+async def appears(path: Path) -> None:
+    # The test's process writes it: there is nothing to await but the file itself.
+    while True:
+        if path.exists():
+            return
+        await asyncio.sleep(0.05)
+
+
 async def entrypoint(ctx: JobContext) -> None:
     markers = Path(os.environ["MARKER_DIR"])
     meta = json.loads(ctx.job.metadata or "{}")
@@ -54,6 +63,8 @@ async def entrypoint(ctx: JobContext) -> None:
         log.error("could not reach the speech service")
     if setting("SHORT") is None:
         await asyncio.sleep(float(meta.get("hold", 0)))
+        if meta.get("until_released"):
+            await appears(markers / f"{ctx.job.id}.release")  # tests.support.release
     (markers / f"{ctx.job.id}.done").write_text("done")
     ctx.shutdown("done")
 

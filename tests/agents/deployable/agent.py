@@ -2,7 +2,8 @@
 
 Its settings come the way a user's secrets do, as environment variables: MARKER_DIR (where
 `<job id>.started` / `.done` go) and VF_TEST_SECRET (copied into the marker to prove secrets
-arrive). The job's metadata may be {"hold": seconds}. Files next to it change it per version:
+arrive). The job's metadata may be {"hold": seconds} and {"until_released": true} (then it ends
+once the test writes `<job id>.release`). Files next to it change it per version:
 CRASH makes it fail to start (so does the variable CRASH_AT_START, per instance), FAIL makes
 every session's process die (after `.started`), THREADS runs jobs in threads instead of
 processes (cheap jobs, for tests that dispatch hundreds).
@@ -51,6 +52,14 @@ def flag(key: str, ctx: JobContext) -> object:
     return client.get(key, None, session=Session.from_job(ctx.job))
 
 
+async def appears(path: Path) -> None:
+    # The test's process writes it: there is nothing to await but the file itself.
+    while True:
+        if path.exists():
+            return
+        await asyncio.sleep(0.05)
+
+
 async def entrypoint(ctx: JobContext) -> None:
     markers = Path(os.environ["MARKER_DIR"])
     hold = float(json.loads(ctx.job.metadata or "{}").get("hold", 0))
@@ -72,6 +81,8 @@ async def entrypoint(ctx: JobContext) -> None:
         print("this version fails its sessions on purpose", flush=True)
         os._exit(1)
     await asyncio.sleep(hold)
+    if json.loads(ctx.job.metadata or "{}").get("until_released"):
+        await appears(markers / f"{ctx.job.id}.release")  # written by tests.support.release
     (markers / f"{ctx.job.id}.done").write_text("done")
     ctx.shutdown("done")
 
