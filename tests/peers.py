@@ -44,7 +44,11 @@ class Peer:
         params: dict[str, str] | None = None,
         deployment: str = "",
         register: bool = True,
+        reports_jobs: bool = True,
     ) -> Peer:
+        """A registered peer. `reports_jobs`: it has reported a job's status before, as a
+        livekit-agents (Python) worker does from its first job on; the start timeout applies
+        only to such workers (Node's @livekit/agents 1.9 reports none: False)."""
         session = aiohttp.ClientSession()
         ws = await session.ws_connect(
             f"{ws_url}/agent",
@@ -64,6 +68,9 @@ class Peer:
             first = agent.ServerMessage.FromString(await ws.receive_bytes(timeout=10))
             peer.worker_id = first.register.worker_id
             await peer.status()
+            if reports_jobs:
+                done = agent.UpdateJobStatus(job_id="AJ_before", status=agent.JobStatus.JS_SUCCESS)
+                await peer.send(agent.WorkerMessage(update_job=done))
         peer._reader = asyncio.create_task(peer._read())
         return peer
 

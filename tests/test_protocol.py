@@ -354,3 +354,29 @@ async def test_a_queued_job_no_worker_can_take_holds_up_no_job_behind_it(server:
     finally:
         await lk.aclose()
         await peer.close()
+
+
+async def test_a_worker_that_never_reports_job_status_keeps_its_jobs_past_the_start_timeout(
+    start_server: Callable[..., Server],
+) -> None:
+    # Node's @livekit/agents 1.9 sends no job status at all: taking its job back would put a
+    # second agent in the room. (A real Node worker: tests/test_outcomes.py.)
+    server = start_server("--start-timeout", "1")
+    silent = await Peer.connect(server.ws_url, "nodelike", reports_jobs=False)
+    silent.start_jobs = False
+    try:
+        job_id = await dispatch(server, "nodelike", "nodelike-call")
+        await wait_for(lambda: silent.assignments, 10, "the assignment")
+        other = await Peer.connect(server.ws_url, "nodelike")
+        try:
+            await wait_for(
+                lambda: "reports no job status; it stays" in server.log(), 10, "the start timeout"
+            )
+            job = server.job(job_id)
+            assert job is not None and job["state"] == "assigned", job
+            assert job["worker_id"] == silent.worker_id and other.offers == []
+            assert server.metric("voicefleet_offers_total", outcome="not_started") == 0
+        finally:
+            await other.close()
+    finally:
+        await silent.close()
