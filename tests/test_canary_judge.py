@@ -18,8 +18,8 @@ import pytest
 from voicefleet.dispatch.jobs import Job, JobBook, JobState
 from voicefleet.dispatch.stats import NOT_STARTED, VersionStats, Window
 from voicefleet.errors import InvalidRequest
-from voicefleet.rollout.bluegreen import SmokeTest, smoke_verdict
 from voicefleet.rollout.canary import CanaryPlan, Thresholds, judge
+from voicefleet.rollout.smoke import SmokeTest, smoke_verdict
 from voicefleet.runtime import InstanceSpec, InstanceState
 from voicefleet.runtime.joblogs import MAX_LINE, JobLogs, count_errors, error_line
 from voicefleet.runtime.local import LocalRuntime, _Instance

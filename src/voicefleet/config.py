@@ -66,6 +66,25 @@ class DispatchSettings:
 
 
 @dataclass(frozen=True)
+class GatewaySettings:
+    """Gateway mode: voicefleet registered with a LiveKit server as its worker."""
+
+    # A job LiveKit offers is answered within this: taken by a worker here, or refused. LiveKit
+    # v1.13's own wait is shorter than its AssignJobTimeout (10 s): the JobRequest RPC that
+    # carries the offer expires after psrpc's default 3 s, and the offer with it.
+    answer_within: float = 2.0
+    # After a worker here accepted: how long LiveKit's assignment may take (it is sent at once).
+    assignment_within: float = 5.0
+    # The aggregate load and status are sent on every change, and at least this often.
+    status_interval: float = 2.5
+    # Reconnection: first delay, doubled each failed attempt up to the last.
+    retry_first: float = 0.5
+    retry_max: float = 30.0
+    # A connection that does not open, or a register that is not answered, within this fails.
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path
     host: str = "127.0.0.1"
@@ -86,6 +105,7 @@ class Settings:
     livekit_api_key: str = ""
     livekit_api_secret: str = ""
     dispatch: DispatchSettings = field(default_factory=DispatchSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
 
     # SQLAlchemy URL of the store; empty: SQLite in the data directory.
     database: str = ""

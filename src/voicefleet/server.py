@@ -21,27 +21,29 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from voicefleet import __version__
+from voicefleet.api import ROUTERS, UPLOADS_AT_ONCE, AdminGuard
+from voicefleet.autoscale.loop import Autoscaler
 from voicefleet.build.local import LocalBuilder
 from voicefleet.config import Project, Settings
-from voicefleet.control.api import UPLOADS_AT_ONCE
-from voicefleet.control.api import router as api_router
-from voicefleet.control.guard import AdminGuard
-from voicefleet.control.secrets import SecretBox
-from voicefleet.control.service import ControlPlane, Paths
+from voicefleet.control.service import ControlPlane
+from voicefleet.control.sizing import Sizing
 from voicefleet.dispatch.endpoint import worker_endpoint
 from voicefleet.dispatch.service import DispatchService
 from voicefleet.dispatch.twirp import agent_dispatch_service
 from voicefleet.dispatch.webhooks import MAX_BODY as WEBHOOK_MAX_BODY
 from voicefleet.dispatch.webhooks import WebhookReceiver
 from voicefleet.errors import StorageFull, VoicefleetError, full_disk
-from voicefleet.flags.api import router as flags_router
 from voicefleet.flags.install import install_sdk
 from voicefleet.flags.service import FlagService
+from voicefleet.fleet import Instances, Paths
+from voicefleet.gateway import Gateway, LiveKitTarget
 from voicefleet.metrics import Metrics
+from voicefleet.rollout.runner import Rollouts
 from voicefleet.runtime.local import LocalRuntime
 from voicefleet.store.db import open_engine
 from voicefleet.store.records import Recorder, load_open
 from voicefleet.store.repo import Repo
+from voicefleet.store.secrets import SecretBox
 
 log = logging.getLogger("voicefleet")
 
@@ -55,42 +57,79 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The composition root: every service is built here and handed the narrow parts it
+        # uses; listeners are wired here; the background tasks are this function's own.
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = await open_engine(settings.database_url)
+        repo = Repo(engine)
         paths = Paths(settings.data_dir)
         install_sdk(settings.data_dir)  # agents import voicefleet.sdk (flags) from here
-        app.state.flags = FlagService(Repo(engine))
-        await app.state.flags.start()
-        plane = ControlPlane(
-            Repo(engine),
+        flags = FlagService(repo)
+        await flags.start()
+        fleet = Instances(
+            repo,
             service,
             LocalRuntime(),
-            LocalBuilder(settings.env_cache or paths.envs),
             SecretBox.open(settings.data_dir),
             paths,
             worker_url=lambda: str(app.state.worker_url),
             keep_warm=settings.keep_warm,
         )
-        app.state.control = plane
+        rollouts = Rollouts(repo, service, fleet)
+        sizing = Sizing(repo, service, fleet, rollouts)
+        plane = ControlPlane(
+            repo,
+            service,
+            fleet,
+            rollouts,
+            sizing,
+            LocalBuilder(settings.env_cache or paths.envs),
+            fleet.box,
+            paths,
+        )
+        autoscaler = Autoscaler(service, repo, sizing)
         recorder = Recorder(engine, failures=metrics.failed_sessions)
-        service.book.job_listeners.append(recorder.job_changed)
-        service.book.dispatch_listeners.append(recorder.dispatch_changed)
+        service.on_job_change(recorder.job_changed)
+        service.on_dispatch_change(recorder.dispatch_changed)
         dispatches, jobs = await load_open(engine)
         service.restore(dispatches, jobs, adopt_within=settings.dispatch.worker_silence_timeout)
-        app.state.engine, app.state.recorder = engine, recorder
         background = [
             asyncio.create_task(recorder.run()),
-            asyncio.create_task(service.scheduler.run_expiry()),
+            asyncio.create_task(service.run_expiry()),
             asyncio.create_task(_every(1.0, service.fail_unadopted)),
         ]
+        if settings.livekit_url and settings.livekit_api_key and settings.livekit_api_secret:
+            # Gateway mode: voicefleet is the LiveKit server's worker for its agents; its
+            # task leaves LiveKit when cancelled below, and the calls running here go on.
+            target = LiveKitTarget(
+                settings.livekit_url, settings.livekit_api_key, settings.livekit_api_secret
+            )
+            gateway = Gateway(service, target, settings.gateway)
+            background.append(asyncio.create_task(gateway.run()))
+
+        async def take_back() -> None:
+            """What the last run left: routes, instances, unfinished rollouts and builds. Run
+            once the server listens: instances need its address (known only then, port 0)."""
+            await plane.restore()
+            await fleet.adopt_all()
+            background.append(asyncio.create_task(fleet.reap_retired()))
+            background.append(asyncio.create_task(fleet.joblogs.run()))
+            background.append(asyncio.create_task(autoscaler.run()))
+            await rollouts.resume()
+
+        app.state.flags, app.state.control, app.state.autoscaler = flags, plane, autoscaler
+        app.state.engine, app.state.recorder = engine, recorder
+        app.state.take_back = take_back
         try:
             yield
         finally:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            await plane.close(leave_running=settings.keep_instances)
-            await service.scheduler.close()
+            await rollouts.close()
+            await plane.close()
+            await fleet.close(leave_running=settings.keep_instances)
+            await service.close()
             await recorder.flush()
             await engine.dispose()
 
@@ -102,8 +141,8 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
     app.add_middleware(AdminGuard, secret_for=service.secret_for, project_key=project.api_key)
     app.state.dispatch = service
     app.state.upload_slots = asyncio.Semaphore(UPLOADS_AT_ONCE)
-    app.include_router(api_router)
-    app.include_router(flags_router)
+    for router in ROUTERS:
+        app.include_router(router)
 
     @app.exception_handler(VoicefleetError)
     async def voicefleet_error(request: Request, exc: VoicefleetError) -> Response:
@@ -217,7 +256,7 @@ class _Server(uvicorn.Server):
             app = self.app
             app.state.worker_url = f"ws://{host}:{port}"
             # Instances need the server's address, known only now (port 0): take them back now.
-            await app.state.control.start()
+            await app.state.take_back()
             _announce(f"http://{host}:{port}", self.settings)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:

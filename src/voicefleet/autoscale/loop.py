@@ -2,8 +2,8 @@
 
 Every second (and at once when a session is queued for an agent, so a scaled-to-zero agent starts
 its first instance without waiting for the tick) it samples each autoscaled deployment's
-instances from the dispatcher's registry (the load and sessions their workers report, plus the
-agent's queued jobs), asks `policy.decide`, and resizes through the control plane: new instances
+instances as the dispatcher sees them (the load and sessions their workers report, plus the
+agent's queued jobs), asks `policy.decide`, and resizes through its `Pools`: new instances
 start at once; going down, idle instances drain first and busy ones are only ever drained.
 A deployment in the middle of a rollout is left alone until the rollout ends. A version whose
 recent sessions mostly fail (the dispatcher's per-version stats) is not scaled up: an
@@ -17,30 +17,67 @@ import contextlib
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from voicefleet.autoscale.policy import (
     Decision,
     FailureGuard,
+    InstanceSignal,
     Policy,
     Sample,
     decide,
     failing,
     hold_failing,
 )
-
-if TYPE_CHECKING:
-    from voicefleet.control.service import ControlPlane
-    from voicefleet.store.models import AgentRow, DeploymentRow
+from voicefleet.dispatch.service import DispatchService
+from voicefleet.store.models import AgentRow, DeploymentRow
+from voicefleet.store.repo import Repo
 
 log = logging.getLogger("voicefleet.autoscale")
 
 
+def instance_signals(dispatch: DispatchService, instance_ids: list[str]) -> list[InstanceSignal]:
+    """What the dispatcher sees of each instance now: its worker's load and sessions."""
+    seen = dispatch.instances()
+    out = []
+    for instance_id in instance_ids:
+        view = seen.get(instance_id)
+        out.append(
+            InstanceSignal(instance_id, view.load, view.sessions, True)
+            if view is not None and view.connected
+            else InstanceSignal(instance_id, registered=False)
+        )
+    return out
+
+
+class Pools(Protocol):
+    """What the autoscaler needs of whoever sizes deployments (`voicefleet.control.sizing`)."""
+
+    def lock(self, agent_id: str, deployment: str) -> asyncio.Lock:
+        """Held while anything else changes the deployment's instances (a rollout)."""
+        ...
+
+    async def serving_instances(self, agent: AgentRow, dep: DeploymentRow) -> list[str]:
+        """Ids of the live instances of the deployment's serving version."""
+        ...
+
+    async def resize(self, agent: AgentRow, dep: DeploymentRow, n: int) -> list[str]:
+        """Run `n` instances (idle ones drain first); the instances started or drained."""
+        ...
+
+
 class Autoscaler:
     def __init__(
-        self, plane: ControlPlane, interval: float = 1.0, guard: FailureGuard | None = None
+        self,
+        dispatch: DispatchService,
+        repo: Repo,
+        pools: Pools,
+        interval: float = 1.0,
+        guard: FailureGuard | None = None,
     ) -> None:
-        self.plane = plane
+        self.dispatch = dispatch
+        self.repo = repo
+        self.pools = pools
         self.interval = interval
         self.guard = guard or FailureGuard()
         # (agent id, deployment, version) held back as failing, said once until it recovers.
@@ -48,7 +85,7 @@ class Autoscaler:
         self.samples: dict[tuple[str, str], deque[Sample]] = {}
         self.decisions: dict[tuple[str, str], tuple[float, Decision]] = {}
         self._wake = asyncio.Event()
-        plane.dispatch.scheduler.on_queued(lambda _agent_name: self._wake.set())
+        dispatch.on_queued(lambda _agent_name: self._wake.set())
 
     async def run(self) -> None:
         while True:
@@ -63,40 +100,33 @@ class Autoscaler:
             self._wake.clear()
 
     async def tick(self) -> None:
-        plane = self.plane
-        queued = plane.dispatch.scheduler.queued_by_agent()
+        queued = self.dispatch.queued_by_agent()
         now = time.time()
-        for dep in await plane.repo.deployments():
+        for dep in await self.repo.deployments():
             if dep.autoscale is None or not dep.version:
                 continue
-            agent = await plane.repo.agent(dep.agent_id)
-            lock = plane.lock(dep.agent_id, dep.name)
+            agent = await self.repo.agent(dep.agent_id)
+            lock = self.pools.lock(dep.agent_id, dep.name)
             if agent is None or lock.locked():
                 continue  # a rollout is under way: its sizes are its own
             async with lock:
                 # Read again: a rollout may have ended (and changed the version) since the list.
-                fresh = await plane.repo.deployment(agent.id, dep.name)
+                fresh = await self.repo.deployment(agent.id, dep.name)
                 if fresh is not None and fresh.autoscale is not None and fresh.version:
-                    await self._scale(plane, agent, fresh, queued.get(agent.name, 0), now)
+                    await self._scale(agent, fresh, queued.get(agent.name, 0), now)
 
-    async def _scale(
-        self, plane: ControlPlane, agent: AgentRow, dep: DeploymentRow, queued: int, now: float
-    ) -> None:
+    async def _scale(self, agent: AgentRow, dep: DeploymentRow, queued: int, now: float) -> None:
         assert dep.autoscale is not None
         policy = Policy.from_dict(dep.autoscale)
-        rows = [
-            r
-            for r in await plane.instances.live(agent.id)
-            if r.deployment == dep.name and r.version == dep.version
-        ]
+        rows = await self.pools.serving_instances(agent, dep)
         key = (agent.id, dep.name)
         history = self.samples.setdefault(key, deque())
-        history.append(Sample(now, tuple(plane.instances.signals(rows)), queued))
+        history.append(Sample(now, tuple(instance_signals(self.dispatch, rows)), queued))
         keep = max(policy.up_window, policy.down_window, policy.idle_to_zero or 0) + 5
         while history and history[0].at < now - keep:
             history.popleft()
         wished = decide(policy, history, len(rows))
-        seen = plane.dispatch.stats.window(agent.name, dep.version, now - self.guard.window)
+        seen = self.dispatch.window(agent.name, dep.version, now - self.guard.window)
         why = failing(seen, self.guard)
         decision = hold_failing(policy, wished, len(rows), why, queued)
         self.decisions[key] = (now, decision)
@@ -105,7 +135,7 @@ class Autoscaler:
             self._held.discard(held)
         elif decision is not wished and held not in self._held:
             self._held.add(held)
-            await plane.repo.event(
+            await self.repo.event(
                 agent.id,
                 "autoscale_held",
                 f"{dep.name}: {dep.version} not scaled up ({len(rows)} -> {wished.desired} "
@@ -117,9 +147,9 @@ class Autoscaler:
             )
         if decision.desired == len(rows):
             return
-        changed = await plane.resize(agent, dep, decision.desired)
+        changed = await self.pools.resize(agent, dep, decision.desired)
         verb = "up" if decision.desired > len(rows) else "down"
-        await plane.repo.event(
+        await self.repo.event(
             agent.id,
             f"autoscaled_{verb}",
             f"{dep.name}: {len(rows)} -> {decision.desired} instance(s): {decision.reason}"

@@ -275,7 +275,7 @@ def deploy(
         if quiet:
             print_json({"version": built, "rollout": None})
         fail(f"build of {v} failed; {deployment} keeps its current version", FAILED)
-    rollout = _watch_rollout(key, v, quiet)
+    rollout = _watch_rollout(key, v, quiet, uploaded["rollout"])
     if quiet:
         print_json({"version": built, "rollout": rollout})
     _report(rollout)
@@ -337,8 +337,11 @@ STEP_TEXT = {
 
 
 def _watch_rollout(
-    key: str, version: str, quiet: bool, rollout_id: str | None = None, to_end: bool = False
+    key: str, version: str, quiet: bool, rollout_id: str, to_end: bool = False
 ) -> Any:
+    """Follow rollout `rollout_id` of `version` until it ends (or a canary holds a step). An
+    upload's rollout exists once its version is built: until then, or if it was refused, the
+    version says why."""
     client = state.client
     deadline = time.monotonic() + 600
     with Progress(
@@ -347,22 +350,16 @@ def _watch_rollout(
     ) as progress:  # fmt: skip
         task = progress.add_task(version, total=len(STEPS) - 1, step="")
         while True:
-            if rollout_id:
-                rollout = client.request("GET", f"/agents/{key}/rollouts/{rollout_id}")
-            else:
-                found = client.request(
-                    "GET", f"/agents/{key}/rollouts", params={"version": version}
-                )
-                rollout = found[0] if found else None
-                if rollout is None:  # built but refused, e.g. another rollout began meanwhile
-                    versions = client.request("GET", f"/agents/{key}/versions")
-                    error = next((v["error"] for v in versions if v["version"] == version), "")
-                    if error:
-                        fail(
-                            f"{version} {error}; roll it out later with "
-                            f"`vf agent deploy --version {version}`",
-                            FAILED,
-                        )
+            rollout = client.get_if_found(f"/agents/{key}/rollouts/{rollout_id}")
+            if rollout is None:  # built but refused, e.g. another rollout began meanwhile
+                versions = client.request("GET", f"/agents/{key}/versions")
+                error = next((v["error"] for v in versions if v["version"] == version), "")
+                if error:
+                    fail(
+                        f"{version} {error}; roll it out later with "
+                        f"`vf agent deploy --version {version}`",
+                        FAILED,
+                    )
             if rollout is not None:
                 steps = STEPS.get(rollout["strategy"], STEPS["rolling"])
                 step = (rollout["step"] or "start").split(":")[0]

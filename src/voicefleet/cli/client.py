@@ -87,6 +87,17 @@ class Client:
         check(r)
         return r.json() if r.content else None
 
+    def get_if_found(self, path: str, **kwargs: Any) -> Any:
+        """GET `path`; None when the server answers 404 (not there, or not yet)."""
+        try:
+            r = self.http.request("GET", path, **kwargs)
+        except httpx.TransportError as e:
+            fail(f"cannot reach the voicefleet server at {self.target.url}: {e}", UNREACHABLE)
+        if r.status_code == 404:
+            return None
+        check(r)
+        return r.json() if r.content else None
+
     def lines(self, path: str, **params: Any) -> Iterator[str]:
         """A streamed text response (a log being followed), line by line."""
         try:

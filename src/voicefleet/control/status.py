@@ -6,25 +6,30 @@ Read-only: gathered from the store, the runtime and the dispatcher's live state.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
-from voicefleet.control.instances import RETIRING
 from voicefleet.control.service import ControlPlane, rollout_dict
-from voicefleet.rollout.canary import PAUSED
-from voicefleet.rollout.rolling import PROGRESSING
+from voicefleet.fleet import Lifecycle
+from voicefleet.rollout.model import RUNNING
 from voicefleet.store.models import AgentRow
 from voicefleet.store.records import outcomes
+
+RETIRING = Lifecycle.RETIRING
+# The autoscaler's latest decision for (agent id, deployment), if it made one.
+Decisions = Callable[[str, str], dict[str, object] | None]
 
 # "Recent sessions" in the status: those created within this many seconds.
 RECENT = 3600.0
 
 
-async def agent_status(plane: ControlPlane, agent: AgentRow) -> dict[str, Any]:
+async def agent_status(plane: ControlPlane, agent: AgentRow, decision: Decisions) -> dict[str, Any]:
     instances: list[dict[str, Any]] = []
     for row in await plane.repo.instances(agent.id):
-        if row.status == "stopped" and time.time() - row.updated_at > 3600:
+        if row.status == Lifecycle.STOPPED and time.time() - row.updated_at > 3600:
             continue
-        state = plane.instances.runtime.get(row.id)
+        state = plane.fleet.state(row.id)
+        seen = plane.dispatch.instance(row.id)
         instances.append(
             {
                 "id": row.id,
@@ -32,15 +37,15 @@ async def agent_status(plane: ControlPlane, agent: AgentRow) -> dict[str, Any]:
                 "version": row.version,
                 "status": row.status,
                 "pid": row.pid,
-                "sessions": plane.instances.sessions(row.id),
+                "sessions": seen.sessions,
                 "restarts": state.restarts if state else 0,
-                "registered": plane.instances.registered(row.id),
+                "registered": seen.registered,
             }
         )
     rollouts = await plane.repo.rollouts(agent.id, limit=5)
     deployments = []
     for d in await plane.repo.deployments(agent.id):
-        old: dict[str, dict[str, dict[str, int]]] = {"draining": {}, RETIRING: {}}
+        old: dict[str, dict[str, dict[str, int]]] = {Lifecycle.DRAINING: {}, RETIRING: {}}
         for i in instances:
             if i["deployment"] == d.name and i["status"] in old:
                 by_version = old[i["status"]]
@@ -53,25 +58,24 @@ async def agent_status(plane: ControlPlane, agent: AgentRow) -> dict[str, Any]:
                 "version": d.version,
                 "replicas": d.replicas,
                 "autoscale": d.autoscale,
-                "decision": plane.autoscaler.decision(agent.id, d.name),
-                "routing": plane.dispatch.routing.weights(agent.name, d.name) or {},
+                "decision": decision(agent.id, d.name),
+                "routing": plane.dispatch.weights(agent.name, d.name) or {},
                 # Old versions' instances finishing their sessions (blue after a switch),
                 # and replaced ones kept warm for a rollback.
-                "draining": old["draining"],
+                "draining": old[Lifecycle.DRAINING],
                 "retiring": old[RETIRING],
             }
         )
     overflow = [
-        {"routed": routed, "served": served, "sessions": n}
-        for (name, routed, served), n in plane.dispatch.scheduler.overflow.items()
-        if name == agent.name
+        {"routed": o.routed, "served": o.served, "sessions": o.sessions}
+        for o in plane.dispatch.overflow(agent.name)
     ]
     out = [rollout_dict(r) for r in rollouts]
     for r in out:
-        if r["strategy"] == "canary" and r["state"] in (PROGRESSING, PAUSED):
-            canary, stable = await plane.windows(
-                agent.id, r["to_version"], r["from_version"], r["step_started_at"]
-            )
+        if r["strategy"] == "canary" and r["state"] in RUNNING:
+            since = r["step_started_at"]
+            canary = plane.dispatch.window(agent.name, r["to_version"], since)
+            stable = plane.dispatch.window(agent.name, r["from_version"], since)
             r["analysis"] = {"canary": canary.to_dict(), "stable": stable.to_dict()}
     # Per version: how many of the last hour's sessions failed and why the newest did, so a
     # version whose sessions fail is seen where operators look first.

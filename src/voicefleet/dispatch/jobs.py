@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Protocol
 
 from livekit.protocol import agent, agent_dispatch, models
 
@@ -47,6 +48,33 @@ def new_id(prefix: str) -> str:
     return prefix + secrets.token_urlsafe(9).replace("-", "x").replace("_", "y")
 
 
+@dataclass(frozen=True)
+class RoomGrant:
+    """Where a job's agent joins its room, and the room token it joins with."""
+
+    url: str
+    token: str
+
+
+class Upstream(Protocol):
+    """The LiveKit server a job came from, in gateway mode: it offered the job to voicefleet as
+    one of its workers, so it, not voicefleet, mints the room token once a worker here accepts.
+
+    The scheduler places such a job as any other (routing table, queue, next worker on refusal);
+    only the step after a worker accepts differs: `accepted` tells the LiveKit server and waits
+    for its assignment, whose url and token the worker then gets unchanged. None: the LiveKit
+    server will not assign it (it gave up, or the link to it is gone)."""
+
+    @property
+    def offer(self) -> agent.Job:
+        """The job as the LiveKit server offered it (room, participant, state...)."""
+        ...
+
+    async def accepted(self, job: Job, answer: agent.AvailabilityResponse) -> RoomGrant | None:
+        """A worker here accepted `job` with `answer`: the LiveKit server's url and token."""
+        ...
+
+
 @dataclass(eq=False)
 class Job:
     id: str
@@ -79,12 +107,20 @@ class Job:
     # Workers that accepted it and did not start it in time: never offered it again (one may
     # still be starting it), and one that starts it late keeps it if nobody else has it.
     not_started_by: set[str] = field(default_factory=set, repr=False)
+    # Set when a LiveKit server offered this job to voicefleet (gateway mode); None otherwise.
+    upstream: Upstream | None = field(default=None, repr=False)
 
     @property
     def ended(self) -> bool:
         return self.state in ENDED
 
     def to_proto(self) -> agent.Job:
+        if self.upstream is not None:
+            # The LiveKit server's own job (room, participant...), with its state here.
+            relayed = agent.Job()
+            relayed.CopyFrom(self.upstream.offer)
+            relayed.state.CopyFrom(self.state_proto())
+            return relayed
         job = agent.Job(
             id=self.id,
             dispatch_id=self.dispatch_id,

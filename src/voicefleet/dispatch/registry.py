@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -80,6 +80,30 @@ class Worker:
 
 
 CapacityListener = Callable[[PoolKey], None]
+WorkerListener = Callable[[Worker], None]
+
+
+@dataclass(frozen=True)
+class PoolLoad:
+    """What a pool of workers can take, as one worker would report it (gateway mode)."""
+
+    load: float  # share of the pool's capacity in use, 0..1 (1 when it has no worker)
+    available: bool  # some worker can take a job now
+    jobs: int  # jobs its workers hold
+
+
+def pool_load(workers: Sequence[Worker]) -> PoolLoad:
+    """Each connected worker is an equal share of capacity: a worker that takes no job (full,
+    draining) is a share in use, one that does counts with the load it reported."""
+    connected = [w for w in workers if w.connected]
+    if not connected:
+        return PoolLoad(load=1.0, available=False, jobs=0)
+    used = sum(min(max(w.load, 0.0), 1.0) if w.available else 1.0 for w in connected)
+    return PoolLoad(
+        load=used / len(connected),
+        available=any(w.available for w in connected),
+        jobs=sum(len(w.jobs) for w in connected),
+    )
 
 
 class Registry:
@@ -91,6 +115,23 @@ class Registry:
         # Agent names workers registered with since this server started (see `knows`).
         self._names: set[str] = set()
         self._listeners: list[CapacityListener] = []
+        self._changed: list[CapacityListener] = []
+        self._registered: list[WorkerListener] = []
+
+    def on_register(self, listener: WorkerListener) -> None:
+        """Call `listener(worker)` when a worker registers."""
+        self._registered.append(listener)
+
+    def on_change(self, listener: CapacityListener) -> None:
+        """Call `listener(key)` when a worker of pool `key` comes, goes or reports its status."""
+        self._changed.append(listener)
+
+    def _change(self, key: PoolKey) -> None:
+        for listener in self._changed:
+            listener(key)
+
+    def pool_load(self, key: PoolKey) -> PoolLoad:
+        return pool_load(self.pools.get(key, ()))
 
     def on_capacity(self, listener: CapacityListener) -> None:
         """Call `listener(key)` whenever a worker of pool `key` may take a job it could not."""
@@ -135,7 +176,10 @@ class Registry:
         self.workers[worker_id] = worker
         self.pools.setdefault(key, []).append(worker)
         self._names.add(key.agent_name)
+        for listener in self._registered:
+            listener(worker)
         self._capacity(key)
+        self._change(key)
         return worker
 
     def remove(self, worker: Worker) -> None:
@@ -146,6 +190,7 @@ class Registry:
             pool.remove(worker)
             if not pool:
                 del self.pools[worker.key]
+        self._change(worker.key)
 
     def update(self, worker: Worker, update: agent.UpdateWorkerStatus) -> None:
         was_available = worker.available
@@ -157,14 +202,17 @@ class Registry:
             worker.draining = True
         if worker.available and (not was_available or worker.job_count < previous_jobs):
             self._capacity(worker.key)
+        self._change(worker.key)
 
     def drain(self, worker: Worker) -> None:
         """Stop offering jobs to `worker`; the jobs it has run to their end."""
         worker.draining = True
+        self._change(worker.key)
 
     def job_ended(self, worker: Worker) -> None:
         if worker.available:
             self._capacity(worker.key)
+        self._change(worker.key)
 
     def counts(self) -> dict[WorkerStatus, int]:
         counts = dict.fromkeys(WorkerStatus, 0)

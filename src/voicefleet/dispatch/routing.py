@@ -85,10 +85,6 @@ class RoutingTable:
         for listener in self._listeners:
             listener(agent_name)
 
-    def route(self, agent_name: str, versions: set[str] | frozenset[str] | None) -> None:
-        """All new sessions to `versions` in equal shares (None: any worker)."""
-        self.set_weights(agent_name, None if versions is None else dict.fromkeys(versions, 1.0))
-
     def choose(self, agent_name: str, deployment: str, session_key: str) -> Route | None:
         """The version for a new session; None when any worker of the agent will do."""
         entry = self._entries.get((agent_name, deployment or self.default_deployment))

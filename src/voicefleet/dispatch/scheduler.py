@@ -6,6 +6,10 @@ for the answer; a refusal (or here also a timeout, or the worker vanishing) move
 next worker. Workers are taken round robin among those available. A job that finds no available
 worker waits in a FIFO queue until one is, or fails after `queue_timeout`; the queue is bounded
 in all, per room and per agent name, so that no one caller can take it from the others.
+
+A job a LiveKit server offered voicefleet (gateway mode) is placed the same way; only the step
+after a worker accepts differs: its `Job.upstream` link answers LiveKit and returns LiveKit's
+url and room token, which the worker gets instead of a token minted here (see jobs.Upstream).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 from livekit.protocol import agent
 
 from voicefleet.config import DispatchSettings, Project
-from voicefleet.dispatch.jobs import Job, JobBook, JobState, PendingCounts
+from voicefleet.dispatch.jobs import Job, JobBook, JobState, PendingCounts, RoomGrant
 from voicefleet.dispatch.registry import PoolKey, Registry, Worker
 from voicefleet.dispatch.routing import RoutingTable
 from voicefleet.errors import NoCapacity
@@ -356,7 +360,19 @@ class Scheduler:
             return self._declined(job, worker, "refused")
         if not worker.connected:
             return self._declined(job, worker, "worker_gone")
-        self._assign(job, worker, answer)
+        grant = None
+        if job.upstream is not None:
+            # Gateway mode: the LiveKit server that offered the job assigns it, with its own
+            # room token; this worker holds its acceptance open meanwhile (milliseconds).
+            grant = await job.upstream.accepted(job, answer)
+            if job.ended or job.state != JobState.PENDING:
+                return True
+            if grant is None:
+                self.book.transition(job, JobState.TERMINATED, "LiveKit did not assign the job")
+                return True
+            if not worker.connected:
+                return self._declined(job, worker, "worker_gone")
+        self._assign(job, worker, answer, grant)
         return True
 
     def _declined(self, job: Job, worker: Worker, outcome: str) -> bool:
@@ -368,34 +384,20 @@ class Scheduler:
         )
         return job.ended
 
-    def _assign(self, job: Job, worker: Worker, answer: agent.AvailabilityResponse) -> None:
-        attributes = dict(answer.participant_attributes)
-        attributes[ATTRIBUTE_AGENT_NAME] = worker.key.agent_name
-        key, secret = self.project.room_token_key
-        p = worker.permissions
-        token = mint_room_token(
-            key,
-            secret,
-            room=job.room,
-            identity=answer.participant_identity,
-            name=answer.participant_name,
-            metadata=answer.participant_metadata,
-            attributes=attributes,
-            permissions={
-                "canPublish": p.can_publish,
-                "canSubscribe": p.can_subscribe,
-                "canPublishData": p.can_publish_data,
-                "canUpdateOwnMetadata": p.can_update_metadata,
-                "hidden": p.hidden,
-            },
-        )
+    def _assign(
+        self,
+        job: Job,
+        worker: Worker,
+        answer: agent.AvailabilityResponse,
+        grant: RoomGrant | None = None,
+    ) -> None:
+        """Give `job` to `worker`: its room token is `grant`'s (gateway mode) or minted here."""
+        grant = grant or self._room_grant(job, worker, answer)
         job.participant_identity = answer.participant_identity
         self._hold(job, worker)
         worker.send(
             agent.ServerMessage(
-                assignment=agent.JobAssignment(
-                    job=job.to_proto(), url=self.project.livekit_url, token=token
-                )
+                assignment=agent.JobAssignment(job=job.to_proto(), url=grant.url, token=grant.token)
             )
         )
         self.metrics.offers.labels("accepted").inc()
@@ -417,6 +419,32 @@ class Scheduler:
             "job assigned",
             extra={"job": job.id, "worker": worker.id, "room": job.room, "pool": worker.pool},
         )
+
+    def _room_grant(
+        self, job: Job, worker: Worker, answer: agent.AvailabilityResponse
+    ) -> RoomGrant:
+        """The SFU url and a room token for the identity the worker chose (standalone mode)."""
+        attributes = dict(answer.participant_attributes)
+        attributes[ATTRIBUTE_AGENT_NAME] = worker.key.agent_name
+        key, secret = self.project.room_token_key
+        p = worker.permissions
+        token = mint_room_token(
+            key,
+            secret,
+            room=job.room,
+            identity=answer.participant_identity,
+            name=answer.participant_name,
+            metadata=answer.participant_metadata,
+            attributes=attributes,
+            permissions={
+                "canPublish": p.can_publish,
+                "canSubscribe": p.can_subscribe,
+                "canPublishData": p.can_publish_data,
+                "canUpdateOwnMetadata": p.can_update_metadata,
+                "hidden": p.hidden,
+            },
+        )
+        return RoomGrant(self.project.livekit_url, token)
 
     def _hold(self, job: Job, worker: Worker) -> None:
         """`worker` has `job` now."""

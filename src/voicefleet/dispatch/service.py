@@ -1,22 +1,59 @@
-"""The dispatch server's parts wired together, and the operations its APIs expose."""
+"""The dispatch server's parts wired together, and the one interface the layers above use.
+
+`DispatchService` is the dispatcher's facade: the control plane, the fleet, rollouts, the
+autoscaler and the API go through its methods (routing weights, what the dispatcher sees of an
+instance, draining an instance's worker, queued jobs, overflow counts, pinned dispatches,
+job and dispatch listeners), never through the registry, job book or scheduler themselves.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 
 from voicefleet.config import DispatchSettings, Project
-from voicefleet.dispatch.jobs import ENDED, Dispatch, Job, JobBook, JobState, new_id
-from voicefleet.dispatch.registry import Registry
+from voicefleet.dispatch.jobs import (
+    ENDED,
+    Dispatch,
+    DispatchListener,
+    Job,
+    JobBook,
+    JobListener,
+    JobState,
+    Upstream,
+    new_id,
+)
+from voicefleet.dispatch.registry import PoolKey, PoolLoad, Registry, Worker
 from voicefleet.dispatch.routing import RoutingTable
 from voicefleet.dispatch.scheduler import Scheduler
-from voicefleet.dispatch.stats import VersionStats
+from voicefleet.dispatch.stats import VersionStats, Window
 from voicefleet.errors import InvalidRequest, NotFound
 from voicefleet.metrics import Metrics
 from voicefleet.protocol import tokens
 
 log = logging.getLogger("voicefleet.dispatch")
+
+
+@dataclass(frozen=True)
+class InstanceView:
+    """What the dispatcher sees of one instance (the worker(s) its credentials name)."""
+
+    registered: bool = False  # a worker of it registered and is not gone
+    connected: bool = False  # ...and its connection is up
+    sessions: int = 0  # jobs assigned to its workers and not ended
+    load: float = 0.0  # as its connected worker last reported
+    accepting: bool = False  # connected and not draining (a full worker still counts)
+
+
+@dataclass(frozen=True)
+class Overflow:
+    """Sessions routed to `routed` that `served` took because `routed` had no free worker."""
+
+    routed: str
+    served: str
+    sessions: int
 
 
 class DispatchService:
@@ -65,6 +102,96 @@ class DispatchService:
         if tokens.instance_identity(api_key) is not None:
             return tokens.instance_secret(self.project.api_secret, api_key)
         return None
+
+    # -- the facade: what the layers above ask of the dispatcher -------------------------------
+
+    def set_weights(
+        self, agent_name: str, weights: Mapping[str, float] | None, deployment: str = ""
+    ) -> None:
+        """Route new sessions of (agent, deployment) by version weight (see `routing`)."""
+        self.routing.set_weights(agent_name, weights, deployment)
+
+    def weights(self, agent_name: str, deployment: str = "") -> dict[str, float] | None:
+        return self.routing.weights(agent_name, deployment)
+
+    def routes(self) -> dict[str, dict[str, float]]:
+        """Every routing entry: `agent_name/deployment` -> {version: weight}."""
+        return self.routing.snapshot()
+
+    def workers(self) -> list[Worker]:
+        return list(self.registry.workers.values())
+
+    def _workers_of(self, instance_id: str) -> list[Worker]:
+        return [w for w in self.registry.workers.values() if w.identity.instance == instance_id]
+
+    def instance(self, instance_id: str) -> InstanceView:
+        return _view(self._workers_of(instance_id))
+
+    def instances(self) -> dict[str, InstanceView]:
+        """Every instance with a worker here, by instance id (one pass over the workers)."""
+        by_instance: dict[str, list[Worker]] = {}
+        for w in self.registry.workers.values():
+            if w.identity.instance:
+                by_instance.setdefault(w.identity.instance, []).append(w)
+        return {i: _view(ws) for i, ws in by_instance.items()}
+
+    def drain_instance(self, instance_id: str) -> None:
+        """The instance's workers are offered no more jobs; their sessions go on."""
+        for worker in self._workers_of(instance_id):
+            self.registry.drain(worker)
+
+    def queued_by_agent(self) -> dict[str, int]:
+        """Jobs waiting for a worker, by agent name."""
+        return self.scheduler.queued_by_agent()
+
+    def on_queued(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(agent_name)` when a job starts waiting for a worker."""
+        self.scheduler.on_queued(listener)
+
+    def overflow(self, agent_name: str) -> list[Overflow]:
+        return [
+            Overflow(routed, served, n)
+            for (name, routed, served), n in self.scheduler.overflow.items()
+            if name == agent_name
+        ]
+
+    def on_job_change(self, listener: JobListener) -> None:
+        self.book.job_listeners.append(listener)
+
+    def on_dispatch_change(self, listener: DispatchListener) -> None:
+        self.book.dispatch_listeners.append(listener)
+
+    def window(
+        self, agent_name: str, version: str, since: float, jobs: Collection[str] | None = None
+    ) -> Window:
+        """What the version's jobs did since `since` (see `VersionStats.window`)."""
+        return self.stats.window(agent_name, version, since, jobs)
+
+    def log_errors(self, agent_name: str, version: str, job_id: str, kind: str, count: int) -> None:
+        """A session of the version logged `count` ERROR lines of this `kind` (its judges count
+        them; see `VersionStats.log_errors`)."""
+        self.stats.log_errors(agent_name, version, job_id, kind, count)
+
+    def pinned_dispatch(
+        self, *, agent_name: str, room: str, metadata: str, deployment: str, version: str
+    ) -> tuple[Dispatch, Job]:
+        """A dispatch whose one job only workers of `version` may take (smoke tests)."""
+        dispatch = self.create_dispatch(
+            agent_name=agent_name,
+            room=room,
+            metadata=metadata,
+            deployment=deployment,
+            pin_version=version,
+        )
+        return dispatch, self.book.jobs[dispatch.job_ids[0]]
+
+    async def run_expiry(self) -> None:
+        """Fail queued jobs that waited past the queue timeout; runs until cancelled."""
+        await self.scheduler.run_expiry()
+
+    async def close(self) -> None:
+        """Stop the offers and timers in flight (the server is stopping)."""
+        await self.scheduler.close()
 
     def _count_job(self, job: Job, previous: JobState | None) -> None:
         self.metrics.jobs_total.labels(str(job.state)).inc()
@@ -179,3 +306,60 @@ class DispatchService:
                     JobState.FAILED,
                     "voicefleet restarted and no worker reported this job after reconnecting",
                 )
+
+    # -- gateway mode: jobs a LiveKit server offers voicefleet as its worker -------------------
+
+    def on_worker_registered(self, listener: Callable[[Worker], None]) -> None:
+        """Call `listener(worker)` when a worker registers (its pool key, its permissions)."""
+        self.registry.on_register(listener)
+
+    def on_pool_change(self, listener: Callable[[PoolKey], None]) -> None:
+        """Call `listener(key)` when a worker of pool `key` comes, goes or reports its status."""
+        self.registry.on_change(listener)
+
+    def pool_load(self, key: PoolKey) -> PoolLoad:
+        """The pool's share of capacity in use, whether it can take a job, its jobs."""
+        return self.registry.pool_load(key)
+
+    def relay_job(self, upstream: Upstream) -> Job:
+        """Place the job a LiveKit server offered (`upstream.offer`) as any other job: the
+        routing table, the queue, the next worker on refusal. Its room token is the LiveKit
+        server's (see `Upstream`). Raises NoCapacity as `CreateDispatch` would."""
+        offer = upstream.offer
+        job = Job(
+            id=offer.id,
+            dispatch_id=offer.dispatch_id,
+            agent_name=offer.agent_name,
+            room=offer.room.name,
+            room_sid=offer.room.sid,
+            namespace=offer.namespace,
+            job_type=offer.type,
+            metadata=offer.metadata,
+            attributes=dict(offer.attributes),
+            deployment=offer.deployment,
+            upstream=upstream,
+        )
+        self.scheduler.submit(job)
+        log.info(
+            "job relayed from LiveKit",
+            extra={"job": job.id, "agent_name": job.agent_name, "room": job.room},
+        )
+        return job
+
+    def end_job(self, job: Job, reason: str) -> None:
+        """End `job` for good (its worker gets a JobTermination), e.g. LiveKit terminated it."""
+        if not job.ended:
+            self.scheduler.terminate(job, reason)
+
+
+def _view(workers: list[Worker]) -> InstanceView:
+    if not workers:
+        return InstanceView()
+    connected = [w for w in workers if w.connected]
+    return InstanceView(
+        registered=True,
+        connected=bool(connected),
+        sessions=sum(len(w.jobs) for w in workers),
+        load=connected[-1].load if connected else 0.0,
+        accepting=any(not w.draining for w in connected),
+    )

@@ -21,7 +21,3 @@ def parse_worker_message(data: bytes) -> agent.WorkerMessage:
     if msg.WhichOneof("message") is None:
         raise ProtocolError("frame is a WorkerMessage with no message set")
     return msg
-
-
-def encode(msg: agent.ServerMessage) -> bytes:
-    return msg.SerializeToString()

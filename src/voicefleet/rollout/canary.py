@@ -24,19 +24,15 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from voicefleet.dispatch.stats import Window, top
 from voicefleet.errors import InvalidRequest, check_numbers
+from voicefleet.fleet import NotServing
 from voicefleet.rollout.analysis import Analysis, AnalysisCheck, Context, parse_checks
-from voicefleet.rollout.rolling import ABORTED, PROGRESSING, Fleet, RolloutFailed, _step, size
-from voicefleet.store.models import RolloutRow
-from voicefleet.store.repo import Repo
+from voicefleet.rollout.model import Command, RolloutState, Run, size
 
 log = logging.getLogger("voicefleet.rollout")
-
-PAUSED, PROMOTED = "paused", "promoted"
-COMMANDS = ("pause", "resume", "promote", "abort")
 
 
 @dataclass(frozen=True)
@@ -78,6 +74,7 @@ class CanaryPlan:
     thresholds: Thresholds = field(default_factory=Thresholds)
     # The user's own checks (a PromQL query, a command), judged beside the built-in ones.
     checks: tuple[AnalysisCheck, ...] = ()
+    strategy = "canary"
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -98,7 +95,7 @@ class CanaryPlan:
         return max(1, math.ceil(replicas * self.largest_share / 100))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"strategy": "canary", **asdict(self)}
+        return {"strategy": self.strategy, **asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CanaryPlan:
@@ -194,55 +191,42 @@ def may_advance(elapsed: float, interval: float, canary: Window, t: Thresholds) 
     return elapsed >= interval and canary.ended >= t.min_sessions
 
 
-class CanaryFleet(Fleet, Protocol):
-    async def set_weights(
-        self, agent_id: str, deployment: str, weights: dict[str, float]
-    ) -> None: ...
-    async def drain_instances(self, instance_ids: list[str]) -> None: ...
-    def restarts(self, instance_ids: list[str]) -> int: ...
-    async def windows(
-        self, agent_id: str, a: str, b: str, since: float
-    ) -> tuple[Window, Window]: ...
-    def command(self, rollout_id: str) -> str | None: ...
-    async def analysis_context(
-        self, agent_id: str, deployment: str, version: str, stable: str
-    ) -> Context: ...
-
-
-async def run_canary(rollout: RolloutRow, fleet: CanaryFleet, repo: Repo) -> None:
-    plan = CanaryPlan.from_dict(rollout.plan)
-    agent, dep = rollout.agent_id, rollout.deployment
+async def run_canary(run: Run, plan: CanaryPlan) -> None:
+    rollout = run.rollout
     new, stable = rollout.to_version, rollout.from_version
+    dep = rollout.deployment
     if rollout.step in ("", "start", "wait"):
-        await _step(repo, rollout, "start")
-        ids = await fleet.ensure_instances(agent, dep, new, None, plan.instances(size(rollout)))
-        await _step(repo, rollout, "wait")
+        await run.step("start")
+        ids = await run.ensure(new, None, plan.instances(size(rollout)))
+        await run.step("wait")
         try:
-            await fleet.wait_serving(ids)
-        except RolloutFailed as e:
-            await fleet.give_up(rollout, ids)
-            await _finish(repo, rollout, ABORTED, f"{new} did not come up: {e}", "canary_aborted")
+            await run.fleet.wait_serving(ids)
+        except NotServing as e:
+            await run.give_up(ids)
+            await _finish(
+                run, RolloutState.ABORTED, f"{new} did not come up: {e}", "canary_aborted"
+            )
             return
-        await _enter(fleet, repo, rollout, plan, 0)
-    ids = await fleet.ensure_instances(agent, dep, new, None, plan.instances(size(rollout)))
-    baseline = fleet.restarts(ids)
+        await _enter(run, plan, 0)
+    ids = await run.ensure(new, None, plan.instances(size(rollout)))
+    baseline = run.fleet.restarts(ids)
     async with Analysis(plan.checks) as analysis:
-        ctx = await fleet.analysis_context(agent, dep, new, stable) if plan.checks else None
-        if await _steps(rollout, fleet, repo, plan, ids, baseline, _Judges(analysis, ctx)):
+        ctx = run.analysis_context(new, stable) if plan.checks else None
+        if await _steps(run, plan, ids, baseline, _Judges(analysis, ctx)):
             return  # aborted: leaving the block stops the checks (and their commands)
     if rollout.step == "promote":
-        full = await fleet.ensure_instances(agent, dep, new, None, size(rollout))
+        full = await run.ensure(new, None, size(rollout))
         try:
-            await fleet.wait_serving(full)
-        except RolloutFailed as e:
-            await _abort(rollout, fleet, repo, full, f"promotion failed: {e}")
+            await run.fleet.wait_serving(full)
+        except NotServing as e:
+            await _abort(run, full, f"promotion failed: {e}")
             return
-        await fleet.route(agent, dep, new)
+        await run.route(new)
         rollout.weight = 100
-        drained = await fleet.drain_others(agent, dep, full)
+        retired = await run.retire_others(full)
         await _finish(
-            repo, rollout, PROMOTED,
-            f"{dep} serves {new}; {len(drained)} {stable or 'old'} instance(s) retire",
+            run, RolloutState.PROMOTED,
+            f"{dep} serves {new}; {len(retired)} {stable or 'old'} instance(s) retire",
             "canary_promoted",
         )  # fmt: skip
 
@@ -261,104 +245,89 @@ class _Judges:
 
 
 async def _steps(
-    rollout: RolloutRow,
-    fleet: CanaryFleet,
-    repo: Repo,
-    plan: CanaryPlan,
-    ids: list[str],
-    baseline: int,
-    judges: _Judges,
+    run: Run, plan: CanaryPlan, ids: list[str], baseline: int, judges: _Judges
 ) -> bool:
     """Walk the steps below 100 % until the canary is to be promoted (False) or was aborted
     (True)."""
-    agent, dep = rollout.agent_id, rollout.deployment
+    rollout = run.rollout
     new, stable = rollout.to_version, rollout.from_version
     while rollout.step.startswith("step:"):
         index = int(rollout.step.split(":")[1])
         share = plan.steps[index]
         if share >= 100:
-            await _step(repo, rollout, "promote")
+            await run.step("promote")
             break
         if rollout.weight != share:  # resumed after a restart between the two saves
-            await _enter(fleet, repo, rollout, plan, index)
-        await fleet.set_weights(agent, dep, {stable: 100 - share, new: share})
-        outcome = await _watch(rollout, fleet, repo, plan, ids, baseline, index, judges)
+            await _enter(run, plan, index)
+        run.set_weights({stable: 100 - share, new: share})
+        outcome = await _watch(run, plan, ids, baseline, index, judges)
         if outcome == "abort":
             return True
         if outcome == "promote":
-            await _step(repo, rollout, "promote")
+            await run.step("promote")
             break
-        await _enter(fleet, repo, rollout, plan, index + 1)
+        await _enter(run, plan, index + 1)
     return False
 
 
-async def _enter(
-    fleet: CanaryFleet, repo: Repo, rollout: RolloutRow, plan: CanaryPlan, index: int
-) -> None:
+async def _enter(run: Run, plan: CanaryPlan, index: int) -> None:
     """Record step `index` (its share and start time, in one write), then route by it."""
+    rollout = run.rollout
     share = plan.steps[index]
     if share < 100:
         rollout.weight, rollout.step_started_at = share, time.time()
-    await _step(repo, rollout, f"step:{index}")
+    await run.step(f"step:{index}")
     if share < 100:
-        weights = {rollout.from_version: 100 - share, rollout.to_version: share}
-        await fleet.set_weights(rollout.agent_id, rollout.deployment, weights)
-        await repo.event(
-            rollout.agent_id,
+        run.set_weights({rollout.from_version: 100 - share, rollout.to_version: share})
+        await run.event(
             "canary_step",
             f"{rollout.deployment}: {share:g}% of new sessions to {rollout.to_version}",
         )
 
 
 async def _watch(
-    rollout: RolloutRow,
-    fleet: CanaryFleet,
-    repo: Repo,
-    plan: CanaryPlan,
-    ids: list[str],
-    baseline: int,
-    index: int,
-    judges: _Judges,
+    run: Run, plan: CanaryPlan, ids: list[str], baseline: int, index: int, judges: _Judges
 ) -> str:
     """Hold one step: 'next' after the interval, 'promote' or 'abort' when told or judged."""
+    rollout = run.rollout
     elapsed = time.time() - rollout.step_started_at  # a resumed step keeps its time
     last = time.monotonic()
     holding = index == len(plan.steps) - 1  # the last step below 100 waits for promote
     said_waiting = False
     while True:
-        command = fleet.command(rollout.id)
-        if command == "abort":
-            await _abort(rollout, fleet, repo, ids, "aborted by request")
+        command = run.command()
+        if command == Command.ABORT:
+            await _abort(run, ids, "aborted by request")
             return "abort"
-        if command == "promote":
+        if command == Command.PROMOTE:
             return "promote"
-        if command == "pause" and rollout.state != PAUSED:
-            rollout.state = PAUSED
-            await repo.save(rollout)
-            await repo.event(rollout.agent_id, "canary_paused", f"at {rollout.weight:g}%")
-        elif command == "resume" and rollout.state == PAUSED:
-            rollout.state = PROGRESSING
-            await repo.save(rollout)
-            await repo.event(rollout.agent_id, "canary_resumed", f"at {rollout.weight:g}%")
-        canary, stable = await fleet.windows(
-            rollout.agent_id, rollout.to_version, rollout.from_version, rollout.step_started_at
+        if command == Command.PAUSE and rollout.state != RolloutState.PAUSED:
+            rollout.state = RolloutState.PAUSED
+            await run.repo.save(rollout)
+            await run.event("canary_paused", f"at {rollout.weight:g}%")
+        elif command == Command.RESUME and rollout.state == RolloutState.PAUSED:
+            rollout.state = RolloutState.PROGRESSING
+            await run.repo.save(rollout)
+            await run.event("canary_resumed", f"at {rollout.weight:g}%")
+        canary, stable = run.windows(
+            rollout.to_version, rollout.from_version, rollout.step_started_at
         )
-        why = judge(canary, stable, fleet.restarts(ids) - baseline, plan.thresholds)
+        why = judge(canary, stable, run.fleet.restarts(ids) - baseline, plan.thresholds)
         why = why or await judges.failure()
         if why is not None:
-            await _abort(rollout, fleet, repo, ids, why)
+            await _abort(run, ids, why)
             return "abort"
         now = time.monotonic()
-        if rollout.state != PAUSED:
+        paused = rollout.state == RolloutState.PAUSED
+        if not paused:
             elapsed += now - last
         last = now
-        if not holding and rollout.state != PAUSED and elapsed >= plan.interval:
+        if not holding and not paused and elapsed >= plan.interval:
             if may_advance(elapsed, plan.interval, canary, plan.thresholds):
                 return "next"
             if not said_waiting:
                 said_waiting = True
-                await repo.event(
-                    rollout.agent_id,
+                await run.event(
                     "canary_waiting",
                     f"{rollout.weight:g}% held: canary ended {canary.ended} session(s) this step, "
                     f"{plan.thresholds.min_sessions} needed to judge it",
@@ -366,15 +335,14 @@ async def _watch(
         await asyncio.sleep(0.5)
 
 
-async def _abort(
-    rollout: RolloutRow, fleet: CanaryFleet, repo: Repo, ids: list[str], why: str
-) -> None:
+async def _abort(run: Run, ids: list[str], why: str) -> None:
+    rollout = run.rollout
     stable = rollout.from_version
-    await fleet.set_weights(rollout.agent_id, rollout.deployment, {stable: 100})
+    run.set_weights({stable: 100})
     rollout.weight = 0
-    await fleet.drain_instances(ids)
+    await run.fleet.drain(ids)
     await _finish(
-        repo, rollout, ABORTED,
+        run, RolloutState.ABORTED,
         f"canary {rollout.to_version} aborted: {why}; new sessions go to {stable}, "
         f"its {len(ids)} instance(s) drain",
         "canary_aborted",
@@ -382,7 +350,7 @@ async def _abort(
     log.warning("canary aborted", extra={"rollout": rollout.id, "reason": why})
 
 
-async def _finish(repo: Repo, rollout: RolloutRow, state: str, message: str, kind: str) -> None:
-    rollout.reason = message
-    await _step(repo, rollout, "done", state)
-    await repo.event(rollout.agent_id, kind, message)
+async def _finish(run: Run, state: RolloutState, message: str, kind: str) -> None:
+    run.rollout.reason = message
+    await run.step("done", state)
+    await run.event(kind, message)

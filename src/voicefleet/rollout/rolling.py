@@ -11,83 +11,50 @@ A failure before `shift` stops the new instances and leaves the old version serv
 
 from __future__ import annotations
 
-import logging
-import time
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any
 
-from voicefleet.errors import VoicefleetError
-from voicefleet.store.models import RolloutRow
-from voicefleet.store.repo import Repo
-
-log = logging.getLogger("voicefleet.rollout")
-
-PROGRESSING, COMPLETE, ABORTED = "progressing", "complete", "aborted"
+from voicefleet.fleet import NotServing
+from voicefleet.rollout.model import RolloutState, Run
 
 
-class RolloutFailed(VoicefleetError):
-    pass
+@dataclass(frozen=True)
+class Rolling:
+    """A rolling deploy has nothing to set."""
+
+    strategy = "rolling"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"strategy": self.strategy}
 
 
-class Fleet(Protocol):
-    """What a rollout needs of the control plane."""
-
-    async def ensure_instances(
-        self,
-        agent_id: str,
-        deployment: str,
-        version: str,
-        fresh_since: float | None,
-        count: int | None = None,
-    ) -> list[str]: ...
-    async def wait_serving(self, instance_ids: list[str]) -> None: ...
-    async def route(self, agent_id: str, deployment: str, version: str) -> None: ...
-    async def drain_others(
-        self, agent_id: str, deployment: str, keep: list[str], warm: bool = True
-    ) -> list[str]: ...
-    async def give_up(self, rollout: RolloutRow, instance_ids: list[str]) -> None: ...
-
-
-def size(rollout: RolloutRow) -> int:
-    """The deployment's size when the rollout began, at least one (recorded in its plan)."""
-    return max(1, int(rollout.plan.get("replicas", 1)))
-
-
-async def _step(repo: Repo, rollout: RolloutRow, step: str, state: str = PROGRESSING) -> None:
-    rollout.step, rollout.state, rollout.updated_at = step, state, time.time()
-    await repo.save(rollout)
-    log.info(
-        "rollout step",
-        extra={"rollout": rollout.id, "to": rollout.to_version, "step": step, "state": state},
-    )
-
-
-async def run_rolling(rollout: RolloutRow, fleet: Fleet, repo: Repo) -> None:
-    agent, deployment, version = rollout.agent_id, rollout.deployment, rollout.to_version
+async def run_rolling(run: Run, plan: Rolling) -> None:
+    rollout = run.rollout
+    deployment, version = rollout.deployment, rollout.to_version
     # A restart replaces instances of the serving version: only ones started since count.
     fresh = rollout.created_at if rollout.reason == "restart" else None
     if rollout.step in ("", "start", "wait"):
-        await _step(repo, rollout, "start")
-        new = await fleet.ensure_instances(agent, deployment, version, fresh)
-        await _step(repo, rollout, "wait")
+        await run.step("start")
+        new = await run.ensure(version, fresh, await run.replicas())
+        await run.step("wait")
         try:
-            await fleet.wait_serving(new)
-        except RolloutFailed as e:
-            await fleet.give_up(rollout, new)
+            await run.fleet.wait_serving(new)
+        except NotServing as e:
+            await run.give_up(new)
             rollout.reason = str(e)
-            await _step(repo, rollout, "wait", ABORTED)
-            await repo.event(agent, "rollout_aborted", f"{version} did not come up: {e}")
+            await run.step("wait", RolloutState.ABORTED)
+            await run.event("rollout_aborted", f"{version} did not come up: {e}")
             return
-        await _step(repo, rollout, "shift")
+        await run.step("shift")
     if rollout.step == "shift":
-        await fleet.route(agent, deployment, version)
-        await repo.event(agent, "rollout_shifted", f"new sessions of {deployment} go to {version}")
-        await _step(repo, rollout, "drain")
+        await run.route(version)
+        await run.event("rollout_shifted", f"new sessions of {deployment} go to {version}")
+        await run.step("drain")
     if rollout.step == "drain":
-        keep = await fleet.ensure_instances(agent, deployment, version, fresh)
-        drained = await fleet.drain_others(agent, deployment, keep)
-        await _step(repo, rollout, "done", COMPLETE)
-        await repo.event(
-            agent,
+        keep = await run.ensure(version, fresh, await run.replicas())
+        drained = await run.retire_others(keep)
+        await run.step("done", RolloutState.COMPLETE)
+        await run.event(
             "rollout_complete",
             f"{deployment} serves {version}; draining {len(drained)} old instance(s)",
         )

@@ -112,9 +112,6 @@ class LocalRuntime:
         inst = self._instances.get(instance_id)
         return inst.state if inst else None
 
-    def list(self) -> list[InstanceState]:
-        return [i.state for i in self._instances.values()]
-
     # -- starting -----------------------------------------------------------------------------
 
     async def start(self, spec: InstanceSpec) -> InstanceState:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, Float, Index, Integer, LargeBinary, String, Table, Text
@@ -82,6 +83,12 @@ class DeploymentRow(Base):
     updated_at: Mapped[float] = mapped_column(Float)
 
 
+class VersionStatus(StrEnum):
+    BUILDING = "building"
+    READY = "ready"  # built: it may be rolled out
+    FAILED = "failed"
+
+
 class VersionRow(Base):
     """An immutable build of an agent's source: `v1`, `v2`, …"""
 
@@ -90,7 +97,7 @@ class VersionRow(Base):
     agent_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     version: Mapped[str] = mapped_column(String(16), primary_key=True)
     number: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16))  # building, ready, failed
+    status: Mapped[str] = mapped_column(String(16))  # a VersionStatus
     source_digest: Mapped[str] = mapped_column(String(80))
     dependency_digest: Mapped[str] = mapped_column(String(80), default="")
     python: Mapped[str] = mapped_column(Text, default="")

@@ -171,6 +171,18 @@ class Recorder:
                 stmt.on_conflict_do_update(index_elements=["id"], set_=updates), list(jobs.values())
             )
 
+    async def history(
+        self,
+        *,
+        limit: int = 100,
+        room: str | None = None,
+        state: str | None = None,
+        job_id: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Jobs newest first as the store has them, the changes not yet written included."""
+        await self.flush()
+        return await history(self.engine, limit=limit, room=room, state=state, job_id=job_id)
+
     async def flush(self) -> None:
         async with self._flushing:
             await self._flush()

@@ -10,36 +10,17 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Request
+from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
-from voicefleet.control.api import ERROR_RESPONSES, Control
+from voicefleet.api.deps import ERROR_RESPONSES, PREFIX, Actor, Control, Flags, dispatch_service
 from voicefleet.control.service import ControlPlane
-from voicefleet.dispatch.service import DispatchService
 from voicefleet.errors import AuthError
-from voicefleet.flags.service import FlagService
 from voicefleet.protocol import tokens
 from voicefleet.sdk.evaluate import Session
 
-router = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES)
+router = APIRouter(prefix=PREFIX, responses=ERROR_RESPONSES)
 KEEPALIVE = 15.0
-
-
-def flag_service(request: Request) -> FlagService:
-    service: FlagService = request.app.state.flags
-    return service
-
-
-Flags = Annotated[FlagService, Depends(flag_service)]
-
-
-def actor(request: Request, _: Control) -> str:
-    """The API key of the caller, verified by the control API's dependency, for the event log."""
-    claims: tokens.Claims = request.state.claims
-    return claims.api_key
-
-
-Actor = Annotated[str, Depends(actor)]
 
 
 @router.get("/agents/{agent}/flags")
@@ -62,7 +43,7 @@ async def stream_flags(
     a keepalive comment every 15 s. For the agent's own instances, or the project's key with
     the agent admin grant (as the rest of the control API)."""
     plane: ControlPlane = request.app.state.control
-    service: DispatchService = request.app.state.dispatch
+    service = dispatch_service(request)
     try:  # before the agent is looked up: no telling strangers which agents exist
         claims = tokens.verify(tokens.bearer(authorization), service.secret_for)
     except AuthError as e:

@@ -21,7 +21,7 @@ from voicefleet.protocol import tokens
 
 API_PREFIX = "/api/v1/"
 # Routes that authenticate their callers themselves: an agent's flag stream also takes the key
-# of one of that agent's own instances (voicefleet.flags.api.stream_flags).
+# of one of that agent's own instances (voicefleet.api.flags.stream_flags).
 OWN_AUTH = re.compile(r"^/api/v1/agents/[^/]+/flags/stream$")
 
 

@@ -18,29 +18,57 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from voicefleet.autoscale.policy import InstanceSignal
-from voicefleet.control.secrets import SecretBox
-from voicefleet.dispatch.registry import Worker
 from voicefleet.dispatch.service import DispatchService
-from voicefleet.errors import NotFound
+from voicefleet.errors import NotFound, VoicefleetError
+from voicefleet.fleet.paths import Paths
 from voicefleet.protocol.tokens import WorkerIdentity, instance_credentials
-from voicefleet.rollout.rolling import RolloutFailed
-from voicefleet.runtime import InstanceSpec, InstanceStatus, Runtime
+from voicefleet.runtime import InstanceSpec, InstanceState, InstanceStatus, Runtime
 from voicefleet.runtime.joblogs import JobLogs
 from voicefleet.store.models import AgentRow, InstanceRow
 from voicefleet.store.repo import Repo
+from voicefleet.store.secrets import SecretBox
 
-if TYPE_CHECKING:
-    from voicefleet.control.service import Paths
+log = logging.getLogger("voicefleet.fleet")
 
-log = logging.getLogger("voicefleet.control")
 
-LIVE = ("starting", "ready", "failed")  # instances that count towards a deployment's size
-RETIRING = "retiring"
+class Lifecycle(StrEnum):
+    """An instance's status as the store records it."""
+
+    STARTING = "starting"
+    READY = "ready"
+    FAILED = "failed"
+    RETIRING = "retiring"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+# Instances that count towards a deployment's size.
+LIVE = (Lifecycle.STARTING, Lifecycle.READY, Lifecycle.FAILED)
+RETIRING = Lifecycle.RETIRING
+
+
+class NotServing(VoicefleetError):
+    """Instances crashed while starting, or were not serving in time."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the fleet acts: one deployment of one agent, resolved once by the caller."""
+
+    agent_id: str
+    agent_name: str
+    deployment: str
+    grace_period: float
+
+    @classmethod
+    def of(cls, agent: AgentRow, deployment: str) -> Target:
+        return cls(agent.id, agent.name, deployment, agent.grace_period)
 
 
 class Instances:
@@ -52,7 +80,6 @@ class Instances:
         box: SecretBox,
         paths: Paths,
         worker_url: Callable[[], str],
-        spawn: Callable[[Coroutine[Any, Any, None]], None],
         serving_timeout: float = 180.0,
         keep_warm: float = 60.0,
     ) -> None:
@@ -64,10 +91,18 @@ class Instances:
         self.worker_url = worker_url
         self.serving_timeout = serving_timeout
         self.keep_warm = keep_warm
-        self._spawn = spawn
+        # Status changes being written to the store (the runtime reports them synchronously).
+        self._writes: set[asyncio.Task[None]] = set()
         # What each session logged at ERROR, for the per-version stats that judge versions.
-        self.joblogs = JobLogs(dispatch.stats.log_errors)
+        self.joblogs = JobLogs(dispatch.log_errors)
         runtime.on_change(self._changed)
+
+    async def close(self, leave_running: bool) -> None:
+        """Stop following the instances; their processes go on unless `leave_running` is off."""
+        for task in list(self._writes):
+            task.cancel()
+        await asyncio.gather(*self._writes, return_exceptions=True)
+        await self.runtime.close(leave_running=leave_running)
 
     def http_url(self) -> str:
         """The server's own address for instances' HTTP calls (flags, smoke commands)."""
@@ -75,32 +110,22 @@ class Instances:
 
     # -- what the dispatcher sees -------------------------------------------------------------
 
-    def workers(self, instance_id: str) -> Iterator[Worker]:
-        return (
-            w for w in self.dispatch.registry.workers.values() if w.identity.instance == instance_id
-        )
-
     def registered(self, instance_id: str) -> bool:
-        return any(True for _ in self.workers(instance_id))
+        return self.dispatch.instance(instance_id).registered
 
     def sessions(self, instance_id: str) -> int:
-        return sum(len(w.jobs) for w in self.workers(instance_id))
+        return self.dispatch.instance(instance_id).sessions
 
     def restarts(self, instance_ids: list[str]) -> int:
         return sum(s.restarts for i in instance_ids if (s := self.runtime.get(i)))
 
-    def signals(self, rows: list[InstanceRow]) -> list[InstanceSignal]:
-        """What the dispatcher sees of each instance now: its worker's load and sessions."""
-        workers = {w.identity.instance: w for w in self.dispatch.registry.workers.values()}
-        out = []
-        for row in rows:
-            w = workers.get(row.id)
-            out.append(
-                InstanceSignal(row.id, w.load, len(w.jobs), True)
-                if w is not None and w.connected
-                else InstanceSignal(row.id, registered=False)
-            )
-        return out
+    def state(self, instance_id: str) -> InstanceState | None:
+        """The runtime's view of the instance (pid, restarts), if it runs here."""
+        return self.runtime.get(instance_id)
+
+    def poll_logs(self) -> None:
+        """Read what the instances logged up to now (a smoke test's sessions just ended)."""
+        self.joblogs.poll()
 
     def warm(self, instance_id: str) -> bool:
         """Running, healthy and registered: it can take sessions again the moment it is routed."""
@@ -109,7 +134,7 @@ class Instances:
             state is not None
             and state.status == InstanceStatus.READY
             # Connected and not draining; FULL is passing and does not count against it.
-            and any(w.connected and not w.draining for w in self.workers(instance_id))
+            and self.dispatch.instance(instance_id).accepting
         )
 
     async def live(self, agent_id: str) -> list[InstanceRow]:
@@ -118,14 +143,14 @@ class Instances:
     # -- starting and serving -----------------------------------------------------------------
 
     async def ensure(
-        self, agent: AgentRow, deployment: str, version: str, fresh_since: float | None, want: int
+        self, target: Target, version: str, fresh_since: float | None, want: int
     ) -> list[str]:
         """`want` live instances of `version`: the ones there are, warm retired ones taken
         back, new ones started."""
         of_version = [
             r
-            for r in await self.repo.instances(agent.id, [*LIVE, RETIRING])
-            if r.deployment == deployment and r.version == version
+            for r in await self.repo.instances(target.agent_id, [*LIVE, RETIRING])
+            if r.deployment == target.deployment and r.version == version
         ]
         rows = [
             r
@@ -135,29 +160,29 @@ class Instances:
         ][: max(want, 1)]
         for row in (r for r in of_version if r.status == RETIRING):
             if row in rows:  # a rollback: take the warm instance back
-                await self.repo.set_instance_status(row.id, "ready")
+                await self.repo.set_instance_status(row.id, Lifecycle.READY)
                 log.info("retired instance taken back", extra={"instance": row.id})
             else:  # once its version is routed again, only routing would keep sessions off it
-                await self.drain(row, agent.grace_period)
+                await self.drain_row(row, target.grace_period)
         while len(rows) < want:
-            rows.append(await self.start(agent, deployment, version))
+            rows.append(await self.start(target, version))
         return [r.id for r in rows]
 
-    async def start(self, agent: AgentRow, deployment: str, version: str) -> InstanceRow:
-        instance_id = f"{agent.name[:20]}-{version}-{secrets.token_hex(6)}"
+    async def start(self, target: Target, version: str) -> InstanceRow:
+        instance_id = f"{target.agent_name[:20]}-{version}-{secrets.token_hex(6)}"
         now = time.time()
         row = InstanceRow(
             id=instance_id,
-            agent_id=agent.id,
-            deployment=deployment,
+            agent_id=target.agent_id,
+            deployment=target.deployment,
             version=version,
-            status="starting",
+            status=Lifecycle.STARTING,
             created_at=now,
             updated_at=now,
         )
         await self.repo.save(row)  # in the store before it exists: a restart finds it
-        state = await self.runtime.start(await self._spec(agent, deployment, version, instance_id))
-        self.joblogs.follow(instance_id, state.log_path, agent.name, version)
+        state = await self.runtime.start(await self._spec(target, version, instance_id))
+        self.joblogs.follow(instance_id, state.log_path, target.agent_name, version)
         row.pid, row.pid_started_at = state.pid or 0, state.started_at or 0.0
         await self.repo.save(row)
         log.info("instance started", extra={"instance": instance_id, "pid": row.pid})
@@ -165,7 +190,7 @@ class Instances:
 
     async def wait_serving(self, instance_ids: list[str]) -> None:
         """Until each instance is healthy and its worker registered; a crash or the
-        serving timeout fails the rollout waiting on them."""
+        serving timeout raises NotServing (the caller decides what that means)."""
         deadline = time.monotonic() + self.serving_timeout
         pending = set(instance_ids)
         # A crash now fails the rollout; restarts an instance had before (a warm one) do not.
@@ -175,77 +200,75 @@ class Instances:
                 state = self.runtime.get(instance_id)
                 if state is None or state.restarts > restarts.get(instance_id, 0):
                     exit_info = f" (last exit: {state.last_exit})" if state else ""
-                    raise RolloutFailed(f"instance {instance_id} crashed while starting{exit_info}")
+                    raise NotServing(f"instance {instance_id} crashed while starting{exit_info}")
                 if self.registered(instance_id) and state.status == InstanceStatus.READY:
                     pending.discard(instance_id)
             if time.monotonic() > deadline:
-                raise RolloutFailed(
+                raise NotServing(
                     f"instances {sorted(pending)} not serving after {self.serving_timeout:g}s"
                 )
             await asyncio.sleep(0.1)
 
-    async def _spec(
-        self, agent: AgentRow, deployment: str, version: str, instance_id: str
-    ) -> InstanceSpec:
-        row = await self.repo.version(agent.id, version)
+    async def _spec(self, target: Target, version: str, instance_id: str) -> InstanceSpec:
+        agent_id, name = target.agent_id, target.agent_name
+        row = await self.repo.version(agent_id, version)
         if row is None:
-            raise NotFound(f"agent {agent.name} has no version '{version}'")
+            raise NotFound(f"agent {name} has no version '{version}'")
         project = self.dispatch.project
-        identity = WorkerIdentity(agent=agent.id, version=row.version, instance=instance_id)
+        identity = WorkerIdentity(agent=agent_id, version=row.version, instance=instance_id)
         key, secret = instance_credentials(project.api_secret, identity)
-        env = {s.name: self.box.open_value(s.value) for s in await self.repo.secrets(agent.id)}
+        env = {s.name: self.box.open_value(s.value) for s in await self.repo.secrets(agent_id)}
         env.update(
             LIVEKIT_URL=self.worker_url(),
             VOICEFLEET_URL=self.http_url(),
             PYTHONPATH=str(self.paths.sdk),
             LIVEKIT_API_KEY=key,
             LIVEKIT_API_SECRET=secret,
-            LIVEKIT_AGENT_DEPLOYMENT=deployment,
-            LIVEKIT_AGENT_NAME_OVERRIDE=agent.name,
-            VOICEFLEET_AGENT_ID=agent.id,
+            LIVEKIT_AGENT_DEPLOYMENT=target.deployment,
+            LIVEKIT_AGENT_NAME_OVERRIDE=name,
+            VOICEFLEET_AGENT_ID=agent_id,
             VOICEFLEET_VERSION=row.version,
             VOICEFLEET_INSTANCE_ID=instance_id,
-            VOICEFLEET_GRACE_PERIOD=str(int(agent.grace_period)),
-            VOICEFLEET_FLAGS_CACHE=str(self.paths.flags_cache(agent.id)),
+            VOICEFLEET_GRACE_PERIOD=str(int(target.grace_period)),
+            VOICEFLEET_FLAGS_CACHE=str(self.paths.flags_cache(agent_id)),
         )
         return InstanceSpec(
             instance_id=instance_id,
-            agent_id=agent.id,
+            agent_id=agent_id,
             version=row.version,
-            workdir=self.paths.source(agent.id, row.version),
+            workdir=self.paths.source(agent_id, row.version),
             python=Path(row.python),
             env=env,
-            log_dir=self.paths.instance_logs(agent.id),
-            grace_period=agent.grace_period,
+            log_dir=self.paths.instance_logs(agent_id),
+            grace_period=target.grace_period,
         )
 
     # -- retiring, draining, stopping ---------------------------------------------------------
 
-    async def drain(self, row: InstanceRow, grace: float) -> None:
+    async def drain_row(self, row: InstanceRow, grace: float) -> None:
         # The dispatcher stops offering jobs first; then the process gets SIGTERM.
-        for worker in list(self.workers(row.id)):
-            self.dispatch.registry.drain(worker)
-        await self.repo.set_instance_status(row.id, "draining")
+        self.dispatch.drain_instance(row.id)
+        await self.repo.set_instance_status(row.id, Lifecycle.DRAINING)
         await self.runtime.drain(row.id, grace)
 
-    async def drain_ids(self, instance_ids: list[str]) -> None:
+    async def drain(self, instance_ids: list[str]) -> None:
         for row in await self.repo.instances(statuses=[*LIVE, RETIRING]):
             if row.id in instance_ids:
                 agent = await self.repo.agent(row.agent_id)
-                await self.drain(row, agent.grace_period if agent else 0.0)
+                await self.drain_row(row, agent.grace_period if agent else 0.0)
 
     async def retire_others(
-        self, agent: AgentRow, deployment: str, serving: str, keep: list[str], warm: bool
+        self, target: Target, serving: str, keep: list[str], warm: bool
     ) -> list[str]:
-        """Instances of `deployment` other than `keep` stop taking sessions. Other versions'
+        """Instances of the target other than `keep` stop taking sessions. Other versions'
         retire (kept warm for a rollback) or, with `warm=False`, drain now."""
         drained = []
-        for row in await self.repo.instances(agent.id, LIVE):
-            if row.deployment != deployment or row.id in keep:
+        for row in await self.repo.instances(target.agent_id, LIVE):
+            if row.deployment != target.deployment or row.id in keep:
                 continue
             if row.version == serving or not warm:
                 # A restart: routing by version cannot tell these from their replacements.
-                await self.drain(row, agent.grace_period)
+                await self.drain_row(row, target.grace_period)
             else:
                 await self.repo.set_instance_status(row.id, RETIRING)
             drained.append(row.id)
@@ -261,26 +284,26 @@ class Instances:
                 grace = agent.grace_period if agent else 0.0
                 age = now - row.updated_at
                 if (self.sessions(row.id) == 0 and age >= self.keep_warm) or age >= grace:
-                    await self.drain(row, max(0.0, grace - age))
+                    await self.drain_row(row, max(0.0, grace - age))
 
     async def stop(self, instance_ids: list[str]) -> None:
         for instance_id in instance_ids:
             await self.runtime.stop(instance_id)
-            await self.repo.set_instance_status(instance_id, "stopped")
+            await self.repo.set_instance_status(instance_id, Lifecycle.STOPPED)
 
     async def give_up(
-        self, agent: AgentRow, serving: str, instance_ids: list[str], since: float
+        self, target: Target, serving: str, instance_ids: list[str], since: float
     ) -> None:
         """A rollout that failed before its shift lets go of the instances it gathered. Those it
         started (since `since`) stop, or drain if their version is the one serving (they may
         have sessions); retired ones it took back retire again; ones that were serving already
         go on serving. Nobody's session is cut."""
-        for row in await self.repo.instances(agent.id, [*LIVE, RETIRING]):
+        for row in await self.repo.instances(target.agent_id, [*LIVE, RETIRING]):
             if row.id not in instance_ids:
                 continue
             if row.created_at >= since:
                 if row.version == serving:
-                    await self.drain(row, agent.grace_period)
+                    await self.drain_row(row, target.grace_period)
                 else:
                     await self.stop([row.id])
             elif row.version != serving:
@@ -291,40 +314,44 @@ class Instances:
     async def adopt_all(self) -> None:
         """Take back the instances the last run left: adopted when their process still runs,
         started again when it should be serving, forgotten when it was on its way out."""
-        for row in await self.repo.instances(statuses=[*LIVE, RETIRING, "draining"]):
+        for row in await self.repo.instances(statuses=[*LIVE, RETIRING, Lifecycle.DRAINING]):
             try:
                 await self._adopt_or_restart(row)
             except Exception:  # one instance that cannot start must not stop the server
                 log.exception("instance not taken back", extra={"instance": row.id})
-                await self.repo.set_instance_status(row.id, "failed")
+                await self.repo.set_instance_status(row.id, Lifecycle.FAILED)
 
     async def _adopt_or_restart(self, row: InstanceRow) -> None:
         agent = await self.repo.agent(row.agent_id)
         if agent is None:
             return
-        spec = await self._spec(agent, row.deployment, row.version, row.id)
+        spec = await self._spec(Target.of(agent, row.deployment), row.version, row.id)
         state = await self.runtime.adopt(spec, row.pid, row.pid_started_at) if row.pid else None
         if state is not None:
             log.info("instance re-adopted", extra={"instance": row.id, "pid": row.pid})
             self.joblogs.follow(row.id, state.log_path, agent.name, row.version)
-            if row.status == "draining":  # SIGTERMed before the restart: the rest of its grace
+            if (
+                row.status == Lifecycle.DRAINING
+            ):  # SIGTERMed before the restart: the rest of its grace
                 left = max(0.0, agent.grace_period - (time.time() - row.updated_at))
                 await self.runtime.drain(row.id, left, signalled=True)
             return
-        if row.status in ("draining", RETIRING):
-            await self.repo.set_instance_status(row.id, "stopped")
+        if row.status in (Lifecycle.DRAINING, RETIRING):
+            await self.repo.set_instance_status(row.id, Lifecycle.STOPPED)
             return
         state = await self.runtime.start(spec)
         self.joblogs.follow(row.id, state.log_path, agent.name, row.version)
         await self.repo.set_instance_status(
-            row.id, "starting", pid=state.pid or 0, pid_started_at=state.started_at or 0.0
+            row.id, Lifecycle.STARTING, pid=state.pid or 0, pid_started_at=state.started_at or 0.0
         )
         log.info("instance restarted after server restart", extra={"instance": row.id})
 
     def _changed(self, instance_id: str, status: InstanceStatus) -> None:
         if status == InstanceStatus.STOPPED:
             self.joblogs.forget(instance_id)
-        self._spawn(self._persist(instance_id, status))
+        task = asyncio.create_task(self._persist(instance_id, status))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
 
     async def _persist(self, instance_id: str, status: InstanceStatus) -> None:
         state = self.runtime.get(instance_id)

@@ -1,0 +1,112 @@
+"""`/api/v1/agents`: create, list, show, configure, scale and delete agents; their secrets and
+event log. Field names follow LiveKit's CloudAgent messages where they fit (agent id `CA_…`,
+deployment, version, replicas)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, Field
+
+from voicefleet.api.deps import ERROR_RESPONSES, PREFIX, Autoscale, Control, Flags
+from voicefleet.control.service import DEFAULT_DEPLOYMENT
+from voicefleet.control.status import agent_status
+from voicefleet.store.models import AgentRow
+
+router = APIRouter(prefix=PREFIX, responses=ERROR_RESPONSES)
+
+
+class CreateAgent(BaseModel):
+    name: str
+    grace_period: float = Field(3600.0, ge=0)
+
+
+class ConfigureAgent(BaseModel):
+    grace_period: float | None = Field(None, ge=0)
+
+
+class Scale(BaseModel):
+    deployment: str = DEFAULT_DEPLOYMENT
+    replicas: int | None = Field(default=None, ge=0, le=100)
+    # Policy fields to set (see voicefleet.autoscale.policy.Policy); turns autoscaling on.
+    autoscale: dict[str, Any] | None = None
+
+
+class Secrets(BaseModel):
+    secrets: dict[str, str]
+
+
+def agent_dict(a: AgentRow) -> dict[str, Any]:
+    return {"id": a.id, "name": a.name, "grace_period": a.grace_period, "created_at": a.created_at}
+
+
+@router.post("/agents", status_code=201)
+async def create_agent(body: CreateAgent, plane: Control) -> dict[str, Any]:
+    return agent_dict(await plane.create_agent(body.name, body.grace_period))
+
+
+@router.get("/agents")
+async def list_agents(plane: Control) -> list[dict[str, Any]]:
+    return [
+        {**agent_dict(agent), "deployments": serving}
+        for agent, serving in await plane.agents_serving()
+    ]
+
+
+@router.get("/agents/{agent}")
+async def show_agent(agent: str, plane: Control, autoscaler: Autoscale) -> dict[str, Any]:
+    return await agent_status(plane, await plane.agent(agent), autoscaler.decision)
+
+
+@router.patch("/agents/{agent}")
+async def configure_agent(agent: str, body: ConfigureAgent, plane: Control) -> dict[str, Any]:
+    row = await plane.configure(await plane.agent(agent), grace_period=body.grace_period)
+    return agent_dict(row)
+
+
+@router.delete("/agents/{agent}", status_code=204)
+async def delete_agent(agent: str, plane: Control, flags: Flags) -> None:
+    row = await plane.agent(agent)
+    await plane.delete_agent(row)
+    flags.forget(row.id)
+
+
+@router.post("/agents/{agent}/scale")
+async def scale(agent: str, body: Scale, plane: Control) -> dict[str, Any]:
+    """A fixed number of instances (`replicas`: autoscaling off), or an autoscaling policy."""
+    dep = await plane.scale(
+        await plane.agent(agent), body.deployment, body.replicas, body.autoscale
+    )
+    return {
+        "deployment": dep.name,
+        "version": dep.version,
+        "replicas": dep.replicas,
+        "autoscale": dep.autoscale,
+    }
+
+
+@router.get("/agents/{agent}/events")
+async def events(agent: str, plane: Control, limit: int = 100) -> list[dict[str, Any]]:
+    return [
+        {"kind": e.kind, "message": e.message, "actor": e.actor, "at": e.at}
+        for e in await plane.events(await plane.agent(agent), limit)
+    ]
+
+
+@router.get("/agents/{agent}/secrets")
+async def list_secrets(agent: str, plane: Control) -> list[dict[str, Any]]:
+    return await plane.secret_names(await plane.agent(agent))
+
+
+@router.put("/agents/{agent}/secrets")
+async def set_secrets(agent: str, body: Secrets, plane: Control) -> dict[str, Any]:
+    names = await plane.set_secrets(await plane.agent(agent), body.secrets)
+    return {"set": names}
+
+
+@router.delete("/agents/{agent}/secrets")
+async def unset_secrets(
+    agent: str, plane: Control, name: Annotated[list[str], Query()]
+) -> dict[str, Any]:
+    return {"removed": await plane.unset_secrets(await plane.agent(agent), name)}

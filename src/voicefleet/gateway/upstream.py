@@ -1,0 +1,285 @@
+"""voicefleet as one LiveKit worker, for one pool of its own workers.
+
+One connection per pool key (agent name, namespace, job type) to `<livekit url>/agent`, as a
+livekit-agents worker makes it: register with the pool's name, namespace, type and permissions;
+report the pool's aggregate load and status; turn each availability request into a local job
+(`RelayedJob`), its assignment into the local worker's, a termination into the local job's end.
+When the connection drops it comes back with backoff, registers again and reports the jobs that
+still run here (`migrate_job`, as livekit-agents does); no local call is touched meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from google.protobuf.message import DecodeError
+from livekit.protocol import agent, models
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, WebSocketException
+
+from voicefleet import __version__
+from voicefleet.config import GatewaySettings
+from voicefleet.dispatch.jobs import Job
+from voicefleet.dispatch.registry import PoolKey, PoolLoad
+from voicefleet.dispatch.service import DispatchService
+from voicefleet.errors import NoCapacity
+from voicefleet.gateway.relay import RelayedJob
+from voicefleet.gateway.target import LiveKitTarget, backoff, why_not
+
+log = logging.getLogger("voicefleet.gateway")
+
+MAX_FRAME = 1 << 20
+
+
+class RegisterFailed(Exception):
+    """LiveKit did not answer the register message as a LiveKit server does."""
+
+
+class Upstream:
+    def __init__(
+        self,
+        key: PoolKey,
+        permissions: models.ParticipantPermission,
+        target: LiveKitTarget,
+        service: DispatchService,
+        settings: GatewaySettings,
+    ) -> None:
+        self.key = key
+        self.permissions = permissions
+        self._target = target
+        self._service = service
+        self._settings = settings
+        self.worker_id = ""  # LiveKit's id for the current registration; "" while not registered
+        self.registrations = 0
+        # Jobs LiveKit offered that have not ended here, by job id.
+        self._links: dict[str, RelayedJob] = {}
+        self._outbox: asyncio.Queue[bytes] | None = None  # the current connection's
+        self._pool_changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"upstream {self.key.agent_name}")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    # -- what happens here --------------------------------------------------------------------
+
+    def pool_changed(self) -> None:
+        self._pool_changed.set()
+
+    def job_changed(self, job: Job) -> None:
+        link = self._links.get(job.id)
+        if link is None or job.upstream is not link:
+            return
+        link.changed(job)
+        if job.ended:
+            del self._links[job.id]
+
+    # -- the connection -----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                async with connect(
+                    self._target.agent_url,
+                    additional_headers=self._target.headers(),
+                    open_timeout=self._settings.connect_timeout,
+                    max_size=MAX_FRAME,
+                    proxy=None,
+                ) as ws:
+                    await self._register(ws)
+                    failures = 0
+                    reason = await self._serve(ws)
+            except (OSError, TimeoutError, WebSocketException, RegisterFailed) as e:
+                reason = why_not(self._target, e)
+            except Exception as e:  # a bug: said with its traceback, and the link retried
+                log.exception("gateway link failed", extra={"agent_name": self.key.agent_name})
+                reason = repr(e)
+            finally:
+                try:
+                    self._disconnected()
+                except Exception:  # a bug: said, and the link still comes back
+                    log.exception("cleaning up after LiveKit's connection failed")
+            delay = backoff(failures, self._settings.retry_first, self._settings.retry_max)
+            failures += 1
+            log.warning(
+                "not registered with LiveKit as agent %r: %s; retrying in %gs",
+                self.key.agent_name,
+                reason,
+                delay,
+                extra={"agent_name": self.key.agent_name, "attempt": failures},
+            )
+            await asyncio.sleep(delay)
+
+    async def _register(self, ws: ClientConnection) -> None:
+        register = agent.RegisterWorkerRequest(
+            type=self.key.job_type,  # type: ignore[arg-type]
+            agent_name=self.key.agent_name,
+            namespace=self.key.namespace,
+            version=f"voicefleet-{__version__}",
+        )
+        register.allowed_permissions.CopyFrom(self.permissions)
+        await ws.send(agent.WorkerMessage(register=register).SerializeToString())
+        first = await asyncio.wait_for(ws.recv(), self._settings.connect_timeout)
+        msg = _parse(first)
+        if msg is None or msg.WhichOneof("message") != "register":
+            raise RegisterFailed("LiveKit's first message was not the register answer")
+        self.worker_id = msg.register.worker_id
+        self.registrations += 1
+        log.info(
+            "registered with LiveKit as a worker",
+            extra={
+                "agent_name": self.key.agent_name,
+                "namespace": self.key.namespace,
+                "job_type": agent.JobType.Name(self.key.job_type),
+                "upstream_worker": self.worker_id,
+                "url": self._target.url,
+                "registration": self.registrations,
+            },
+        )
+
+    async def _serve(self, ws: ClientConnection) -> str:
+        """Relay until the connection ends; return why it ended."""
+        self._outbox = asyncio.Queue()
+        # What a reconnecting livekit-agents worker says first: the jobs it still runs.
+        running = [i for i, link in self._links.items() if link.grant is not None]
+        if running:
+            self._send(agent.WorkerMessage(migrate_job=agent.MigrateJobRequest(job_ids=running)))
+            log.info("reported running jobs to LiveKit", extra={"jobs": running})
+        tasks = [asyncio.create_task(self._write(ws)), asyncio.create_task(self._report())]
+        try:
+            async for data in ws:
+                self._handle(data)
+            return f"LiveKit closed the connection ({ws.close_code} {ws.close_reason})".strip()
+        except ConnectionClosed as e:
+            return f"the connection to LiveKit dropped ({e})"
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _write(self, ws: ClientConnection) -> None:
+        outbox = self._outbox
+        assert outbox is not None
+        while True:
+            await ws.send(await outbox.get())
+
+    async def _report(self) -> None:
+        """The pool's status, as one worker's: on each change that matters, and periodically."""
+        last: PoolLoad | None = None
+        sent_at = 0.0
+        while True:
+            now = self._service.pool_load(self.key)
+            changed = last is None or (now.available, now.jobs) != (last.available, last.jobs)
+            if changed or time.monotonic() - sent_at >= self._settings.status_interval:
+                status = (
+                    agent.WorkerStatus.WS_AVAILABLE if now.available else agent.WorkerStatus.WS_FULL
+                )
+                self._send(
+                    agent.WorkerMessage(
+                        update_worker=agent.UpdateWorkerStatus(
+                            status=status, load=now.load, job_count=now.jobs
+                        )
+                    )
+                )
+                last, sent_at = now, time.monotonic()
+            self._pool_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._pool_changed.wait(), self._settings.status_interval)
+
+    def _send(self, msg: agent.WorkerMessage) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(msg.SerializeToString())
+        else:
+            log.debug(
+                "not connected to LiveKit; message dropped",
+                extra={"message_type": msg.WhichOneof("message")},
+            )
+
+    def _disconnected(self) -> None:
+        """The connection is gone: what waited on it gets its answer; running jobs go on."""
+        self._outbox = None
+        self.worker_id = ""
+        for link in list(self._links.values()):
+            if not link.answered and link.job is not None:
+                link.answered = True  # nobody left to answer
+                self._service.end_job(
+                    link.job, "the connection to LiveKit dropped before a worker here took the job"
+                )
+            link.lost()
+
+    # -- what LiveKit says --------------------------------------------------------------------
+
+    def _handle(self, data: str | bytes) -> None:
+        msg = _parse(data)
+        if msg is None:
+            return
+        which = msg.WhichOneof("message")
+        if which == "availability":
+            self._offered(msg.availability.job)
+        elif which == "assignment":
+            link = self._links.get(msg.assignment.job.id)
+            if link is not None:
+                link.assigned(msg.assignment)
+            else:
+                log.info(
+                    "assignment for a job not offered here", extra={"job": msg.assignment.job.id}
+                )
+        elif which == "termination":
+            link = self._links.get(msg.termination.job_id)
+            if link is not None and link.job is not None:
+                link.ended_upstream = True
+                self._service.end_job(link.job, "terminated by LiveKit")
+        else:
+            log.debug("ignored LiveKit message", extra={"message_type": which})
+
+    def _offered(self, offer: agent.Job) -> None:
+        """An availability request: a local job now; the answer when a worker here takes it
+        (RelayedJob.accepted), or `not available` at the deadline. Never waited on here, so
+        LiveKit's offers are never held up behind one another."""
+        if offer.id in self._links:
+            log.info("job offered twice; the first offer stands", extra={"job": offer.id})
+            return
+        link = RelayedJob(
+            offer, self._send, self._target.room_url, self._settings.assignment_within
+        )
+        self._links[offer.id] = link
+        try:
+            link.job = self._service.relay_job(link)
+        except NoCapacity as e:
+            log.info("job from LiveKit refused", extra={"job": offer.id, "reason": str(e)})
+            del self._links[offer.id]
+            link.refuse()
+            return
+        asyncio.get_running_loop().call_later(self._settings.answer_within, self._deadline, link)
+
+    def _deadline(self, link: RelayedJob) -> None:
+        if link.answered or link.job is None:
+            return
+        link.refuse()
+        self._service.end_job(
+            link.job,
+            f"no worker here took the job within {self._settings.answer_within:g}s "
+            "(LiveKit's offer expires)",
+        )
+
+
+def _parse(data: str | bytes) -> agent.ServerMessage | None:
+    if isinstance(data, str):
+        log.warning("LiveKit sent a text frame; ignored")
+        return None
+    msg = agent.ServerMessage()
+    try:
+        msg.ParseFromString(data)
+    except DecodeError:
+        log.warning("LiveKit sent a frame that is not a ServerMessage; ignored")
+        return None
+    return msg
