@@ -50,7 +50,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+import httpx
 from livekit import api
+
+from tests.support import DEV_KEY, DEV_SECRET, admin_token
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "scripts" / "peers"
@@ -498,3 +501,91 @@ def livekit_server(workdir: Path, **options: Any) -> Iterator[LiveKitServer]:
     """A namespace and a started server in it; both ended on exit."""
     with Netns() as ns, LiveKitServer(ns, workdir, **options) as server:
         yield server
+
+
+class NsVoicefleet:
+    """`vf server --dev` with the LiveKit server as its SFU and upstream (gateway mode), inside
+    that server's namespace; its API is called from inside too."""
+
+    def __init__(
+        self, lk: LiveKitServer, data_dir: Path, api_secret: str = "", log_level: str = "info"
+    ) -> None:
+        self.lk = lk
+        self.data_dir = data_dir
+        self.log_path = data_dir / "server.log"
+        self.ready = data_dir / "ready.json"
+        self.url = ""
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = lk.ns.popen(
+                [
+                    sys.executable, "-m", "voicefleet", "server", "--dev",
+                    "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir),
+                    "--ready-file", str(self.ready), "--log-level", log_level,
+                    "--livekit-url", lk.ws_url,
+                    "--livekit-api-key", lk.api_key,
+                    "--livekit-api-secret", api_secret or lk.api_secret,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def started(self, timeout: float = 60) -> NsVoicefleet:
+        """Wait for the ready file (a fixture's setup: no event loop to wait on here)."""
+        deadline = time.monotonic() + timeout
+        while not self.ready.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vf server exited ({self.proc.returncode}):\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vf server not ready after {timeout}s:\n{self.log()}")
+            time.sleep(0.05)
+        self.url = json.loads(self.ready.read_text())["url"]
+        return self
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def worker_env(self, **env: str) -> dict[str, str]:
+        """A worker of voicefleet's (not LiveKit's): its url and the dev project's key."""
+        return {
+            "LIVEKIT_URL": self.ws_url,
+            "LIVEKIT_API_KEY": DEV_KEY,
+            "LIVEKIT_API_SECRET": DEV_SECRET,
+            **env,
+        }
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        async def inside() -> Any:
+            async with httpx.AsyncClient(base_url=self.url, timeout=10) as client:
+                r = await client.request(
+                    method, path, headers={"Authorization": f"Bearer {admin_token()}"}, **kwargs
+                )
+                if r.status_code == 404:
+                    return None
+                r.raise_for_status()
+                return r.json()
+
+        return await self.lk.ns.call(inside)
+
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = await self.request("GET", f"/api/v1/jobs/{job_id}")
+        return found
+
+    async def jobs(self, room: str) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = await self.request(
+            "GET", "/api/v1/jobs", params={"room": room}
+        )
+        return found
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

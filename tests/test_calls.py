@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 from livekit import api
@@ -34,12 +32,13 @@ from tests.caller import Heard, Spoken, analyse, split_utterances
 from tests.livekit import (
     BinaryUnavailable,
     LiveKitServer,
+    NsVoicefleet,
     NsWorker,
     livekit_server,
     server_binary,
     server_built,
 )
-from tests.support import DEV_KEY, DEV_SECRET, NO_REASON, ROOT, Server, admin_token, wait_for
+from tests.support import DEV_KEY, DEV_SECRET, NO_REASON, ROOT, Server, wait_for
 
 AGENT = ROOT / "examples" / "voice_agent" / "agent.py"
 AGENT_NAME = "call-agent"
@@ -86,66 +85,6 @@ def test_the_bundled_speech_is_cut_into_utterances_at_its_pauses() -> None:
 
 
 # -- real calls ----------------------------------------------------------------------------------
-
-
-class NsVoicefleet:
-    """`vf server --dev` with the SFU configured, inside the LiveKit server's namespace."""
-
-    def __init__(self, lk: LiveKitServer, data_dir: Path) -> None:
-        self.lk = lk
-        self.log_path = data_dir / "server.log"
-        self.ready = data_dir / "ready.json"
-        self.url = ""
-        data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = lk.ns.popen(
-                [
-                    sys.executable, "-m", "voicefleet", "server", "--dev",
-                    "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir),
-                    "--ready-file", str(self.ready),
-                    "--livekit-url", lk.ws_url,
-                    "--livekit-api-key", lk.api_key,
-                    "--livekit-api-secret", lk.api_secret,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
-
-    def started(self, timeout: float = 60) -> NsVoicefleet:
-        """Wait for the ready file (a fixture's setup: no event loop to wait on here)."""
-        deadline = time.monotonic() + timeout
-        while not self.ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"vf server did not start:\n{self.log()}")
-            time.sleep(0.05)
-        self.url = json.loads(self.ready.read_text())["url"]
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    async def jobs(self, room: str) -> list[dict[str, Any]]:
-        async def inside() -> list[dict[str, Any]]:
-            async with httpx.AsyncClient(base_url=self.url, timeout=10) as client:
-                r = await client.get(
-                    "/api/v1/jobs",
-                    params={"room": room},
-                    headers={"Authorization": f"Bearer {admin_token()}"},
-                )
-                r.raise_for_status()
-                found: list[dict[str, Any]] = r.json()
-                return found
-
-        return await self.lk.ns.call(inside)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture(scope="module")

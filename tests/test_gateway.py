@@ -11,16 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import httpx
 import jwt
 import pytest
 from livekit import api
@@ -29,12 +24,13 @@ from livekit.protocol import models
 from tests.livekit import (
     BinaryUnavailable,
     LiveKitServer,
+    NsVoicefleet,
     NsWorker,
     livekit_server,
     server_binary,
     server_built,
 )
-from tests.support import DEV_KEY, DEV_SECRET, MARKER_AGENT, NO_REASON, admin_token, wait_for
+from tests.support import DEV_SECRET, MARKER_AGENT, NO_REASON, wait_for
 from voicefleet.dispatch.registry import PoolKey, PoolLoad, Worker, pool_load
 from voicefleet.dispatch.routing import RoutingTable
 from voicefleet.gateway.target import backoff
@@ -43,85 +39,6 @@ from voicefleet.protocol import tokens
 ROOM_AGENT = Path(__file__).parent / "agents" / "room_agent.py"
 
 pytestmark = pytest.mark.timeout(240 if server_built() else 1800)
-
-
-class NsVoicefleet:
-    """`vf server --dev` in gateway mode, inside the LiveKit server's namespace."""
-
-    def __init__(self, lk: LiveKitServer, data_dir: Path, api_secret: str = "") -> None:
-        self.lk = lk
-        self.data_dir = data_dir
-        self.log_path = data_dir / "server.log"
-        self.ready = data_dir / "ready.json"
-        self.url = ""
-        data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = lk.ns.popen(
-                [
-                    sys.executable, "-m", "voicefleet", "server", "--dev",
-                    "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir),
-                    "--ready-file", str(self.ready), "--log-level", "debug",
-                    "--livekit-url", lk.ws_url,
-                    "--livekit-api-key", lk.api_key,
-                    "--livekit-api-secret", api_secret or lk.api_secret,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
-
-    def started(self, timeout: float = 60) -> NsVoicefleet:
-        """Wait for the ready file (a fixture's setup: no event loop to wait on here)."""
-        deadline = time.monotonic() + timeout
-        while not self.ready.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vf server exited ({self.proc.returncode}):\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vf server not ready after {timeout}s:\n{self.log()}")
-            time.sleep(0.05)
-        self.url = json.loads(self.ready.read_text())["url"]
-        return self
-
-    @property
-    def ws_url(self) -> str:
-        return self.url.replace("http://", "ws://")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def worker_env(self, **env: str) -> dict[str, str]:
-        """A worker of voicefleet's (not LiveKit's): its url and the dev project's key."""
-        return {
-            "LIVEKIT_URL": self.ws_url,
-            "LIVEKIT_API_KEY": DEV_KEY,
-            "LIVEKIT_API_SECRET": DEV_SECRET,
-            **env,
-        }
-
-    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        async def inside() -> Any:
-            async with httpx.AsyncClient(base_url=self.url, timeout=10) as client:
-                r = await client.request(
-                    method, path, headers={"Authorization": f"Bearer {admin_token()}"}, **kwargs
-                )
-                if r.status_code == 404:
-                    return None
-                r.raise_for_status()
-                return r.json()
-
-        return await self.lk.ns.call(inside)
-
-    async def job(self, job_id: str) -> dict[str, Any] | None:
-        found: dict[str, Any] | None = await self.request("GET", f"/api/v1/jobs/{job_id}")
-        return found
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +54,7 @@ def lk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveKitServer]:
 
 @pytest.fixture(scope="module")
 def vf(lk: LiveKitServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NsVoicefleet]:
-    server = NsVoicefleet(lk, tmp_path_factory.mktemp("voicefleet"))
+    server = NsVoicefleet(lk, tmp_path_factory.mktemp("voicefleet"), log_level="debug")
     print(f"vf server log: {server.log_path}")
     try:
         yield server.started()

@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from livekit import api  # noqa: E402
 
-from tests.livekit import LiveKitServer, NsWorker, livekit_server  # noqa: E402
+from tests.livekit import LiveKitServer, NsVoicefleet, NsWorker, livekit_server  # noqa: E402
 from tests.support import DEV_KEY, DEV_SECRET, wait_for  # noqa: E402
-from tests.test_calls import AGENT, AGENT_NAME, Caller, NsVoicefleet  # noqa: E402
+from tests.test_calls import AGENT, AGENT_NAME, Caller  # noqa: E402
 
 
 async def one_call(
