@@ -30,6 +30,10 @@ line on stdout, `{"event": "report", ...}`):
   gap or as a missing answer. Times of what was heard are on the playout clock (each frame
   after all the audio before it on its track: see `on_playout_clock`), so that a busy caller
   makes no gap of its own;
+- `onsets`: where the agent's sound begins after more than `--min-gap` of silence (its greeting,
+  each answer, the greeting of an agent that joined the room again), seconds since joined;
+- `track_starts`: the first loud frame of each of the agent's tracks (a new one each time an
+  agent joins), seconds since joined;
 - `stalls`: stretches longer than `--min-gap` in which no frame arrived at all (the SDK or the
   caller held up), and `late_ms`: how long after its place on the playout clock the last frame
   arrived (near 0 when the stream ran continuously).
@@ -43,6 +47,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -105,6 +110,12 @@ class Report:
     utterances: list[Utterance] = field(default_factory=list)
     gaps: list[Gap] = field(default_factory=list)
     stalls: list[Stall] = field(default_factory=list)
+    # Where the agent's sound begins after a silence longer than min_gap (greeting, answers, the
+    # greeting of an agent that joined again), in seconds since joined.
+    onsets: list[float] = field(default_factory=list)
+    # Each of the agent's audio tracks (a new one each time an agent joins): its first loud
+    # frame, in seconds since joined.
+    track_starts: dict[str, float] = field(default_factory=dict)
     late_ms: float = 0.0  # how much later than its place the last frame arrived
     frames_heard: int = 0
     loud_frames: int = 0
@@ -189,6 +200,12 @@ def analyse(
         frames_heard=len(heard),
         loud_frames=len(sounds),
     )
+    sounding_until = -math.inf
+    for h in sounds:
+        if h.at - sounding_until > min_gap:
+            report.onsets.append(round(h.at - joined, 3))
+        sounding_until = max(sounding_until, h.at + h.duration)
+        report.track_starts.setdefault(h.track, round(h.at - joined, 3))
     for track in dict.fromkeys(h.track for h in heard):
         arrived = [h for h in heard if h.track == track]
         for before, after in itertools.pairwise(arrived):

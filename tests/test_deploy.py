@@ -409,3 +409,29 @@ async def test_a_failed_rollout_lets_go_only_of_what_it_started_and_cuts_no_sess
         assert job["state"] == "succeeded" and job["instance"] == good["id"], job
     finally:
         await lk.aclose()
+
+
+async def test_a_call_outliving_the_drain_grace_period_ends_there_and_is_not_started_again(
+    start_server: Callable[..., Server], agent_dir: Path, tmp_path: Path
+) -> None:
+    """The grace period is the operator's bound on a drain: at its end voicefleet kills the
+    old instance, and the call it still ran fails saying so. Unlike a crash (dispatched again:
+    tests/test_redispatch_calls.py), it is not started again on the new version."""
+    server = start_server("--keep-warm", "1")
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    vf(server, agent_dir, "create", "--grace-period", "4")
+    vf(server, agent_dir, "secrets", "set", f"MARKER_DIR={markers}")
+    vf(server, agent_dir, "deploy")
+    lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
+    try:
+        call = await dispatch(lk, "call-past-grace", until_released=True)
+        await wait_for(lambda: started(markers, call), 60, "the call to start")
+        (agent_dir / "VERSION").write_text("two")
+        vf(server, agent_dir, "deploy")
+        job = await wait_for(job_state(server, call, "failed"), 60, "the call to end at the grace")
+        assert "was stopped while the job ran" in job["error"], job
+        assert job["redispatches"] == 0 and job["version"] == "v1", job
+        assert started(markers, call)["version"] == "v1"  # type: ignore[index]
+    finally:
+        await lk.aclose()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jwt
 from livekit import api
+from livekit.protocol.agent_dispatch import JobRestartPolicy
 
 from tests.support import (
     DEV_SECRET,
@@ -17,16 +18,28 @@ from tests.support import (
     Worker,
     job_in,
     ran_to_its_end,
+    release,
     started,
     wait_for,
 )
 
 
-async def dispatch(lk: api.LiveKitAPI, agent: str, room: str, hold: float = 0) -> str:
+async def dispatch(
+    lk: api.LiveKitAPI,
+    agent: str,
+    room: str,
+    hold: float = 0,
+    *,
+    until_released: bool = False,
+    restart_policy: int = JobRestartPolicy.JRP_ON_FAILURE,
+) -> str:
     """CreateDispatch through the real livekit-api client; return the job id."""
     d = await lk.agent_dispatch.create_dispatch(
         api.CreateAgentDispatchRequest(
-            agent_name=agent, room=room, metadata=json.dumps({"hold": hold})
+            agent_name=agent,
+            room=room,
+            metadata=json.dumps({"hold": hold, "until_released": until_released}),
+            restart_policy=restart_policy,  # type: ignore[arg-type]
         )
     )
     assert len(d.state.jobs) == 1
@@ -167,23 +180,55 @@ async def test_sigterm_mid_session_finishes_the_session_and_takes_no_new_jobs(
     assert leaving.proc.wait(30) == 0
 
 
-async def test_kill9_mid_session_fails_the_job_with_a_reason_and_never_offers_it_again(
+async def test_kill9_mid_session_dispatches_the_job_again_to_another_worker(
+    server: Server, lkapi: api.LiveKitAPI, start_worker: Callable[..., Worker], markers: Path
+) -> None:
+    doomed = start_worker(server, "again")
+    await doomed.registered()
+    in_flight = await dispatch(lkapi, "again", "room-again-call", until_released=True)
+    await wait_for(lambda: started(markers, in_flight), 30, "the call to start")
+    survivor = start_worker(server, "again")
+    survivor_id = await survivor.registered()
+
+    doomed.kill9()
+    # The same job (same id, same room) starts again on the other worker, once the dead one
+    # has had its grace to reconnect and claim it (an unmanaged worker: no process to watch).
+    await wait_for(
+        lambda: (m := started(markers, in_flight)) is not None and m["worker_pgid"] == survivor.pid,
+        30,
+        "the call to start again on the surviving worker",
+    )
+    job = await job_in(server, in_flight, "running")
+    assert job["worker_id"] == survivor_id
+    assert job["room"] == "room-again-call"
+    assert job["redispatches"] == 1
+    assert server.metric("voicefleet_jobs_redispatched_total") >= 1
+    release(markers, in_flight)
+    assert (await ran_to_its_end(server, markers, in_flight))["worker_id"] == survivor_id
+
+
+async def test_kill9_mid_session_with_jrp_never_fails_the_job_and_never_offers_it_again(
     server: Server, lkapi: api.LiveKitAPI, start_worker: Callable[..., Worker], markers: Path
 ) -> None:
     doomed = start_worker(server, "kill")
     doomed_id = await doomed.registered()
-    in_flight = await dispatch(lkapi, "kill", "room-kill-call", hold=60)
+    in_flight = await dispatch(
+        lkapi, "kill", "room-kill-call", hold=60, restart_policy=JobRestartPolicy.JRP_NEVER
+    )
     await wait_for(lambda: started(markers, in_flight), 30, "the call to start")
     survivor_id = await start_worker(server, "kill").registered()
 
     doomed.kill9()
     failed = await job_in(server, in_flight, "failed")
     assert doomed_id in failed["error"] and "disconnected" in failed["error"]
+    assert failed["redispatches"] == 0
     await wait_for(lambda: all(w["id"] != doomed_id for w in server.workers()), 10, "removal")
 
     new_jobs = [await dispatch(lkapi, "kill", f"room-kill-{i}") for i in range(3)]
     for job_id in new_jobs:
         assert (await ran_to_its_end(server, markers, job_id))["worker_id"] == survivor_id
+    # Never offered again: it did not start on the survivor.
+    assert started(markers, in_flight)["worker_pgid"] == doomed.pid  # type: ignore[index]
 
 
 async def test_job_waits_in_the_queue_until_a_worker_arrives(

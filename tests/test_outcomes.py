@@ -30,6 +30,7 @@ import pytest
 from livekit import api
 from livekit.agents import ipc, worker
 from livekit.agents.ipc import job_proc_executor, job_proc_lazy_main, log_queue, supervised_proc
+from livekit.protocol.agent_dispatch import JobRestartPolicy
 from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -60,9 +61,20 @@ def _free_port() -> int:
         return port
 
 
-async def _dispatch(lk: api.LiveKitAPI, agent_name: str, room: str, **how: Any) -> str:
+async def _dispatch(
+    lk: api.LiveKitAPI,
+    agent_name: str,
+    room: str,
+    restart_policy: int = JobRestartPolicy.JRP_ON_FAILURE,
+    **how: Any,
+) -> str:
     d = await lk.agent_dispatch.create_dispatch(
-        api.CreateAgentDispatchRequest(agent_name=agent_name, room=room, metadata=json.dumps(how))
+        api.CreateAgentDispatchRequest(
+            agent_name=agent_name,
+            room=room,
+            metadata=json.dumps(how),
+            restart_policy=restart_policy,  # type: ignore[arg-type]
+        )
     )
     return d.state.jobs[0].id
 
@@ -199,13 +211,17 @@ def test_failed_sessions_are_counted_once_each_by_a_fixed_kind_of_reason() -> No
     end("the agent's job failed", JobState.ASSIGNED, JobState.FAILED)
     end("no worker for agent 'a' took the job within 60s", JobState.FAILED)
     end("the agent's job failed", *running)
+    # Its worker died, it was dispatched again, and no worker took it in time.
+    lost = "worker AW_y disconnected while the job was running"
+    end(f"{lost}; dispatched again, no worker took it", *running[:2], JobState.PENDING)
+    end("instance a-v1-x was stopped while the job ran", *running)
     book.transition(book.jobs["AJ_0"], JobState.SUCCEEDED)  # ended: no change, nothing counted
 
     def count(kind: str) -> float:
         return registry.get_sample_value("failed_sessions_total", {"kind": kind}) or 0.0
 
     assert {k: count(k) for k in FAILURE_KINDS} == {
-        "crashed": 1, "killed": 2, "exited": 1, "worker_lost": 2, "not_started": 1,
+        "crashed": 1, "killed": 2, "exited": 1, "worker_lost": 4, "not_started": 1,
         "no_worker": 1, "other": 1,
     }  # fmt: skip
     assert failure_kind("Error: v2 is broken", JobState.RUNNING) == "crashed"  # Node's words
@@ -294,7 +310,15 @@ async def test_an_unmanaged_python_worker_reports_no_exception_and_no_reason_for
     try:
         raised = await _dispatch(lk, "unmanaged-outcomes", "unmanaged-raise", end="raise")
         died = await _dispatch(lk, "unmanaged-outcomes", "unmanaged-exit", end="exit")
-        held = await _dispatch(lk, "unmanaged-outcomes", "unmanaged-hold", end="ok", hold=600)
+        # JRP_NEVER: with no other worker, a job dispatched again would wait out the queue.
+        held = await _dispatch(
+            lk,
+            "unmanaged-outcomes",
+            "unmanaged-hold",
+            JobRestartPolicy.JRP_NEVER,
+            end="ok",
+            hold=600,
+        )
         job = await _ended(server, raised)
         # livekit-agents 1.8.9 judges a job by its process's exit code: an exception in the
         # entrypoint exits 0, succeeded. (Or now and then failed with no reason: without the

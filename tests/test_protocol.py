@@ -14,6 +14,7 @@ import jwt
 import pytest
 from livekit import api
 from livekit.protocol import agent
+from livekit.protocol.agent_dispatch import JobRestartPolicy
 
 from tests.peers import Peer, worker_jwt
 from tests.support import DEV_KEY, DEV_SECRET, Server, admin_token, wait_for
@@ -163,11 +164,20 @@ async def test_protocol_ping_gets_a_pong_echoing_its_timestamp(server: Server) -
         await peer.close()
 
 
-async def dispatch(server: Server, agent_name: str, room: str) -> str:
+async def dispatch(
+    server: Server,
+    agent_name: str,
+    room: str,
+    restart_policy: int = JobRestartPolicy.JRP_ON_FAILURE,
+) -> str:
     lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
     try:
         d = await lk.agent_dispatch.create_dispatch(
-            api.CreateAgentDispatchRequest(agent_name=agent_name, room=room)
+            api.CreateAgentDispatchRequest(
+                agent_name=agent_name,
+                room=room,
+                restart_policy=restart_policy,  # type: ignore[arg-type]
+            )
         )
     finally:
         await lk.aclose()
@@ -178,7 +188,7 @@ async def test_job_of_a_worker_that_sends_garbage_fails_with_the_reason(server: 
     peer = await Peer.connect(server.ws_url, "garbler")
     peer.end_jobs = False
     try:
-        job_id = await dispatch(server, "garbler", "garbled-call")
+        job_id = await dispatch(server, "garbler", "garbled-call", JobRestartPolicy.JRP_NEVER)
         await wait_for(lambda: peer.assignments, 10, "the assignment")
         await peer.ws.send_bytes(b"\x08\xff\xff")
         job = await wait_for(
@@ -310,7 +320,7 @@ async def test_silent_worker_is_disconnected_and_its_jobs_fail_with_the_reason(
     peer = await Peer.connect(server.ws_url, "silent")
     peer.end_jobs = False
     try:
-        job_id = await dispatch(server, "silent", "silent-call")
+        job_id = await dispatch(server, "silent", "silent-call", JobRestartPolicy.JRP_NEVER)
         job = await wait_for(
             lambda: (j := server.job(job_id)) and j["state"] == "failed" and j, 15, "the failure"
         )
@@ -318,6 +328,50 @@ async def test_silent_worker_is_disconnected_and_its_jobs_fail_with_the_reason(
         assert server.workers("silent") == []
     finally:
         await peer.close()
+
+
+async def test_a_worker_that_reconnects_within_the_grace_keeps_its_job_else_the_next_one_gets_it(
+    start_server: Callable[..., Server],
+) -> None:
+    server = start_server("--redispatch-grace", "2")
+    first = await Peer.connect(server.ws_url, "flaky")
+    first.end_jobs = False
+    other = await Peer.connect(server.ws_url, "flaky")
+    other.end_jobs = False
+    peers = [first, other]
+    try:
+        # Its connection drops; it comes back at once and says it still runs the job.
+        kept = await dispatch(server, "flaky", "flaky-kept")
+        await wait_for(lambda: (j := server.job(kept)) and j["state"] == "running", 10, "start")
+        holder = first if first.assignments else other
+        idle = other if holder is first else first
+        await holder.close()
+        back = await Peer.connect(server.ws_url, "flaky")
+        back.end_jobs = False
+        peers.append(back)
+        await back.send(agent.WorkerMessage(migrate_job=agent.MigrateJobRequest(job_ids=[kept])))
+        await wait_for(
+            lambda: (j := server.job(kept)) and j["worker_id"] == back.worker_id, 10, "adoption"
+        )
+        await asyncio.sleep(3)  # past the grace: nothing moved
+        job = server.job(kept)
+        assert job is not None and job["state"] == "running" and job["redispatches"] == 0
+        assert kept not in idle.offers
+
+        # The worker that took it drops and never comes back: the idle one gets it after the
+        # grace, the same job in the same room, started again.
+        await back.close()
+        moved = await wait_for(
+            lambda: (j := server.job(kept)) and j["worker_id"] == idle.worker_id and j,
+            15,
+            "the job on the other worker",
+        )
+        assert moved["state"] == "running" and moved["redispatches"] == 1
+        assert idle.assignments[-1].job.id == kept
+        assert idle.assignments[-1].job.room.name == "flaky-kept"
+    finally:
+        for peer in peers:
+            await peer.close()
 
 
 async def test_a_queued_job_no_worker_can_take_holds_up_no_job_behind_it(server: Server) -> None:

@@ -132,10 +132,12 @@ async def test_drain_kills_only_after_the_grace_period(
     assert psutil.pid_exists(state.pid)  # SIGTERM only: the call goes on for now
     await wait_for(lambda: state.status == InstanceStatus.STOPPED, 30, "SIGKILL after grace")
     assert not (markers / f"{job_id}.done").exists()
+    # This runtime is not the server's: to the server its worker died mid-call, so the call
+    # waits for another worker (dispatched again, JRP_ON_FAILURE).
     job = await wait_for(
-        lambda: (j := server.job(job_id)) and j["state"] == "failed" and j, 30, "fail"
+        lambda: (j := server.job(job_id)) and j["redispatches"] == 1 and j, 30, "redispatch"
     )
-    assert "disconnected" in job["error"]
+    assert job["state"] == "pending", job
 
 
 async def test_adoption_takes_back_the_same_process_and_refuses_a_reused_pid(

@@ -51,6 +51,11 @@ class DispatchSettings:
     # Jobs waiting for one agent name; None: half of `queue_limit`, so that one agent whose
     # workers are all busy or gone cannot take the whole queue from the others.
     queue_limit_per_agent: int | None = None
+    # A worker whose connection drops mid-session has this long to reconnect and say it still
+    # runs its jobs (livekit-agents reconnects at once); then they go to another worker
+    # (LiveKit's JRP_ON_FAILURE), or fail if dispatched with JRP_NEVER. A local instance whose
+    # process ended does not get it: its jobs move on as soon as the exit is seen.
+    redispatch_grace: float = 3.0
     # A worker that sends nothing (workers report status every 2.5 s) for this long is dead.
     worker_silence_timeout: float = 30.0
     # Agents dispatched to every room a LiveKit `room_started` webhook announces.

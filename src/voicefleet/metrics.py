@@ -43,8 +43,14 @@ class Metrics:
         )
         self.dispatch_latency = Histogram(
             "voicefleet_dispatch_latency_seconds",
-            "Time from a job's creation to its assignment being sent to a worker.",
+            "Time from a job's entering the queue (its creation, or its worker's death) to its "
+            "assignment being sent to a worker.",
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.redispatches = Counter(
+            "voicefleet_jobs_redispatched_total",
+            "Jobs dispatched again because their worker died mid-session (JRP_ON_FAILURE).",
             registry=self.registry,
         )
         self.worker_connections = Counter(

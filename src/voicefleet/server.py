@@ -10,7 +10,6 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator
-from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request, WebSocket
@@ -96,7 +95,6 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
         background = [
             asyncio.create_task(recorder.run()),
             asyncio.create_task(service.run_expiry()),
-            asyncio.create_task(_every(1.0, service.fail_unadopted)),
         ]
         if settings.livekit_url and settings.livekit_api_key and settings.livekit_api_secret:
             # Gateway mode: voicefleet is the LiveKit server's worker for its agents; its
@@ -188,12 +186,6 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
         return PlainTextResponse("ready\n" if ready else "starting\n", 200 if ready else 503)
 
     return app
-
-
-async def _every(interval: float, fn: Any) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        fn()
 
 
 TWIRP_PREFIX = "/twirp/livekit.AgentDispatchService/"

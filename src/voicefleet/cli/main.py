@@ -109,6 +109,13 @@ def server(
     worker_silence_timeout: Annotated[
         float, typer.Option(help="Seconds without a frame after which a worker is dead.")
     ] = DispatchSettings.worker_silence_timeout,
+    redispatch_grace: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a worker whose connection dropped mid-session has to reconnect and "
+            "claim its sessions before they go to another worker (JRP_ON_FAILURE)."
+        ),
+    ] = DispatchSettings.redispatch_grace,
     ready_file: Annotated[
         Path | None, typer.Option(help="Write {url, pid} as JSON here once listening.")
     ] = None,
@@ -150,6 +157,7 @@ def server(
             queue_limit_per_room=queue_limit_per_room,
             queue_limit_per_agent=queue_limit_per_agent,
             worker_silence_timeout=worker_silence_timeout,
+            redispatch_grace=redispatch_grace,
             auto_dispatch=tuple(auto_dispatch or ()),
         ),
     )

@@ -31,7 +31,8 @@ _NEXT: dict[JobState, frozenset[JobState]] = {
     JobState.PENDING: frozenset({JobState.ASSIGNED, *ENDED}),
     # Back to pending: the worker never started it (Scheduler's start timeout).
     JobState.ASSIGNED: frozenset({JobState.PENDING, JobState.RUNNING, *ENDED}),
-    JobState.RUNNING: ENDED,
+    # Back to pending: its worker died and the job is dispatched again (JRP_ON_FAILURE).
+    JobState.RUNNING: frozenset({JobState.PENDING, *ENDED}),
 }
 
 _PROTO_STATUS = {
@@ -98,6 +99,15 @@ class Job:
     assigned_at: float = 0.0
     started_at: float = 0.0
     ended_at: float = 0.0
+    # LiveKit's JobRestartPolicy: JRP_ON_FAILURE (the default) dispatches the job again when
+    # its worker dies mid-session; JRP_NEVER fails it.
+    restart_policy: int = agent_dispatch.JobRestartPolicy.JRP_ON_FAILURE
+    # Times it was dispatched again after its worker died, and why the last time (said again
+    # if it then fails: a caller's session cut by a worker's death should say so).
+    redispatches: int = 0
+    redispatched_for: str = field(default="", repr=False)
+    # When it last began waiting for a worker: the queue timeout counts from here.
+    queued_at: float = field(default_factory=time.time)
     # The version the routing table chose for this session (served by another if it was full);
     # `pin_version` forces one (the smoke test's synthetic sessions).
     routed_version: str = ""
@@ -156,6 +166,7 @@ class Dispatch:
     metadata: str = ""
     attributes: dict[str, str] = field(default_factory=dict)
     deployment: str = ""
+    restart_policy: int = agent_dispatch.JobRestartPolicy.JRP_ON_FAILURE
     created_at: float = field(default_factory=time.time)
     deleted_at: float = 0.0
     job_ids: list[str] = field(default_factory=list)
@@ -262,7 +273,9 @@ class JobBook:
         previous = job.state
         job.state = state
         now = time.time()
-        if state == JobState.ASSIGNED:
+        if state == JobState.PENDING:
+            job.queued_at = now
+        elif state == JobState.ASSIGNED:
             job.assigned_at = now
         elif state == JobState.RUNNING and not job.started_at:
             job.started_at = now
@@ -273,6 +286,12 @@ class JobBook:
         for listener in self.job_listeners:
             listener(job, previous)
         return True
+
+    def touch(self, job: Job) -> None:
+        """`job` changed but not its state (its worker, when one claims it back): listeners get
+        it with `previous` equal to its state, so that those that count states count nothing."""
+        for listener in self.job_listeners:
+            listener(job, job.state)
 
     def _retire(self, job: Job) -> None:
         self._finished[job.id] = None
@@ -305,6 +324,7 @@ class JobBook:
             metadata=dispatch.metadata,
             state=state,
             deployment=dispatch.deployment,
+            restart_policy=dispatch.restart_policy,  # type: ignore[arg-type]
         )
         out.attributes.update(dispatch.attributes)
         return out

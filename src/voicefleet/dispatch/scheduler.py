@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Coroutine, Sequence
 from typing import Any
 
-from livekit.protocol import agent
+from livekit.protocol import agent, agent_dispatch
 
 from voicefleet.config import DispatchSettings, Project
 from voicefleet.dispatch.jobs import Job, JobBook, JobState, PendingCounts, RoomGrant
@@ -103,6 +103,9 @@ class Scheduler:
         book.job_listeners.append(self.pending.job_changed)
         # Agent names with a routing entry (of any deployment): known agents, for metric labels.
         self._routed: set[str] = set()
+        # Jobs whose worker went away mid-session, waiting for it to come back and say it still
+        # runs them (its connection dropped, or this server restarted), each with its timer.
+        self._orphans: dict[str, tuple[asyncio.TimerHandle, Callable[[], None]]] = {}
         registry.on_capacity(self._on_capacity)
         routing.on_change(self._on_route)
 
@@ -225,20 +228,73 @@ class Scheduler:
         self.registry.job_ended(worker)
 
     def worker_gone(self, worker: Worker, reason: str) -> None:
-        """A worker's connection ended: its offers move on, its jobs fail with `reason`."""
+        """A worker's connection ended: its offers move on; its jobs wait `redispatch_grace`
+        for it to reconnect and say it runs them, then go to another worker (JRP_ON_FAILURE)
+        or fail with `reason` (JRP_NEVER, or a worker that reports no job status)."""
         self.registry.remove(worker)
         for fut in worker.offers.values():
             if not fut.done():
                 fut.set_exception(WorkerGone(reason))
         for job_id in sorted(worker.jobs):
             job = self.book.jobs.get(job_id)
-            if job is not None:
-                self.book.transition(
-                    job,
-                    JobState.FAILED,
-                    f"worker {worker.id} {reason} while the job was {job.state}",
+            if job is not None and not job.ended:
+                why = f"worker {worker.id} {reason} while the job was {job.state}"
+                job.worker_id = ""
+                self.book.touch(job)
+                # A worker that never reports how its jobs go (Node's @livekit/agents 1.9) may
+                # have ended this one long ago: starting it again could call a caller back.
+                self.orphan(
+                    job, self.settings.redispatch_grace, why, redispatch=worker.reports_jobs
                 )
         worker.jobs.clear()
+
+    def orphan(self, job: Job, within: float, reason: str, *, redispatch: bool) -> None:
+        """`job` runs on no worker known here: wait `within` seconds for one to report it (a
+        migrate_job or a status update after it reconnects), then dispatch it again if
+        `redispatch` and its restart policy allow, else fail it with `reason`."""
+        old = self._orphans.pop(job.id, None)
+        if old is not None:
+            old[0].cancel()
+
+        def unclaimed() -> None:
+            self._unclaimed(job, reason, redispatch)
+
+        timer = asyncio.get_running_loop().call_later(within, unclaimed)
+        self._orphans[job.id] = (timer, unclaimed)
+
+    def instance_exited(self, instance: str, *, redispatch: bool) -> None:
+        """The process of `instance` ended: jobs its worker left will not be claimed back, so
+        they move on now, not after the grace: to another worker if `redispatch` (it died),
+        else they fail (it was stopped: drained, or killed at the end of its grace period)."""
+        for job_id, (timer, unclaimed) in list(self._orphans.items()):
+            job = self.book.jobs.get(job_id)
+            if job is None or job.instance != instance or job.worker_id:
+                continue
+            timer.cancel()
+            if redispatch:
+                unclaimed()
+            else:
+                del self._orphans[job_id]
+                self.book.transition(
+                    job, JobState.FAILED, f"instance {instance} was stopped while the job ran"
+                )
+
+    def _unclaimed(self, job: Job, reason: str, redispatch: bool) -> None:
+        self._orphans.pop(job.id, None)
+        if job.ended or job.worker_id:
+            return  # ended meanwhile, or adopted by a worker that reconnected
+        if not redispatch or job.restart_policy == agent_dispatch.JobRestartPolicy.JRP_NEVER:
+            self.book.transition(job, JobState.FAILED, reason)
+            return
+        log.warning("job dispatched again: %s", reason, extra={"job": job.id})
+        self.metrics.redispatches.inc()
+        job.redispatches += 1
+        job.redispatched_for = reason
+        job.tried.clear()
+        job.not_started_by.clear()
+        self.book.transition(job, JobState.PENDING)  # listeners see the version it ran on
+        job.agent_id = job.version = job.instance = ""
+        self.requeue(job)
 
     def adopt(self, worker: Worker, job_ids: Sequence[str]) -> None:
         """A worker reports jobs it runs (after a reconnect, e.g. when this server restarted)."""
@@ -254,6 +310,7 @@ class Scheduler:
             else:
                 job.worker_id = worker.id
                 worker.jobs.add(job_id)
+                self.book.touch(job)
             log.info("job re-adopted", extra={"job": job_id, "worker": worker.id})
 
     def terminate(self, job: Job, reason: str) -> None:
@@ -274,11 +331,14 @@ class Scheduler:
             for job in waiting:
                 if job.state != JobState.PENDING:
                     continue  # ended, or taken back by a worker that started it late
-                if now - job.created_at < limit:
+                if now - job.queued_at < limit:
                     keep.append(job)
                     continue
                 expired += 1
-                self.book.transition(job, JobState.FAILED, self._no_worker_reason(key, limit))
+                why = self._no_worker_reason(key, limit)
+                if job.redispatched_for:
+                    why = f"{job.redispatched_for}; dispatched again, {why}"
+                self.book.transition(job, JobState.FAILED, why)
             waiting.clear()
             waiting.extend(keep)
             if not waiting:
@@ -291,6 +351,8 @@ class Scheduler:
             self.expire_queued()
 
     async def close(self) -> None:
+        for timer, _ in self._orphans.values():
+            timer.cancel()
         tasks = [*self._tasks, *self._pumps.values()]
         for task in tasks:
             task.cancel()
@@ -414,7 +476,7 @@ class Scheduler:
                 "routed version full, overflow",
                 extra={"job": job.id, "routed": job.routed_version, "served": worker.pool},
             )
-        self.metrics.dispatch_latency.observe(job.assigned_at - job.created_at)
+        self.metrics.dispatch_latency.observe(job.assigned_at - job.queued_at)
         log.info(
             "job assigned",
             extra={"job": job.id, "worker": worker.id, "room": job.room, "pool": worker.pool},

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
+from livekit.protocol import agent_dispatch
+
 from voicefleet.config import DispatchSettings, Project
 from voicefleet.dispatch.jobs import (
     ENDED,
@@ -74,7 +76,6 @@ class DispatchService:
         # because they died, so their jobs stay running in the store for the next start.
         self.closing = False
         # Jobs that were running when the server last stopped, by adoption deadline.
-        self._orphans: dict[str, float] = {}
         metrics.gauge(
             "voicefleet_workers",
             "Connected workers by status.",
@@ -182,6 +183,8 @@ class DispatchService:
             metadata=metadata,
             deployment=deployment,
             pin_version=version,
+            # A smoke session whose worker dies fails the smoke test; never a second try.
+            restart_policy=agent_dispatch.JobRestartPolicy.JRP_NEVER,
         )
         return dispatch, self.book.jobs[dispatch.job_ids[0]]
 
@@ -194,6 +197,8 @@ class DispatchService:
         await self.scheduler.close()
 
     def _count_job(self, job: Job, previous: JobState | None) -> None:
+        if previous == job.state:
+            return
         self.metrics.jobs_total.labels(str(job.state)).inc()
         if job.ended:
             log.info(
@@ -213,6 +218,7 @@ class DispatchService:
         deployment: str = "",
         room_sid: str = "",
         pin_version: str = "",
+        restart_policy: int = agent_dispatch.JobRestartPolicy.JRP_ON_FAILURE,
     ) -> Dispatch:
         if not room:
             raise InvalidRequest("room is required")
@@ -223,6 +229,7 @@ class DispatchService:
             metadata=metadata,
             attributes=dict(attributes or {}),
             deployment=deployment,
+            restart_policy=restart_policy,
         )
         job = Job(
             id=new_id("AJ_"),
@@ -234,6 +241,7 @@ class DispatchService:
             attributes=dict(dispatch.attributes),
             deployment=deployment,
             pin_version=pin_version,
+            restart_policy=restart_policy,
         )
         self.scheduler.submit(job)  # raises NoCapacity before anything is recorded
         # The job is in the book; record the dispatch that owns it.
@@ -275,7 +283,7 @@ class DispatchService:
 
     def restore(self, dispatches: list[Dispatch], jobs: list[Job], adopt_within: float) -> None:
         """Take back what the last run left open: queue pending jobs again; running jobs wait
-        `adopt_within` seconds for their worker to reconnect and report them."""
+        `adopt_within` seconds for their worker to reconnect and report them, then fail."""
         for dispatch in dispatches:
             self.book.add_dispatch(dispatch, record=False)
         now = time.time()
@@ -286,26 +294,22 @@ class DispatchService:
             if owner is not None:
                 owner.job_ids.append(job.id)
             if job.state == JobState.PENDING:
-                job.created_at = max(job.created_at, now - self.settings.queue_timeout / 2)
+                job.queued_at = max(job.created_at, now - self.settings.queue_timeout / 2)
                 self.scheduler.requeue(job)
             else:
-                self._orphans[job.id] = now + adopt_within
+                self.scheduler.orphan(
+                    job,
+                    adopt_within,
+                    "voicefleet restarted and no worker reported this job after reconnecting",
+                    redispatch=False,
+                )
         if jobs:
             log.info("restored open jobs", extra={"jobs": len(jobs)})
 
-    def fail_unadopted(self, now: float | None = None) -> None:
-        now = time.time() if now is None else now
-        for job_id, deadline in list(self._orphans.items()):
-            job = self.book.jobs.get(job_id)
-            if job is None or job.ended or job.worker_id:
-                del self._orphans[job_id]
-            elif now >= deadline:
-                del self._orphans[job_id]
-                self.book.transition(
-                    job,
-                    JobState.FAILED,
-                    "voicefleet restarted and no worker reported this job after reconnecting",
-                )
+    def instance_exited(self, instance: str, *, redispatch: bool) -> None:
+        """The process of an instance ended: sessions its worker left go to other workers now
+        (`redispatch`: it died), or end with it (it was stopped)."""
+        self.scheduler.instance_exited(instance, redispatch=redispatch)
 
     # -- gateway mode: jobs a LiveKit server offers voicefleet as its worker -------------------
 

@@ -109,7 +109,7 @@ class VersionStats:
         self._errors: dict[tuple[str, str], deque[_Errors]] = {}
 
     def job_changed(self, job: Job, previous: JobState | None) -> None:
-        if not job.version:
+        if not job.version or previous == job.state:
             return
         key = (job.agent_name, job.version)
         if job.state == JobState.RUNNING and job.assigned_at:

@@ -116,6 +116,7 @@ async def _create(request: Request, service: DispatchService) -> Response:
         metadata=req.metadata,
         attributes=dict(req.attributes),
         deployment=req.deployment,
+        restart_policy=req.restart_policy,
     )
     return _encode(kind, service.book.dispatch_proto(dispatch))
 

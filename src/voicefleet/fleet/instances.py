@@ -347,7 +347,12 @@ class Instances:
         log.info("instance restarted after server restart", extra={"instance": row.id})
 
     def _changed(self, instance_id: str, status: InstanceStatus) -> None:
+        if status == InstanceStatus.FAILED:  # its process died: its sessions move on now
+            self.dispatch.instance_exited(instance_id, redispatch=True)
         if status == InstanceStatus.STOPPED:
+            # Ended by us (drained, stopped, or killed at the end of its grace period): what it
+            # still ran ends with it, and is not started again elsewhere.
+            self.dispatch.instance_exited(instance_id, redispatch=False)
             self.joblogs.forget(instance_id)
         task = asyncio.create_task(self._persist(instance_id, status))
         self._writes.add(task)

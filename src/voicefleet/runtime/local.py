@@ -75,6 +75,7 @@ class _Instance:
     unhealthy: int = 0
     supervisor: asyncio.Task[None] | None = None
     killer: asyncio.Task[None] | None = None
+    killed_at_grace: bool = False  # its drain outlived the grace period: killed here
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -195,6 +196,8 @@ class LocalRuntime:
                 inst.killer.cancel()
             _signal_group(inst.state.pid, signal.SIGKILL)  # leftovers of its group, if any
             if inst.draining or inst.stopping:
+                if inst.draining and code != 0 and not inst.killed_at_grace:
+                    self._set(inst, InstanceStatus.FAILED)  # died mid-drain: not our doing
                 self._set(inst, InstanceStatus.STOPPED)
                 return
             inst.state.restarts += 1
@@ -279,6 +282,7 @@ class LocalRuntime:
             "grace period over: killing instance",
             extra={"instance": inst.state.spec.instance_id, "grace": grace},
         )
+        inst.killed_at_grace = True
         _signal_group(inst.state.pid, signal.SIGKILL)
 
     async def stop(self, instance_id: str) -> None:

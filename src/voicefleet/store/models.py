@@ -22,6 +22,7 @@ class DispatchRow(Base):
     metadata_: Mapped[str] = mapped_column("metadata", Text, default="")
     attributes: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     deployment: Mapped[str] = mapped_column(String(100), default="")
+    restart_policy: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[float] = mapped_column(Float)
     deleted_at: Mapped[float] = mapped_column(Float, default=0.0)
 
@@ -51,6 +52,8 @@ class JobRow(Base):
     assigned_at: Mapped[float] = mapped_column(Float, default=0.0)
     started_at: Mapped[float] = mapped_column(Float, default=0.0)
     ended_at: Mapped[float] = mapped_column(Float, default=0.0)
+    restart_policy: Mapped[int] = mapped_column(Integer, default=0)
+    redispatches: Mapped[int] = mapped_column(Integer, default=0)
 
 
 # The tables themselves, for Core statements (bulk upserts) that bypass the ORM.

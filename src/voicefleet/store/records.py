@@ -26,12 +26,14 @@ _JOB_FIELDS = (
     "id", "dispatch_id", "agent_name", "namespace", "job_type", "room", "room_sid", "attributes",
     "deployment", "state", "error", "worker_id", "agent_id", "version", "instance",
     "participant_identity", "created_at", "assigned_at", "started_at", "ended_at",
+    "restart_policy", "redispatches",
 )  # fmt: skip
 
 
 _JOB_COLUMNS = (*_JOB_FIELDS, "metadata")
 _DISPATCH_COLUMNS = (
-    "id", "agent_name", "room", "metadata", "attributes", "deployment", "created_at", "deleted_at",
+    "id", "agent_name", "room", "metadata", "attributes", "deployment", "restart_policy",
+    "created_at", "deleted_at",
 )  # fmt: skip
 
 
@@ -43,16 +45,18 @@ _EXCEPTION = re.compile(r"[A-Za-z_][\w.]*(: |$)")  # "RuntimeError: v2 is broken
 def failure_kind(error: str, previous: JobState | None) -> str:
     """The kind of reason a job failed for, from the state it failed in and its error: the
     launcher's words for what the worker reports (voicefleet.runtime.launch) or the dispatcher's."""
-    if previous == JobState.PENDING:
-        return "no_worker"  # never assigned: the queue timed out
+    if (
+        (error.startswith("worker ") and " while the job was " in error)
+        or error.startswith("voicefleet restarted")
+        or (error.startswith("instance ") and error.endswith(" was stopped while the job ran"))
+    ):
+        return "worker_lost"
     if error.startswith("job process killed by "):
         return "killed"
     if error.startswith("job process exited with code "):
         return "exited"
-    if (error.startswith("worker ") and " while the job was " in error) or error.startswith(
-        "voicefleet restarted"
-    ):
-        return "worker_lost"
+    if previous == JobState.PENDING:
+        return "no_worker"  # never assigned: the queue timed out
     if _EXCEPTION.match(error):
         return "crashed"  # the entrypoint raised: "<Type>: <message>"
     if previous == JobState.ASSIGNED:
@@ -90,6 +94,7 @@ def _dispatch_row(d: Dispatch) -> dict[str, Any]:
         "metadata": d.metadata,
         "attributes": d.attributes,
         "deployment": d.deployment,
+        "restart_policy": d.restart_policy,
         "created_at": d.created_at,
         "deleted_at": d.deleted_at,
     }
@@ -231,6 +236,7 @@ async def load_open(engine: AsyncEngine) -> tuple[list[Dispatch], list[Job]]:
             metadata=r.metadata,
             attributes=dict(r.attributes or {}),
             deployment=r.deployment,
+            restart_policy=r.restart_policy,
             created_at=r.created_at,
         )
         for r in drows
