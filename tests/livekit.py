@@ -508,19 +508,27 @@ class NsVoicefleet:
     that server's namespace; its API is called from inside too."""
 
     def __init__(
-        self, lk: LiveKitServer, data_dir: Path, api_secret: str = "", log_level: str = "info"
+        self,
+        lk: LiveKitServer,
+        data_dir: Path,
+        api_secret: str = "",
+        log_level: str = "info",
+        port: int = 0,
     ) -> None:
+        """`port`: 0 picks a free one; a fixed one (the namespace's own port space: no
+        collision) lets workers find a server restarted on the same data dir again."""
         self.lk = lk
         self.data_dir = data_dir
         self.log_path = data_dir / "server.log"
         self.ready = data_dir / "ready.json"
         self.url = ""
         data_dir.mkdir(parents=True, exist_ok=True)
+        self.ready.unlink(missing_ok=True)  # a last run's: this run writes its own
         with open(self.log_path, "ab") as log:
             self.proc = lk.ns.popen(
                 [
                     sys.executable, "-m", "voicefleet", "server", "--dev",
-                    "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir),
+                    "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir),
                     "--ready-file", str(self.ready), "--log-level", log_level,
                     "--livekit-url", lk.ws_url,
                     "--livekit-api-key", lk.api_key,

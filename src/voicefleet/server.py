@@ -102,7 +102,7 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
             target = LiveKitTarget(
                 settings.livekit_url, settings.livekit_api_key, settings.livekit_api_secret
             )
-            gateway = Gateway(service, target, settings.gateway)
+            gateway = Gateway(service, target, settings.gateway, can_start=autoscaler.can_start)
             background.append(asyncio.create_task(gateway.run()))
 
         async def take_back() -> None:

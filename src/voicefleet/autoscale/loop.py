@@ -29,6 +29,7 @@ from voicefleet.autoscale.policy import (
     failing,
     hold_failing,
 )
+from voicefleet.dispatch.registry import PoolKey
 from voicefleet.dispatch.service import DispatchService
 from voicefleet.store.models import AgentRow, DeploymentRow
 from voicefleet.store.repo import Repo
@@ -84,6 +85,10 @@ class Autoscaler:
         self._held: set[tuple[str, str, str]] = set()
         self.samples: dict[tuple[str, str], deque[Sample]] = {}
         self.decisions: dict[tuple[str, str], tuple[float, Decision]] = {}
+        # (agent id, deployment) -> (agent name, it may start another instance now: below its
+        # maximum, not held as failing). A LiveKit server in front is told such an agent is
+        # not full (see can_start).
+        self._headroom: dict[tuple[str, str], tuple[str, bool]] = {}
         self._wake = asyncio.Event()
         dispatch.on_queued(lambda _agent_name: self._wake.set())
 
@@ -104,6 +109,7 @@ class Autoscaler:
         now = time.time()
         for dep in await self.repo.deployments():
             if dep.autoscale is None or not dep.version:
+                self._headroom.pop((dep.agent_id, dep.name), None)
                 continue
             agent = await self.repo.agent(dep.agent_id)
             lock = self.pools.lock(dep.agent_id, dep.name)
@@ -130,6 +136,7 @@ class Autoscaler:
         why = failing(seen, self.guard)
         decision = hold_failing(policy, wished, len(rows), why, queued)
         self.decisions[key] = (now, decision)
+        self._headroom[key] = (agent.name, why is None and len(rows) < policy.max_instances)
         held = (agent.id, dep.name, dep.version)
         if why is None:
             self._held.discard(held)
@@ -158,6 +165,11 @@ class Autoscaler:
         log.info(
             "autoscaled", extra={"agent": agent.name, "from": len(rows), "to": decision.desired}
         )
+
+    def can_start(self, key: PoolKey) -> bool:
+        """Whether an instance of the agent of pool `key` can be started now, in any of its
+        autoscaled deployments (scale from zero included)."""
+        return any(ok for name, ok in self._headroom.values() if name == key.agent_name)
 
     def decision(self, agent_id: str, deployment: str) -> dict[str, object] | None:
         found = self.decisions.get((agent_id, deployment))

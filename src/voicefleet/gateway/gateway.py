@@ -21,18 +21,26 @@ from voicefleet.dispatch.registry import PoolKey, Worker
 from voicefleet.dispatch.service import DispatchService
 from voicefleet.gateway.relay import RelayedJob
 from voicefleet.gateway.target import BadTarget, LiveKitTarget, backoff, why_not
-from voicefleet.gateway.upstream import Upstream
+from voicefleet.gateway.upstream import CanStart, Upstream, never
 
 log = logging.getLogger("voicefleet.gateway")
 
 
 class Gateway:
     def __init__(
-        self, service: DispatchService, target: LiveKitTarget, settings: GatewaySettings
+        self,
+        service: DispatchService,
+        target: LiveKitTarget,
+        settings: GatewaySettings,
+        can_start: CanStart = never,
     ) -> None:
+        """`can_start(key)`: whether an instance of that pool can be started now (the
+        autoscaler's headroom, scale from zero included); such a pool is not full for LiveKit
+        even when none of its workers is free (see `upstream_status`)."""
         self._service = service
         self._target = target
         self._settings = settings
+        self._can_start = can_start
         self.upstreams: dict[PoolKey, Upstream] = {}
         self._probe: asyncio.Task[None] | None = None
         self._started = False
@@ -101,7 +109,12 @@ class Gateway:
         if worker.key in self.upstreams:
             return
         upstream = Upstream(
-            worker.key, worker.permissions, self._target, self._service, self._settings
+            worker.key,
+            worker.permissions,
+            self._target,
+            self._service,
+            self._settings,
+            self._can_start,
         )
         self.upstreams[worker.key] = upstream
         upstream.start()

@@ -59,6 +59,13 @@ class RelayedJob:
     def offer(self) -> agent.Job:
         return self._offer
 
+    @property
+    def in_flight(self) -> bool:
+        """LiveKit's offer still waits for an answer or, accepted, for its assignment."""
+        if not self.answered:
+            return True
+        return self.grant is None and self.job is not None and not self.job.ended
+
     # -- the scheduler's hook -----------------------------------------------------------------
 
     async def accepted(self, job: Job, answer: agent.AvailabilityResponse) -> RoomGrant | None:
@@ -107,21 +114,28 @@ class RelayedJob:
 
     # -- what happens here --------------------------------------------------------------------
 
-    def refuse(self) -> None:
-        """Answer LiveKit's availability request: not available (once, if not yet answered)."""
+    def refuse(self, terminate: bool = False) -> None:
+        """Answer LiveKit's availability request, once, if not yet answered: not available
+        (LiveKit tries its next worker), or with `terminate` the job is over (it tries none)."""
         if self.answered:
             return
         self.answered = True
         self._send(
             agent.WorkerMessage(
-                availability=agent.AvailabilityResponse(job_id=self.id, available=False)
+                availability=agent.AvailabilityResponse(
+                    job_id=self.id, available=False, terminate=terminate
+                )
             )
         )
 
     def changed(self, job: Job) -> None:
         """The local job changed state: tell LiveKit what it would hear from a worker."""
         if job.ended and self.grant is None:
-            self.refuse()  # ended before any worker here took it (expired, rejected)
+            # Ended before any worker here took it. Terminated (a worker answered the offer
+            # with `terminate`, as livekit-agents' `reject()` does): over for LiveKit too, which
+            # then records it as done and offers it to no other worker. Failed (no worker
+            # took it in time): not available, so that LiveKit may try another worker.
+            self.refuse(terminate=job.state == JobState.TERMINATED)
             return
         status = _UPSTREAM_STATUS.get(job.state)
         if status is None or self.grant is None or self.ended_upstream:

@@ -4,8 +4,9 @@ One connection per pool key (agent name, namespace, job type) to `<livekit url>/
 livekit-agents worker makes it: register with the pool's name, namespace, type and permissions;
 report the pool's aggregate load and status; turn each availability request into a local job
 (`RelayedJob`), its assignment into the local worker's, a termination into the local job's end.
-When the connection drops it comes back with backoff, registers again and reports the jobs that
-still run here (`migrate_job`, as livekit-agents does); no local call is touched meanwhile.
+When the connection drops, or LiveKit asks it to go away, it comes back (with backoff after a
+failure), registers again and reports the jobs that still run here (`migrate_job`, as
+livekit-agents does); no local call is touched meanwhile.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from google.protobuf.message import DecodeError
 from livekit.protocol import agent, models
@@ -32,10 +34,35 @@ from voicefleet.gateway.target import LiveKitTarget, backoff, why_not
 log = logging.getLogger("voicefleet.gateway")
 
 MAX_FRAME = 1 << 20
+# The load reported for a pool that has no free worker but can start one: below 1, so that
+# LiveKit still offers it jobs (it picks workers weighted by 1 - load, and never one at 1), and
+# high, so that another voicefleet server with a worker free now is preferred to a cold start.
+COLD_START_LOAD = 0.9
+
+CanStart = Callable[[PoolKey], bool]
 
 
 class RegisterFailed(Exception):
     """LiveKit did not answer the register message as a LiveKit server does."""
+
+
+def upstream_status(pool: PoolLoad, can_start: bool) -> tuple[agent.WorkerStatus, float]:
+    """What voicefleet tells LiveKit of one pool, as one worker's status and load.
+
+    Full only when no worker here can take a job now and none can be started: a pool that can
+    start an instance (the autoscaler may scale it up, or from zero) takes offers, which queue
+    here and wake the autoscaler. Reporting it full would mean LiveKit offers nothing, so nothing
+    queues, and an agent scaled to zero would never be started again."""
+    if pool.available:
+        return agent.WorkerStatus.WS_AVAILABLE, pool.load
+    if can_start:
+        return agent.WorkerStatus.WS_AVAILABLE, COLD_START_LOAD
+    return agent.WorkerStatus.WS_FULL, 1.0
+
+
+def never(key: PoolKey) -> bool:
+    """The default answer to "can an instance of this pool be started?"."""
+    return False
 
 
 class Upstream:
@@ -46,12 +73,14 @@ class Upstream:
         target: LiveKitTarget,
         service: DispatchService,
         settings: GatewaySettings,
+        can_start: CanStart = never,
     ) -> None:
         self.key = key
         self.permissions = permissions
         self._target = target
         self._service = service
         self._settings = settings
+        self._can_start = can_start
         self.worker_id = ""  # LiveKit's id for the current registration; "" while not registered
         self.registrations = 0
         # Jobs LiveKit offered that have not ended here, by job id.
@@ -59,6 +88,10 @@ class Upstream:
         self._outbox: asyncio.Queue[bytes] | None = None  # the current connection's
         self._pool_changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # LiveKit asked this connection to go away (its reason): it takes no new offer, answers
+        # those in flight, then closes; the next connection is made at once.
+        self._going_away = ""
+        self._offer_moved = asyncio.Event()  # an offer was answered, assigned or ended
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"upstream {self.key.agent_name}")
@@ -81,6 +114,7 @@ class Upstream:
         link.changed(job)
         if job.ended:
             del self._links[job.id]
+        self._offer_moved.set()
 
     # -- the connection -----------------------------------------------------------------------
 
@@ -98,6 +132,14 @@ class Upstream:
                     await self._register(ws)
                     failures = 0
                     reason = await self._serve(ws)
+                    if self._going_away:
+                        # Not a failure: LiveKit asked for a new connection (e.g. it drains).
+                        self._going_away = ""
+                        log.info(
+                            "LiveKit asked voicefleet to reconnect: registering again",
+                            extra={"agent_name": self.key.agent_name, "reason": reason},
+                        )
+                        continue
             except (OSError, TimeoutError, WebSocketException, RegisterFailed) as e:
                 reason = why_not(self._target, e)
             except Exception as e:  # a bug: said with its traceback, and the link retried
@@ -149,6 +191,7 @@ class Upstream:
     async def _serve(self, ws: ClientConnection) -> str:
         """Relay until the connection ends; return why it ended."""
         self._outbox = asyncio.Queue()
+        self._going_away = ""  # a new connection: LiveKit has asked nothing of it yet
         # What a reconnecting livekit-agents worker says first: the jobs it still runs.
         running = [i for i, link in self._links.items() if link.grant is not None]
         if running:
@@ -157,7 +200,10 @@ class Upstream:
         tasks = [asyncio.create_task(self._write(ws)), asyncio.create_task(self._report())]
         try:
             async for data in ws:
-                self._handle(data)
+                if self._handle(data):
+                    tasks.append(asyncio.create_task(self._leave(ws)))
+            if self._going_away:
+                return f"LiveKit asked voicefleet to go away ({self._going_away})"
             return f"LiveKit closed the connection ({ws.close_code} {ws.close_reason})".strip()
         except ConnectionClosed as e:
             return f"the connection to LiveKit dropped ({e})"
@@ -165,6 +211,17 @@ class Upstream:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _leave(self, ws: ClientConnection) -> None:
+        """Close the connection LiveKit asked to go away, once the offers in flight on it are
+        answered and their assignments in (bounded: LiveKit gives up on them sooner)."""
+        s = self._settings
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(s.answer_within + s.assignment_within):
+                while any(link.in_flight for link in self._links.values()):
+                    self._offer_moved.clear()
+                    await self._offer_moved.wait()
+        await ws.close()
 
     async def _write(self, ws: ClientConnection) -> None:
         outbox = self._outbox
@@ -174,19 +231,17 @@ class Upstream:
 
     async def _report(self) -> None:
         """The pool's status, as one worker's: on each change that matters, and periodically."""
-        last: PoolLoad | None = None
+        last: tuple[agent.WorkerStatus, int] | None = None
         sent_at = 0.0
         while True:
-            now = self._service.pool_load(self.key)
-            changed = last is None or (now.available, now.jobs) != (last.available, last.jobs)
-            if changed or time.monotonic() - sent_at >= self._settings.status_interval:
-                status = (
-                    agent.WorkerStatus.WS_AVAILABLE if now.available else agent.WorkerStatus.WS_FULL
-                )
+            pool = self._service.pool_load(self.key)
+            status, load = upstream_status(pool, self._can_start(self.key))
+            now = (status, pool.jobs)
+            if now != last or time.monotonic() - sent_at >= self._settings.status_interval:
                 self._send(
                     agent.WorkerMessage(
                         update_worker=agent.UpdateWorkerStatus(
-                            status=status, load=now.load, job_count=now.jobs
+                            status=status, load=load, job_count=pool.jobs
                         )
                     )
                 )
@@ -218,10 +273,11 @@ class Upstream:
 
     # -- what LiveKit says --------------------------------------------------------------------
 
-    def _handle(self, data: str | bytes) -> None:
+    def _handle(self, data: str | bytes) -> bool:
+        """Act on one frame from LiveKit; True when it asks this connection to go away."""
         msg = _parse(data)
         if msg is None:
-            return
+            return False
         which = msg.WhichOneof("message")
         if which == "availability":
             self._offered(msg.availability.job)
@@ -229,6 +285,7 @@ class Upstream:
             link = self._links.get(msg.assignment.job.id)
             if link is not None:
                 link.assigned(msg.assignment)
+                self._offer_moved.set()
             else:
                 log.info(
                     "assignment for a job not offered here", extra={"job": msg.assignment.job.id}
@@ -238,8 +295,21 @@ class Upstream:
             if link is not None and link.job is not None:
                 link.ended_upstream = True
                 self._service.end_job(link.job, "terminated by LiveKit")
+        elif which == "go_away":
+            # LiveKit Cloud's way to move its workers elsewhere (the open-source server never
+            # sends it): this connection takes no new job; the calls running here go on and
+            # are reported on the next connection.
+            if self._going_away:
+                return False
+            self._going_away = msg.go_away.reason or "no reason given"
+            log.info(
+                "LiveKit asked voicefleet to go away",
+                extra={"agent_name": self.key.agent_name, "reason": self._going_away},
+            )
+            return True
         else:
             log.debug("ignored LiveKit message", extra={"message_type": which})
+        return False
 
     def _offered(self, offer: agent.Job) -> None:
         """An availability request: a local job now; the answer when a worker here takes it
@@ -247,6 +317,13 @@ class Upstream:
         LiveKit's offers are never held up behind one another."""
         if offer.id in self._links:
             log.info("job offered twice; the first offer stands", extra={"job": offer.id})
+            return
+        if self._going_away:
+            self._send(
+                agent.WorkerMessage(
+                    availability=agent.AvailabilityResponse(job_id=offer.id, available=False)
+                )
+            )
             return
         link = RelayedJob(
             offer, self._send, self._target.room_url, self._settings.assignment_within
