@@ -4,7 +4,8 @@ In a real room (a LiveKit server at the job's url) it connects, greets the calle
 660 Hz tone, subscribes to the caller's microphone, finds where the caller speaks with Silero's
 VAD (livekit-plugins-silero; its ONNX model ships inside the wheel, so nothing is downloaded),
 and answers each utterance, once it ends, with 0.8 s of 440 Hz tone (the stand-in for
-synthesized speech) on a track it publishes. The job ends when the caller leaves.
+synthesized speech) on a track it publishes. The job ends when the caller leaves. A smoke
+test's session (job metadata {"smoke": true}) joins, greets nobody and ends.
 
 Without a real room (a worker of a dispatch server that has no LiveKit server behind it, e.g.
 `vf demo`), a session is synthetic: it listens to bundled speech (speech.wav, 16 kHz mono) in
@@ -89,6 +90,13 @@ async def call(ctx: JobContext) -> None:
     await ctx.room.local_participant.publish_track(
         track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
     )
+    if json.loads(ctx.job.metadata or "{}").get("smoke"):
+        # A smoke test's session (a blue-green deploy checks the new version with one): nobody
+        # will come. Joining and speaking is the check; then it ends.
+        for frame in reply_frames(*GREETING):
+            await source.capture_frame(frame)
+        ctx.shutdown("smoke test: joined and spoke")
+        return
     left = asyncio.Event()
     ctx.room.on("disconnected", lambda *_: left.set())
     arrived = asyncio.ensure_future(ctx.wait_for_participant())
