@@ -300,8 +300,9 @@ def _duration(text: str) -> float:
         fail(f"'{text}' is not a duration like 30s, 5m or 1h", USAGE)
 
 
-def _report(rollout: Any) -> None:
-    """Say how a rollout ended (or where a canary stands) and exit non-zero if it failed."""
+def _report(rollout: Any, wanted: tuple[str, ...] = ("complete", "promoted")) -> None:
+    """Say how a rollout ended (or where a canary stands) and exit non-zero if it did not end
+    as `wanted` (an abort asked for ends it aborted: that is success)."""
     state_, v = rollout["state"], rollout["to_version"]
     if state_ in ("progressing", "paused") and rollout["strategy"] == "canary":
         if not state.json:
@@ -310,7 +311,7 @@ def _report(rollout: Any) -> None:
                 "follow with `vf agent canary status`"
             )
         return
-    if state_ not in ("complete", "promoted"):
+    if state_ not in wanted:
         fail(f"rollout of {v} {state_}: {rollout['reason']}", FAILED)
     if not state.json:
         if rollout["strategy"] == "rolling":  # its reason is what started it: deploy, rollback
@@ -513,11 +514,16 @@ def promote(
     )
 
 
-def _finish(key: str, started: Any, to_end: bool = False) -> None:
+def _finish(
+    key: str,
+    started: Any,
+    to_end: bool = False,
+    wanted: tuple[str, ...] = ("complete", "promoted"),
+) -> None:
     rollout = _watch_rollout(key, started["to_version"], state.json, started["id"], to_end)
     if state.json:
         print_json(rollout)
-    _report(rollout)
+    _report(rollout, wanted)
 
 
 canary_app = typer.Typer(help="Watch and steer a running canary.", no_args_is_help=True)
@@ -566,8 +572,10 @@ def _canary(command: str, agent: str | None, deployment: str) -> None:
     data = state.client.request(
         "POST", f"/agents/{key}/canary/{command}", params={"deployment": deployment}
     )
-    if command in ("promote", "abort"):
+    if command == "promote":
         _finish(key, data, to_end=True)
+    elif command == "abort":
+        _finish(key, data, to_end=True, wanted=("aborted",))
     elif state.json:
         print_json(data)
     else:
