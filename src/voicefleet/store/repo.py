@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from voicefleet.store.models import (
@@ -117,14 +117,13 @@ class Repo:
     async def set_instance_status(
         self, instance_id: str, status: str, unless: str | None = None, **fields: Any
     ) -> None:
-        """Set an instance's status (and fields), unless its status is now `unless`."""
+        """Set an instance's status (and fields), unless its status is now `unless`. One
+        statement: an instance deleted meanwhile (its agent was) is left deleted."""
+        query = update(InstanceRow).where(InstanceRow.id == instance_id)
+        if unless is not None:
+            query = query.where(InstanceRow.status != unless)
         async with self._session() as s, s.begin():
-            row = await s.get(InstanceRow, instance_id)
-            if row is not None and row.status != unless:
-                row.status = status
-                row.updated_at = time.time()
-                for name, value in fields.items():
-                    setattr(row, name, value)
+            await s.execute(query.values(status=status, updated_at=time.time(), **fields))
 
     # -- secrets ------------------------------------------------------------------------------
 
