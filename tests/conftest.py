@@ -1,11 +1,21 @@
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 from livekit import api
 
+from tests.livekit import (
+    VOICE_AGENT,
+    BinaryUnavailable,
+    LiveKitServer,
+    NsVoicefleet,
+    livekit_server,
+    server_binary,
+    vf_agent,
+)
 from tests.support import DEV_KEY, DEV_SECRET, Server, Worker
 
 
@@ -67,3 +77,46 @@ async def lkapi(server: Server) -> AsyncIterator[api.LiveKitAPI]:
     client = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
     yield client
     await client.aclose()
+
+
+# -- real calls: one livekit-server, one `vf server` in its namespace, the example agent built --
+# (tests/test_calls.py, test_call_invariants.py, test_redispatch_calls.py; test_gateway.py has
+# its own.)
+
+
+@pytest.fixture(scope="session")
+def lk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveKitServer]:
+    try:
+        binary = server_binary()
+    except BinaryUnavailable as e:
+        pytest.skip(f"livekit-server is not built and cannot be built here: {e}")
+    with livekit_server(tmp_path_factory.mktemp("livekit"), binary=binary) as server:
+        print(f"livekit-server in {server.ns.name}: log {server.log_path}")
+        yield server
+
+
+@pytest.fixture(scope="session")
+def vf(lk: LiveKitServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NsVoicefleet]:
+    server = NsVoicefleet(lk, tmp_path_factory.mktemp("voicefleet"))
+    print(f"vf server log: {server.log_path}")
+    try:
+        yield server.started()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def built_agent(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the example agent whose environment is already in the shared env cache
+    (VF_ENV_CACHE, tests/conftest.py): built by a throwaway server outside the namespace, where
+    PyPI is reachable, so that the server inside it, which cannot reach PyPI, reuses it."""
+    folder = tmp_path_factory.mktemp("deployed") / "voice-agent"
+    shutil.copytree(VOICE_AGENT.parent, folder)
+    outside = Server(tmp_path_factory.mktemp("prebuild")).start()
+    try:
+        vf_agent(folder, outside.url, "create", "--name", "call-deploy")
+        vf_agent(folder, outside.url, "deploy")
+    finally:
+        outside.stop()
+    (folder / "livekit.toml").unlink()  # its id belongs to the throwaway server
+    return folder

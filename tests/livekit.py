@@ -597,3 +597,78 @@ class NsVoicefleet:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+# -- calls: the caller simulator and `vf agent` inside the namespace ------------------------
+
+VOICE_AGENT = ROOT / "examples" / "voice_agent" / "agent.py"
+
+
+class Caller:
+    """tests/caller.py in the namespace: its stdout (JSON lines) goes to a file we read."""
+
+    def __init__(self, lk: LiveKitServer, room: str, folder: Path, *args: str) -> None:
+        self.out = folder / f"caller-{room}.log"
+        self.report_path = folder / f"caller-{room}.json"
+        with open(self.out, "wb") as out:
+            self.proc = lk.ns.popen(
+                [
+                    sys.executable, "-m", "tests.caller", "--room", room,
+                    "--report", str(self.report_path), *args,
+                ],
+                env={**os.environ, **lk.env()},
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        print(f"caller log: {self.out}")
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        found = []
+        for line in self.out.read_text(errors="replace").splitlines():
+            if line.startswith('{"event": '):
+                event = json.loads(line)
+                if event["event"] == name:
+                    found.append(event)
+        return found
+
+    def joined(self) -> dict[str, Any] | None:
+        if self.proc.poll() is not None and not self.events("joined"):
+            raise AssertionError(f"the caller exited:\n{self.out.read_text()}")
+        return next(iter(self.events("joined")), None)
+
+    def report(self) -> dict[str, Any] | None:
+        if self.proc.poll() is None:
+            return None
+        if not self.report_path.exists():
+            raise AssertionError(f"the caller wrote no report:\n{self.out.read_text()}")
+        found: dict[str, Any] = json.loads(self.report_path.read_text())
+        return found
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def print_figures(how: str, report: dict[str, Any]) -> None:
+    replies = ", ".join(f"{u['reply_ms']} ms" for u in report["utterances"])
+    gaps = ", ".join(f"{g['ms']} ms at {g['at_s']} s" for g in report["gaps"]) or "none"
+    print(
+        f"\n[{how}] join {report['join_ms']} ms; join -> first agent audio "
+        f"{report['join_to_first_audio_ms']} ms; utterance end -> reply: {replies}; "
+        f"gaps > 100 ms while the agent spoke: {gaps}; stalls in arrival: "
+        f"{[s['ms'] for s in report['stalls']]}, last frame late {report['late_ms']} ms"
+    )
+
+
+def vf_agent(
+    folder: Path, url: str, *args: str, ns: LiveKitServer | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`vf agent …` in `folder` against the server at `url` (inside `ns`'s namespace if given)."""
+    argv = [sys.executable, "-m", "voicefleet", "agent", *args]
+    env = {**os.environ, "VF_URL": url, "VF_API_KEY": DEV_KEY, "VF_API_SECRET": DEV_SECRET}
+    options: dict[str, Any] = {"cwd": folder, "env": env, "capture_output": True, "text": True}
+    done = ns.ns.run(argv, timeout=600, **options) if ns else subprocess.run(argv, **options)
+    assert done.returncode == 0, f"vf agent {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done

@@ -1,15 +1,16 @@
 """Calls in flight keep their audio to their end whatever voicefleet does meanwhile: a canary
 aborted, a blue-green switch, a scale-down, a restart of `vf server` itself.
 
-The rig of tests/test_calls.py (its fixtures, imported): a real livekit-server in a network
-namespace, `vf server` in it, the example voice agent (examples/voice_agent) deployed with `vf
-agent deploy` from an environment built outside first, and the caller simulator (tests/caller.py)
-speaking to it. Each case starts its calls, runs its operation while they speak, and then asks of
-every call: each utterance was answered, at least one of them after the operation; no gap opened
-in the agent's audio from the start of the operation to the end of the call; the job stayed on
-the version and instance that took it and ended succeeded (or failed with no reason at all:
-livekit-agents' exit-status race, tests/support.py); the agent heard every utterance. The
-figures of each call are printed (run with -s), not asserted."""
+The rig of tests/test_calls.py (its fixtures are the session's, in tests/conftest.py): a real
+livekit-server in a network namespace, `vf server` in it, the example voice agent
+(examples/voice_agent) deployed with `vf agent deploy` from an environment built outside first,
+and the caller simulator (tests/caller.py) speaking to it. Each case starts its calls, runs its
+operation while they speak, and then asks of every call: each utterance was answered, at least
+one of them after the operation; no gap opened in the agent's audio from the start of the
+operation to the end of the call; the job stayed on the version and instance that took it and
+ended succeeded (or failed with no reason at all: livekit-agents' exit-status race,
+tests/support.py); the agent heard every utterance. The figures of each call are printed (run
+with -s), not asserted."""
 
 from __future__ import annotations
 
@@ -30,18 +31,10 @@ import httpx
 import pytest
 from livekit import api
 
-from tests import test_calls
-from tests.livekit import LiveKitServer, NsVoicefleet, server_built
+from tests.livekit import Caller, LiveKitServer, NsVoicefleet, print_figures, server_built
 from tests.support import DEV_KEY, DEV_SECRET, NO_REASON, Seen, admin_token, wait_for
-from tests.test_calls import Caller, print_figures
 
 pytestmark = pytest.mark.timeout(300 if server_built() else 1800)
-
-# The module's own instances of test_calls' module fixtures: one livekit-server, one `vf server`
-# and one prebuilt agent for every case here.
-lk = test_calls.lk
-vf = test_calls.vf
-built_agent = test_calls.built_agent
 
 ENDED = ("succeeded", "failed", "terminated")
 

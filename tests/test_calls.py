@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,17 +27,18 @@ from livekit import api
 
 from tests.caller import Heard, Spoken, analyse, split_utterances
 from tests.livekit import (
-    BinaryUnavailable,
+    VOICE_AGENT,
+    Caller,
     LiveKitServer,
     NsVoicefleet,
     NsWorker,
-    livekit_server,
-    server_binary,
+    print_figures,
     server_built,
+    vf_agent,
 )
-from tests.support import DEV_KEY, DEV_SECRET, NO_REASON, ROOT, Server, wait_for
+from tests.support import DEV_KEY, DEV_SECRET, NO_REASON, wait_for
 
-AGENT = ROOT / "examples" / "voice_agent" / "agent.py"
+AGENT = VOICE_AGENT
 AGENT_NAME = "call-agent"
 UTTERANCES = 4
 
@@ -88,27 +86,6 @@ def test_the_bundled_speech_is_cut_into_utterances_at_its_pauses() -> None:
 
 
 @pytest.fixture(scope="module")
-def lk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveKitServer]:
-    try:
-        binary = server_binary()
-    except BinaryUnavailable as e:
-        pytest.skip(f"livekit-server is not built and cannot be built here: {e}")
-    with livekit_server(tmp_path_factory.mktemp("livekit"), binary=binary) as server:
-        print(f"livekit-server in {server.ns.name}: log {server.log_path}")
-        yield server
-
-
-@pytest.fixture(scope="module")
-def vf(lk: LiveKitServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NsVoicefleet]:
-    server = NsVoicefleet(lk, tmp_path_factory.mktemp("voicefleet"))
-    print(f"vf server log: {server.log_path}")
-    try:
-        yield server.started()
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 def agent(
     lk: LiveKitServer, vf: NsVoicefleet, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[NsWorker]:
@@ -130,64 +107,6 @@ def agent(
         yield worker
     finally:
         worker.stop()
-
-
-class Caller:
-    """tests/caller.py in the namespace: its stdout (JSON lines) goes to a file we read."""
-
-    def __init__(self, lk: LiveKitServer, room: str, folder: Path, *args: str) -> None:
-        self.out = folder / f"caller-{room}.log"
-        self.report_path = folder / f"caller-{room}.json"
-        with open(self.out, "wb") as out:
-            self.proc = lk.ns.popen(
-                [
-                    sys.executable, "-m", "tests.caller", "--room", room,
-                    "--report", str(self.report_path), *args,
-                ],
-                env={**os.environ, **lk.env()},
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        print(f"caller log: {self.out}")
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        found = []
-        for line in self.out.read_text(errors="replace").splitlines():
-            if line.startswith('{"event": '):
-                event = json.loads(line)
-                if event["event"] == name:
-                    found.append(event)
-        return found
-
-    def joined(self) -> dict[str, Any] | None:
-        if self.proc.poll() is not None and not self.events("joined"):
-            raise AssertionError(f"the caller exited:\n{self.out.read_text()}")
-        return next(iter(self.events("joined")), None)
-
-    def report(self) -> dict[str, Any] | None:
-        if self.proc.poll() is None:
-            return None
-        if not self.report_path.exists():
-            raise AssertionError(f"the caller wrote no report:\n{self.out.read_text()}")
-        found: dict[str, Any] = json.loads(self.report_path.read_text())
-        return found
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def print_figures(how: str, report: dict[str, Any]) -> None:
-    replies = ", ".join(f"{u['reply_ms']} ms" for u in report["utterances"])
-    gaps = ", ".join(f"{g['ms']} ms at {g['at_s']} s" for g in report["gaps"]) or "none"
-    print(
-        f"\n[{how}] join {report['join_ms']} ms; join -> first agent audio "
-        f"{report['join_to_first_audio_ms']} ms; utterance end -> reply: {replies}; "
-        f"gaps > 100 ms while the agent spoke: {gaps}; stalls in arrival: "
-        f"{[s['ms'] for s in report['stalls']]}, last frame late {report['late_ms']} ms"
-    )
 
 
 @pytest.mark.parametrize("through", ["voicefleet", "livekit"])
@@ -253,35 +172,6 @@ async def test_a_caller_speaks_and_the_voice_agent_answers_every_utterance_until
 
 
 # -- a rolling deploy during a call ----------------------------------------------------------
-
-
-def vf_agent(
-    folder: Path, url: str, *args: str, ns: LiveKitServer | None = None
-) -> subprocess.CompletedProcess[str]:
-    """`vf agent …` in `folder` against the server at `url` (inside `ns`'s namespace if given)."""
-    argv = [sys.executable, "-m", "voicefleet", "agent", *args]
-    env = {**os.environ, "VF_URL": url, "VF_API_KEY": DEV_KEY, "VF_API_SECRET": DEV_SECRET}
-    options: dict[str, Any] = {"cwd": folder, "env": env, "capture_output": True, "text": True}
-    done = ns.ns.run(argv, timeout=600, **options) if ns else subprocess.run(argv, **options)
-    assert done.returncode == 0, f"vf agent {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
-    return done
-
-
-@pytest.fixture(scope="module")
-def built_agent(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the example agent whose environment is already in the shared env cache
-    (VF_ENV_CACHE, tests/conftest.py): built by a throwaway server outside the namespace, where
-    PyPI is reachable, so that the server inside it, which cannot reach PyPI, reuses it."""
-    folder = tmp_path_factory.mktemp("deployed") / "voice-agent"
-    shutil.copytree(AGENT.parent, folder)
-    outside = Server(tmp_path_factory.mktemp("prebuild")).start()
-    try:
-        vf_agent(folder, outside.url, "create", "--name", "call-deploy")
-        vf_agent(folder, outside.url, "deploy")
-    finally:
-        outside.stop()
-    (folder / "livekit.toml").unlink()  # its id belongs to the throwaway server
-    return folder
 
 
 @pytest.mark.parametrize("operation", ["deploy", "rollback"])

@@ -4,9 +4,8 @@ voicefleet dispatches the call's job again to another worker (LiveKit's JRP_ON_F
 LiveKit's own server does not do): the same job, in the same room, with the same participant
 identity, so the new agent takes the dead one's place and greets the caller again. The caller's
 report says when it heard the agent again after the kill: printed (run with -s), not asserted.
-Fixtures and helpers are tests/test_calls.py's (see its docstring for the rig)."""
+The rig is tests/test_calls.py's (see its docstring)."""
 
-# ruff: noqa: F811  (the fixtures imported from tests/test_calls.py are parameters here)
 from __future__ import annotations
 
 import os
@@ -19,16 +18,15 @@ from typing import Any
 import pytest
 from livekit import api
 
-from tests.livekit import LiveKitServer, NsVoicefleet, server_built
-from tests.support import DEV_KEY, DEV_SECRET, wait_for
-from tests.test_calls import (  # noqa: F401 (fixtures)
+from tests.livekit import (
     Caller,
-    built_agent,
-    lk,
+    LiveKitServer,
+    NsVoicefleet,
     print_figures,
-    vf,
+    server_built,
     vf_agent,
 )
+from tests.support import DEV_KEY, DEV_SECRET, wait_for
 
 pytestmark = pytest.mark.timeout(300 if server_built() else 1800)
 

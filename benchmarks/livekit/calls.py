@@ -32,9 +32,16 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from livekit import api  # noqa: E402
 
-from tests.livekit import LiveKitServer, NsVoicefleet, NsWorker, livekit_server  # noqa: E402
+from tests.livekit import VOICE_AGENT as AGENT  # noqa: E402
+from tests.livekit import (  # noqa: E402
+    Caller,
+    LiveKitServer,
+    NsVoicefleet,
+    NsWorker,
+    livekit_server,
+)
 from tests.support import DEV_KEY, DEV_SECRET, wait_for  # noqa: E402
-from tests.test_calls import AGENT, AGENT_NAME, Caller  # noqa: E402
+from tests.test_calls import AGENT_NAME  # noqa: E402
 
 
 async def one_call(
