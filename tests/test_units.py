@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import jwt
 import pytest
 from livekit.protocol import agent
 
+from voicefleet.control.service import BuildLog
 from voicefleet.dispatch.jobs import IllegalTransition, Job, JobBook, JobState
 from voicefleet.dispatch.registry import Registry, Worker
 from voicefleet.dispatch.scheduler import pick_worker
@@ -142,3 +144,19 @@ def test_worker_token_round_trip_and_forgery() -> None:
     assert tokens.verify_worker_token(token, "s" * 32) == identity
     with pytest.raises(AuthError):
         tokens.verify_worker_token(token, "t" * 32)
+
+
+def test_a_build_log_that_cannot_be_written_stops_the_log_and_says_why_never_the_build(
+    tmp_path: Path,
+) -> None:
+    # /dev/full opens, then refuses every write with ENOSPC, as a full disk does.
+    with BuildLog(Path("/dev/full")) as full:
+        full.write("resolving dependencies")  # raises nothing
+        full.write("version v1 is ready")
+    assert "No space left on device" in full.error
+    with BuildLog(tmp_path / "no-such-dir" / "build.log") as missing:
+        missing.write("a line")
+    assert "No such file or directory" in missing.error
+    with BuildLog(tmp_path / "build.log") as fine:
+        fine.write("a line")
+    assert fine.error == "" and (tmp_path / "build.log").read_text() == "a line\n"

@@ -10,12 +10,13 @@ view is built in `status.py`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from voicefleet.autoscale.policy import Policy
 from voicefleet.build.bundle import extract_bundle
@@ -45,6 +46,41 @@ log = logging.getLogger("voicefleet.control")
 
 DEFAULT_DEPLOYMENT = "production"
 AGENT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+class BuildLog:
+    """A version's build log. A line that cannot be written (a full disk) ends the log, never
+    the build: the version still ends built or failed, never left "building"; `error` says why
+    the log stopped."""
+
+    def __init__(self, path: Path) -> None:
+        self.error = ""
+        self._out: TextIO | None = None
+        try:
+            self._out = open(path, "a", buffering=1)  # closed by close()
+        except OSError as e:
+            self.error = str(e)
+
+    def write(self, line: str) -> None:
+        if self._out is None:
+            return
+        try:
+            self._out.write(line + "\n")
+        except OSError as e:
+            self.error = str(e)
+            self.close()
+
+    def close(self) -> None:
+        out, self._out = self._out, None
+        if out is not None:
+            with contextlib.suppress(OSError):
+                out.close()
+
+    def __enter__(self) -> BuildLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class ControlPlane:
@@ -205,32 +241,35 @@ class ControlPlane:
     async def _build_and_roll(
         self, agent: AgentRow, row: VersionRow, deployment: str, plan: Plan, rollout_id: str
     ) -> None:
-        log_path = self.paths.build_log(agent.id, row.version)
-        with open(log_path, "a", buffering=1) as out:
-
-            def write(line: str) -> None:
-                out.write(line + "\n")
-
+        with BuildLog(self.paths.build_log(agent.id, row.version)) as out:
             try:
-                artifact = await self.builder.build(self.paths.source(agent.id, row.version), write)
+                artifact = await self.builder.build(
+                    self.paths.source(agent.id, row.version), out.write
+                )
             except BuildFailed as e:
-                out.write(f"build failed: {e}\n")
+                out.write(f"build failed: {e}")
                 row.status, row.error = VersionStatus.FAILED, str(e)
                 await self.repo.save(row)
                 await self.repo.event(agent.id, "build_failed", f"{row.version}: {e}")
                 return
             except Exception as e:
                 log.exception("build crashed", extra={"agent": agent.id, "version": row.version})
-                out.write(f"build failed: {e}\n")
+                out.write(f"build failed: {e}")
                 row.status, row.error = VersionStatus.FAILED, f"build crashed: {e}"
                 await self.repo.save(row)
                 return
             reuse = "reused cached environment" if artifact.cached else "built environment"
-            out.write(f"{reuse} {artifact.env_dir}\n")
+            out.write(f"{reuse} {artifact.env_dir}")
             row.status, row.built_at = VersionStatus.READY, time.time()
             row.dependency_digest, row.python = artifact.dependency_digest, str(artifact.python)
             await self.repo.save(row)
-            out.write(f"version {row.version} is ready\n")
+            out.write(f"version {row.version} is ready")
+        if out.error:
+            log.warning(
+                "the build log could not be written: %s",
+                out.error,
+                extra={"agent": agent.id, "version": row.version},
+            )
         await self.repo.event(agent.id, "version_built", f"{row.version} built ({reuse})")
         try:
             await self.roll_to(agent, deployment, row.version, plan=plan, rollout_id=rollout_id)
