@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 
@@ -89,6 +90,21 @@ class GatewaySettings:
     connect_timeout: float = 10.0
 
 
+class RuntimeKind(StrEnum):
+    """Where instances run: child processes of the server, or pods."""
+
+    LOCAL = "local"
+    KUBERNETES = "kubernetes"
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    # None: the pod's service account in a cluster, else $KUBECONFIG or ~/.kube/config.
+    kubeconfig: Path | None = None
+    # None: the kubeconfig context's namespace (or the server pod's own; else "default").
+    namespace: str | None = None
+
+
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path
@@ -111,6 +127,8 @@ class Settings:
     livekit_api_secret: str = ""
     dispatch: DispatchSettings = field(default_factory=DispatchSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    runtime: RuntimeKind = RuntimeKind.LOCAL
+    kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
 
     # SQLAlchemy URL of the store; empty: SQLite in the data directory.
     database: str = ""

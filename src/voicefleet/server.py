@@ -23,7 +23,7 @@ from voicefleet import __version__
 from voicefleet.api import ROUTERS, UPLOADS_AT_ONCE, AdminGuard
 from voicefleet.autoscale.loop import Autoscaler
 from voicefleet.build.local import LocalBuilder
-from voicefleet.config import Project, Settings
+from voicefleet.config import Project, RuntimeKind, Settings
 from voicefleet.control.service import ControlPlane
 from voicefleet.control.sizing import Sizing
 from voicefleet.dispatch.endpoint import worker_endpoint
@@ -38,6 +38,7 @@ from voicefleet.fleet import Instances, Paths
 from voicefleet.gateway import Gateway, LiveKitTarget
 from voicefleet.metrics import Metrics
 from voicefleet.rollout.runner import Rollouts
+from voicefleet.runtime import Runtime
 from voicefleet.runtime.local import LocalRuntime
 from voicefleet.store.db import open_engine
 from voicefleet.store.records import Recorder, load_open
@@ -68,7 +69,7 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
         fleet = Instances(
             repo,
             service,
-            LocalRuntime(),
+            _runtime(settings),
             SecretBox.open(settings.data_dir),
             paths,
             worker_url=lambda: str(app.state.worker_url),
@@ -186,6 +187,15 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
         return PlainTextResponse("ready\n" if ready else "starting\n", 200 if ready else 503)
 
     return app
+
+
+def _runtime(settings: Settings) -> Runtime:
+    if settings.runtime == RuntimeKind.KUBERNETES:
+        from voicefleet.runtime.kubernetes import KubernetesRuntime
+
+        kube = settings.kubernetes
+        return KubernetesRuntime.from_config(kube.kubeconfig, kube.namespace)
+    return LocalRuntime()
 
 
 TWIRP_PREFIX = "/twirp/livekit.AgentDispatchService/"

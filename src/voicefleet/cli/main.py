@@ -13,7 +13,7 @@ from rich.markup import escape
 from voicefleet import __version__, logs
 from voicefleet.cli.agent import app as agent_app
 from voicefleet.cli.flags import app as flags_app
-from voicefleet.config import DispatchSettings, Settings
+from voicefleet.config import DispatchSettings, KubernetesSettings, RuntimeKind, Settings
 from voicefleet.control.projects import check_data_dir, load_project
 from voicefleet.errors import CannotStart, VoicefleetError
 
@@ -127,6 +127,29 @@ def server(
         float,
         typer.Option(help="Seconds a replaced version's idle instances stay up for rollback."),
     ] = Settings.keep_warm,
+    runtime: Annotated[
+        RuntimeKind,
+        typer.Option(
+            envvar="VF_RUNTIME",
+            help="Where instances run: child processes of the server, or pods.",
+        ),
+    ] = RuntimeKind.LOCAL,
+    kube_namespace: Annotated[
+        str | None,
+        typer.Option(
+            envvar="VF_KUBE_NAMESPACE",
+            help="Namespace of the instances' pods (default: the kubeconfig context's, or the "
+            "server pod's own).",
+        ),
+    ] = None,
+    kubeconfig: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="VF_KUBECONFIG",
+            help="Kubeconfig for --runtime kubernetes (default: in-cluster service account, "
+            "else $KUBECONFIG or ~/.kube/config).",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the voicefleet server: LiveKit agent workers connect to it at ws://HOST:PORT."""
@@ -149,6 +172,10 @@ def server(
         livekit_url=livekit_url,
         livekit_api_key=livekit_api_key,
         livekit_api_secret=livekit_api_secret,
+        runtime=runtime,
+        kubernetes=KubernetesSettings(
+            kubeconfig=_absolute(kubeconfig) if kubeconfig else None, namespace=kube_namespace
+        ),
         dispatch=DispatchSettings(
             availability_timeout=availability_timeout,
             start_timeout=start_timeout,
@@ -166,6 +193,8 @@ def server(
     try:
         check_data_dir(settings.data_dir)
         asyncio.run(check_store(settings.database_url))
+        if settings.runtime == RuntimeKind.KUBERNETES:
+            asyncio.run(_check_kubernetes(settings.kubernetes))
         project, created = load_project(settings)
     except CannotStart as e:
         err.print(f"[red]error:[/red] {escape(str(e))}\nhint: {escape(e.hint)}")
@@ -182,6 +211,17 @@ def server(
     from voicefleet.server import serve  # after the checks: a failed start says so at once
 
     asyncio.run(serve(settings, project))
+
+
+async def _check_kubernetes(kube: KubernetesSettings) -> None:
+    """The API server answers and lets the server do what the runtime does (else one line)."""
+    from voicefleet.runtime.kubernetes import check_access, connect
+
+    client = connect(kube.kubeconfig, kube.namespace)
+    try:
+        await check_access(client)
+    finally:
+        await client.close()
 
 
 def _absolute(path: Path) -> Path:

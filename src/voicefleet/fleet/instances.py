@@ -241,6 +241,7 @@ class Instances:
             env=env,
             log_dir=self.paths.instance_logs(agent_id),
             grace_period=target.grace_period,
+            deployment=target.deployment,
         )
 
     # -- retiring, draining, stopping ---------------------------------------------------------
@@ -326,7 +327,8 @@ class Instances:
         if agent is None:
             return
         spec = await self._spec(Target.of(agent, row.deployment), row.version, row.id)
-        state = await self.runtime.adopt(spec, row.pid, row.pid_started_at) if row.pid else None
+        # Asked even without a pid: a runtime may find its instance by id (a pod by its name).
+        state = await self.runtime.adopt(spec, row.pid, row.pid_started_at)
         if state is not None:
             log.info("instance re-adopted", extra={"instance": row.id, "pid": row.pid})
             self.joblogs.follow(row.id, state.log_path, agent.name, row.version)

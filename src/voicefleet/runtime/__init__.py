@@ -1,4 +1,5 @@
-"""Where instances run: the `Runtime` protocol and its data; `local` runs child processes."""
+"""Where instances run: the `Runtime` protocol and its data; `local` runs child processes,
+`kubernetes` runs pods."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ class InstanceSpec:
     log_dir: Path
     entry: str = "agent.py"
     grace_period: float = 3600.0
+    deployment: str = ""
+    # The container image a version runs as (the Kubernetes runtime; the local one ignores it).
+    image: str = ""
 
 
 @dataclass

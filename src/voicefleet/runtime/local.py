@@ -151,6 +151,8 @@ class LocalRuntime:
 
     async def adopt(self, spec: InstanceSpec, pid: int, started_at: float) -> InstanceState | None:
         """Take back an instance a previous server started, if that very process still runs."""
+        if pid <= 0:
+            return None  # none was recorded (it never started)
         try:
             proc = psutil.Process(pid)
             # A pid can be reused: the start time tells our process from a newer one.
