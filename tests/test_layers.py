@@ -26,7 +26,7 @@ TIERS: tuple[frozenset[str], ...] = tuple(
         "rollout",  # plans, runner, strategies
         "autoscale flags",  # policies and their loops
         "control",  # use cases
-        "api",  # HTTP by resource
+        "api dashboard",  # HTTP by resource; the web pages (same auth, same services)
         "server cli __main__",  # composition root, the vf command
     )
 )

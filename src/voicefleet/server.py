@@ -26,6 +26,7 @@ from voicefleet.build.local import LocalBuilder
 from voicefleet.config import Project, RuntimeKind, Settings
 from voicefleet.control.service import ControlPlane
 from voicefleet.control.sizing import Sizing
+from voicefleet.dashboard import router as dashboard
 from voicefleet.dispatch.endpoint import worker_endpoint
 from voicefleet.dispatch.service import DispatchService
 from voicefleet.dispatch.twirp import agent_dispatch_service
@@ -142,6 +143,7 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
     app.state.upload_slots = asyncio.Semaphore(UPLOADS_AT_ONCE)
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(dashboard)  # `/` and `/dashboard/…`: its own login, the same services
 
     @app.exception_handler(VoicefleetError)
     async def voicefleet_error(request: Request, exc: VoicefleetError) -> Response:

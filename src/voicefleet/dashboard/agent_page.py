@@ -1,0 +1,302 @@
+"""An agent's page: deployments with their traffic split and the rollout commands, the canary
+beside stable while one runs, versions, instances, rollout history and events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from voicefleet.control.service import DEFAULT_DEPLOYMENT, ControlPlane
+from voicefleet.control.status import Decisions, agent_status
+from voicefleet.dashboard.html import Html, badge, el, esc, join, table, when
+from voicefleet.dashboard.overview import instance_counts, problems, split_bar
+from voicefleet.rollout.model import RUNNING, RolloutState
+from voicefleet.store.models import AgentRow, VersionStatus
+
+# The commands an operator may give from the page, and the question each asks first.
+CANARY_COMMANDS = {
+    "promote": "Promote canary {to} to all of {deployment}'s traffic?",
+    "pause": "Pause canary {to} on {deployment} (its share stays as it is)?",
+    "resume": "Resume canary {to} on {deployment}?",
+    "abort": "Abort canary {to} on {deployment}? Its sessions finish; new ones go to {frm}.",
+}
+ACTIONS = (*CANARY_COMMANDS, "rollback")
+
+
+def action_form(agent: str, csrf: str, action: str, question: str, **fields: str) -> Html:
+    hidden = [el("input", type="hidden", name=k, value=v) for k, v in fields.items()]
+    return el(
+        "form",
+        el("input", type="hidden", name="csrf", value=csrf),
+        el("input", type="hidden", name="command", value=action),
+        *hidden,
+        el("button", action, type="submit", class_=f"btn {action}"),
+        method="post",
+        action=f"/dashboard/agents/{agent}/actions",
+        data_confirm=question,
+        class_="action",
+    )
+
+
+def _short(digest: str) -> Html:
+    return el("code", digest[:12], title=digest) if digest else esc("-")
+
+
+def _canary(r: dict[str, Any]) -> Html:
+    """The canary's numbers beside stable's, over the current step."""
+    canary, stable = r["analysis"]["canary"], r["analysis"]["stable"]
+
+    def row(label: str, key: str, fmt: str = "{}") -> list[object]:
+        return [label, fmt.format(canary[key]), fmt.format(stable[key])]
+
+    def reasons(w: dict[str, Any]) -> str:
+        return "; ".join(f"{why} ({n})" for why, n in w["failure_reasons"]) or "-"
+
+    steps = r["plan"].get("steps", [])
+    return el(
+        "section",
+        el("h3", f"Canary {r['to_version']} vs stable {r['from_version']} on {r['deployment']}"),
+        el(
+            "p",
+            badge(r["state"]),
+            f" {r['weight']:g}% of new sessions (steps {', '.join(f'{s:g}%' for s in steps)};"
+            f" now {r['step'] or '-'}) since ",
+            when(r["step_started_at"]),
+        ),
+        table(
+            ["", f"canary {r['to_version']}", f"stable {r['from_version']}"],
+            [
+                row("sessions ended", "ended"),
+                row("failed", "failed"),
+                row("failure rate", "failure_rate", "{:.1%}"),
+                row("started", "started"),
+                row("start delay p50 (s)", "start_delay_p50", "{:.2f}"),
+                ["failure reasons", reasons(canary), reasons(stable)],
+            ],
+        ),
+        class_="canary",
+        id=f"canary-{r['deployment']}",
+    )
+
+
+async def render_agent(
+    plane: ControlPlane, agent: AgentRow, decision: Decisions, csrf: str
+) -> Html:
+    status = await agent_status(plane, agent, decision)
+    versions = await plane.versions(agent)
+    history = (await plane.rollouts(agent))[:20]
+    events = await plane.events(agent, 20)
+    running = {r["deployment"]: r for r in status["rollouts"] if r["state"] in RUNNING}
+    name = agent.name
+    parts: list[Html] = []
+
+    found = problems(status, versions)
+    if found:
+        parts.append(
+            el(
+                "section",
+                el("h2", f"Problems ({len(found)})"),
+                el("ul", *(el("li", p.text) for p in found)),
+                class_="problems",
+            )
+        )
+
+    cards = []
+    for d in status["deployments"]:
+        r = running.get(d["name"])
+        buttons: list[Html] = []
+        if r is not None and r["strategy"] == "canary":
+            words = {"to": r["to_version"], "frm": r["from_version"], "deployment": d["name"]}
+            # Pause while it progresses, resume while it is paused.
+            skip = "resume" if r["state"] == RolloutState.PROGRESSING else "pause"
+            for command, question in CANARY_COMMANDS.items():
+                if command == skip:
+                    continue
+                buttons.append(
+                    action_form(name, csrf, command, question.format(**words), deployment=d["name"])
+                )
+        elif d["version"] and r is None:
+            buttons.append(
+                action_form(
+                    name,
+                    csrf,
+                    "rollback",
+                    f"Roll {d['name']} back from {d['version']} to the version before it?",
+                    deployment=d["name"],
+                )
+            )
+        size = (
+            f"autoscaled {d['autoscale'].get('min')}-{d['autoscale'].get('max')}"
+            if d["autoscale"]
+            else f"{d['replicas']} instance(s)"
+        )
+        cards.append(
+            el(
+                "article",
+                el("h3", d["name"]),
+                el(
+                    "p",
+                    "serving ",
+                    el("b", d["version"] or "nothing yet"),
+                    f" · {size}",
+                    join((" · ", badge(r["state"]), f" {r['strategy']} to {r['to_version']}"))
+                    if r is not None
+                    else "",
+                ),
+                split_bar(d["routing"]),
+                el("p", instance_counts(status["instances"], d["name"])),
+                el("div", *buttons, class_="actions") if buttons else "",
+                class_="card deployment",
+                id=f"deployment-{d['name']}",
+            )
+        )
+    parts.append(el("section", el("h2", "Deployments"), el("div", *cards, class_="cards")))
+
+    for r in status["rollouts"]:
+        if "analysis" in r:
+            parts.append(_canary(r))
+
+    serving = {d["version"]: d["name"] for d in status["deployments"] if d["version"]}
+    # A version's own rollback button takes the default deployment back to it, when that
+    # deployment serves something and no rollout is under way there.
+    target = (
+        DEFAULT_DEPLOYMENT
+        if DEFAULT_DEPLOYMENT in serving.values() and DEFAULT_DEPLOYMENT not in running
+        else ""
+    )
+    version_rows = []
+    for v in versions:
+        roll_back: object = ""
+        if v.status == VersionStatus.READY and v.version not in serving and target:
+            roll_back = action_form(
+                name,
+                csrf,
+                "rollback",
+                f"Roll {target} back to {v.version}?",
+                deployment=target,
+                version=v.version,
+            )
+        version_rows.append(
+            [
+                el("b", v.version),
+                badge(v.status),
+                serving.get(v.version, ""),
+                when(v.created_at),
+                when(v.built_at),
+                _short(v.source_digest),
+                _short(v.dependency_digest),
+                el("small", v.error) if v.error else "",
+                roll_back,
+            ]
+        )
+    parts.append(
+        el(
+            "section",
+            el("h2", "Versions"),
+            table(
+                [
+                    "version",
+                    "status",
+                    "serving",
+                    "uploaded",
+                    "built",
+                    "source",
+                    "dependencies",
+                    "note",
+                    "",
+                ],
+                version_rows,
+            ),
+            id="versions",
+        )
+    )
+    parts.append(
+        el(
+            "section",
+            el("h2", "Rollouts"),
+            table(
+                [
+                    "id",
+                    "deployment",
+                    "change",
+                    "strategy",
+                    "kind / reason",
+                    "state",
+                    "step",
+                    "started",
+                    "updated",
+                ],
+                [
+                    [
+                        el("code", r.id),
+                        r.deployment,
+                        f"{r.from_version or '-'} → {r.to_version}",
+                        r.strategy,
+                        r.reason,
+                        badge(r.state),
+                        r.step or "-",
+                        when(r.created_at),
+                        when(r.updated_at),
+                    ]
+                    for r in history
+                ],
+            ),
+            id="rollouts",
+        )
+    )
+    parts.append(
+        el(
+            "section",
+            el("h2", "Instances"),
+            table(
+                ["id", "deployment", "version", "status", "sessions", "restarts", "registered"],
+                [
+                    [
+                        el("code", i["id"]),
+                        i["deployment"],
+                        i["version"],
+                        badge(i["status"]),
+                        i["sessions"],
+                        i["restarts"],
+                        "yes" if i["registered"] else "no",
+                    ]
+                    for i in status["instances"]
+                ],
+            ),
+            id="instances",
+        )
+    )
+    by_version = status["sessions"]["by_version"]
+    parts.append(
+        el(
+            "section",
+            el("h2", "Sessions in the last hour"),
+            table(
+                ["version", "ended", "failed", "last failure"],
+                [
+                    [
+                        v or "-",
+                        s["ended"],
+                        s["failed"],
+                        (s["last_failure"] or {}).get("error", "") if s["last_failure"] else "",
+                    ]
+                    for v, s in sorted(by_version.items())
+                ],
+            ),
+            el(
+                "p", el("a", "all sessions of this agent", href=f"/dashboard/sessions?agent={name}")
+            ),
+            id="sessions",
+        )
+    )
+    parts.append(
+        el(
+            "section",
+            el("h2", "Events"),
+            table(
+                ["when", "kind", "message", "by"],
+                [[when(e.at), e.kind, e.message, e.actor or "-"] for e in events],
+            ),
+            id="events",
+        )
+    )
+    return join(parts)
