@@ -102,6 +102,52 @@ def create(
 
 
 @app.command()
+def dockerfile(
+    folder: Annotated[Path, typer.Argument(help="The agent's folder.")] = Path("."),
+    base: Annotated[
+        str | None,
+        typer.Option(help="Base image (default: python:3.11-slim, or node:20-slim for Node.js)."),
+    ] = None,
+    entry: Annotated[
+        str | None, typer.Option(help="The agent's file (default: agent.py, or package.json's).")
+    ] = None,
+    print_only: Annotated[bool, typer.Option("--print", help="Print it; write nothing.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace the folder's Dockerfile.")] = False,
+) -> None:
+    """Write the Dockerfile voicefleet builds for FOLDER (and a .dockerignore if there is none).
+
+    Multi-stage, dependencies in a cached layer before the code, the agent's download-files
+    step in its own layer, bytecode compiled, a non-root user; Node.js (npm ci, the build
+    script) when the folder has package.json and a lockfile, Python otherwise."""
+    from voicefleet.build.dockerfile import DOCKERIGNORE, render
+
+    folder = folder.resolve()
+    if not folder.is_dir():
+        fail(f"{folder} is not a folder", USAGE)
+    try:
+        recipe = render(folder, base=base, entry=entry)
+    except VoicefleetError as e:
+        fail(str(e), USAGE)
+    if print_only:
+        typer.echo(recipe.text, nl=False)
+        return
+    if (folder / "Dockerfile").exists() and not force:
+        fail(
+            f"{folder / 'Dockerfile'} exists: --force replaces it, --print shows the new one", USAGE
+        )
+    (folder / "Dockerfile").write_text(recipe.text)
+    wrote = ["Dockerfile"]
+    if not (folder / ".dockerignore").exists():
+        (folder / ".dockerignore").write_text(DOCKERIGNORE)
+        wrote.append(".dockerignore")
+    if state.json:
+        print_json({"kind": recipe.kind, "entry": recipe.entry, "wrote": wrote})
+    else:
+        detail = f"{recipe.kind}, {recipe.dependencies or 'no dependency file'}, {recipe.entry}"
+        out.print(f"Wrote {' and '.join(wrote)} ({detail})")
+
+
+@app.command()
 def config(
     agent: AgentOpt = None,
     grace_period: Annotated[float | None, typer.Option(help="Drain grace, seconds.")] = None,

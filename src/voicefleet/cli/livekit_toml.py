@@ -10,6 +10,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from voicefleet.build.dockerfile import python_dockerfile
 from voicefleet.errors import InvalidRequest
 
 FILE = "livekit.toml"
@@ -60,16 +61,7 @@ def write(folder: Path, config: AgentConfig) -> Path:
     return path
 
 
-DOCKERFILE = """\
-# Made by `vf agent create`: the image voicefleet's Kubernetes runtime builds for this agent.
-# (The local runtime runs agent.py in a uv-built environment and does not use it.)
-FROM python:3.11-slim
-ENV PYTHONUNBUFFERED=1
-WORKDIR /app
-RUN pip install --no-cache-dir uv
-COPY . .
-RUN if [ -f uv.lock ]; then uv sync --frozen --no-dev; \\
-    elif [ -f requirements.txt ]; then uv pip install --system -r requirements.txt; \\
-    elif [ -f pyproject.toml ]; then uv pip install --system -r pyproject.toml; fi
-CMD ["python", "agent.py", "start"]
-"""
+# What `vf agent create` writes when the folder has no Dockerfile: the Python recipe, deciding
+# at build time which of uv.lock, requirements.txt or pyproject.toml holds the dependencies
+# (`vf agent dockerfile` writes one made for the folder, Node.js or Python).
+DOCKERFILE = python_dockerfile(dependencies="auto")
