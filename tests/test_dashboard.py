@@ -24,7 +24,7 @@ import httpx
 import pytest
 from livekit import api
 
-from tests.support import DEV_KEY, DEV_SECRET, Server, admin_token
+from tests.support import DEV_KEY, DEV_SECRET, Server, admin_token, started
 from tests.test_deploy import AGENT_SRC, vf, vf_env
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -223,12 +223,12 @@ def test_the_overview_is_usable_on_a_phone(
     page.screenshot(path=shots / "sessions-phone.png", full_page=True)
 
 
-async def _one_session(url: str, room: str) -> str:
+async def _one_session(url: str, room: str, agent_name: str = "my-agent") -> str:
     lk = api.LiveKitAPI(url, DEV_KEY, DEV_SECRET)
     try:
         d = await lk.agent_dispatch.create_dispatch(
             api.CreateAgentDispatchRequest(
-                agent_name="my-agent", room=room, metadata=json.dumps({"hold": 0})
+                agent_name=agent_name, room=room, metadata=json.dumps({"hold": 0})
             )
         )
     finally:
@@ -347,3 +347,221 @@ def test_a_deploy_from_the_cli_and_a_canary_show_up_live_and_the_canary_is_abort
     expect(overview.locator("#problems")).to_contain_text("my-agent", timeout=LIVE)
     expect(overview.locator("#problems")).to_contain_text("aborted")
     overview.screenshot(path=shots / "overview-problem.png", full_page=True)
+
+
+# -- instances, flags, autoscaling, who did it ---------------------------------------------------
+
+FLAGGED = "flag-agent"  # tests/agents/deployable, which reads its "greeting" flag per session
+
+
+def session_of(server: Server, room: str, agent_name: str = FLAGGED) -> str:
+    """One session dispatched now (Playwright's sync API keeps an event loop on this thread:
+    the client runs on another)."""
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, _one_session(server.url, room, agent_name)).result(60)
+
+
+def greeting_of(markers: Path, job: str) -> object:
+    """The greeting flag the agent read in that session, once the session has started (the
+    agent writes its marker file: there is nothing else to wait on)."""
+    deadline = time.monotonic() + 60
+    while (found := started(markers, job)) is None:
+        assert time.monotonic() < deadline, f"session {job} did not start within 60 s"
+        time.sleep(0.1)
+    return found["greeting"]
+
+
+def api_events(server: Server, agent: str) -> list[dict[str, Any]]:
+    headers = {"Authorization": f"Bearer {admin_token()}"}
+    r = httpx.get(f"{server.url}/api/v1/agents/{agent}/events", headers=headers, timeout=10)
+    r.raise_for_status()
+    events: list[dict[str, Any]] = r.json()
+    return events
+
+
+def confirm_and_submit(page: Any, button: Any) -> str:
+    """Click a command's button, accept its confirmation; the question it asked."""
+    asked: list[str] = []
+
+    def accept(dialog: Any) -> None:
+        asked.append(dialog.message)
+        dialog.accept()
+
+    page.once("dialog", accept)
+    button.click()
+    expect(page.locator("#flash")).to_be_visible()
+    assert asked, "no confirmation was asked"
+    return asked[0]
+
+
+@pytest.fixture(scope="module")
+def flagged(dash: Server, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """flag-agent deployed (one instance) on the dashboard's server: its markers folder."""
+    root = tmp_path_factory.mktemp("flagged")
+    folder = root / FLAGGED
+    shutil.copytree(AGENT_SRC, folder)
+    markers = root / "markers"
+    markers.mkdir()
+    vf(dash, folder, "create")
+    vf(dash, folder, "secrets", "set", f"MARKER_DIR={markers}")
+    vf(dash, folder, "deploy")
+    return markers
+
+
+@pytest.mark.timeout(600)
+def test_a_flag_flipped_in_the_page_reaches_the_running_agents_next_session_and_says_who(
+    dash: Server, flagged: Path, new_page: Callable[..., Any], shots: Path
+) -> None:
+    page = new_page()
+    log_in(page, dash, then="/dashboard/flags")
+    section = page.locator(f"#flags-{FLAGGED}")
+    expect(section).to_contain_text("none yet")
+    same_document = no_reload_since(page)
+
+    # A new flag, from the page's own form (it asks first).
+    new = section.locator("form.flag-new")
+    new.get_by_label("key").fill("greeting")
+    new.get_by_label("type").select_option("string")
+    new.get_by_label("value").fill("hello")
+    question = confirm_and_submit(page, new.get_by_role("button", name="Add flag"))
+    assert f"Add this flag to {FLAGGED}" in question
+    expect(page.locator("#flash")).to_have_text(f"flag greeting added to {FLAGGED}")
+    expect(section.locator("tbody").first).to_contain_text("greeting", timeout=LIVE)
+    assert greeting_of(flagged, session_of(dash, "flag-room-1")) == "hello"
+
+    # Flipped in the page: the running agent's next session sees it (no deploy, no restart).
+    section.locator("summary", has_text="edit").click()
+    editor = section.locator("form.flag-edit")
+    editor.get_by_label("default value").fill("bonjour")
+    question = confirm_and_submit(page, editor.get_by_role("button", name="Save"))
+    assert "next session" in question
+    expect(page.locator("#flash")).to_have_text(f"flag greeting of {FLAGGED} set")
+    expect(section.locator("tbody").first).to_contain_text('"bonjour"', timeout=LIVE)
+    assert greeting_of(flagged, session_of(dash, "flag-room-2")) == "bonjour"
+
+    # The kill switch: every session gets the flag's off value.
+    question = confirm_and_submit(page, section.get_by_role("button", name="kill"))
+    assert "Kill flag greeting" in question
+    expect(section.locator(".badge.killed")).to_be_visible(timeout=LIVE)
+    assert greeting_of(flagged, session_of(dash, "flag-room-3")) == ""
+
+    # Who did it: the page's history, and the event log through the API.
+    history = section.locator("table").nth(1)
+    expect(history).to_contain_text("killed")
+    expect(history.locator("tr", has_text="created")).to_contain_text(f"{DEV_KEY} via dashboard")
+    flag_events = [e for e in api_events(dash, FLAGGED) if e["kind"].startswith("flag_")]
+    assert [(e["kind"], e["actor"], e["via"]) for e in flag_events] == [
+        ("flag_killed", DEV_KEY, "dashboard"),
+        ("flag_changed", DEV_KEY, "dashboard"),
+        ("flag_created", DEV_KEY, "dashboard"),
+    ]
+    assert same_document(), "the page was reloaded"
+    page.screenshot(path=shots / "flags.png", full_page=True)
+
+
+@pytest.mark.timeout(600)
+def test_an_actions_event_shows_who_did_it_from_the_dashboard_and_from_the_api(
+    dash: Server, flagged: Path, new_page: Callable[..., Any], shots: Path
+) -> None:
+    page = new_page()
+    log_in(page, dash, then=f"/dashboard/agents/{FLAGGED}")
+    card = page.locator("#deployment-production")
+    expect(card).to_contain_text("serving v1", timeout=LIVE)
+    # Scale from the page: the question names the number typed.
+    card.get_by_label("instances of production").fill("1")
+    question = confirm_and_submit(page, card.get_by_role("button", name="scale"))
+    assert question.startswith("Run 1 instance(s) of production"), question
+    expect(page.locator("#flash")).to_have_text("production scaled to 1 instance(s)")
+    events = page.locator("#events")
+    scaled = events.locator("tbody tr", has_text="scaled").first
+    expect(scaled).to_contain_text(f"{DEV_KEY} via dashboard", timeout=LIVE)
+    # The same through the API (as `vf agent scale` does): the event says so.
+    headers = {"Authorization": f"Bearer {admin_token()}"}
+    httpx.post(
+        f"{dash.url}/api/v1/agents/{FLAGGED}/scale",
+        json={"deployment": "production", "replicas": 1},
+        headers=headers,
+        timeout=30,
+    ).raise_for_status()
+    expect(events.locator("tbody tr").first).to_contain_text(f"{DEV_KEY} via api", timeout=LIVE)
+    # The deploy the CLI made says who too; what the platform did on its own says nobody.
+    deployed = events.locator("tr", has_text="deploy_started")
+    expect(deployed).to_contain_text(f"{DEV_KEY} via api")
+    by = {(e["kind"], e["via"]) for e in api_events(dash, FLAGGED)}
+    assert {("scaled", "dashboard"), ("scaled", "api"), ("deploy_started", "api"),
+            ("version_uploaded", "api"), ("version_built", "")} <= by  # fmt: skip
+    page.screenshot(path=shots / "agent-events.png", full_page=True)
+
+
+@pytest.mark.timeout(600)
+def test_the_instances_page_shows_each_instance_and_its_log_as_lines_are_written(
+    dash: Server, flagged: Path, new_page: Callable[..., Any], shots: Path
+) -> None:
+    page = new_page()
+    log_in(page, dash, then="/dashboard/instances")
+    row = page.locator("#instances tbody tr", has_text=FLAGGED).filter(has_text="ready").first
+    expect(row).to_contain_text("healthy", timeout=LIVE)
+    expect(row).to_contain_text("worker connected")
+    expect(row.locator("td[data-label='load']")).to_have_text(re.compile(r"^\d+\.\d\d$"))
+    page.screenshot(path=shots / "instances.png", full_page=True)
+
+    row.locator("td[data-label='instance'] a").click()
+    expect(page.locator("h1")).to_contain_text(FLAGGED)
+    log = page.locator("#log")
+    expect(log).not_to_be_empty(timeout=LIVE)  # the end of what it logged so far
+    same_document = no_reload_since(page)
+    # A session: the worker writes about it, and the line shows up in the open page.
+    job = session_of(dash, "log-room-1")
+    expect(log).to_contain_text(job, timeout=LIVE)
+    assert same_document(), "the page was reloaded"
+    page.screenshot(path=shots / "instance-log.png", full_page=True)
+
+
+@pytest.mark.timeout(600)
+def test_a_sessions_timeline_shows_its_steps_from_dispatch_to_end(
+    dash: Server, flagged: Path, new_page: Callable[..., Any], shots: Path
+) -> None:
+    job = session_of(dash, "timeline-room-1")
+    page = new_page()
+    log_in(page, dash, then=f"/dashboard/sessions?agent={FLAGGED}")
+    page.locator("#jobs").get_by_role("link", name=job).click()
+    timeline = page.locator("#timeline")
+    expect(timeline).to_contain_text(job)
+    for step in ("dispatched", "assigned", "running", "ended"):
+        expect(timeline.locator(f".step.{step}")).to_be_visible(timeout=LIVE)
+    expect(timeline.locator(".step.ended .badge")).to_have_text(re.compile("succeeded|failed"))
+    page.screenshot(path=shots / "session-timeline.png", full_page=True)
+
+
+@pytest.mark.timeout(600)
+def test_the_autoscaling_page_charts_instances_against_load_and_lists_decisions(
+    dash: Server, flagged: Path, new_page: Callable[..., Any], shots: Path
+) -> None:
+    headers = {"Authorization": f"Bearer {admin_token()}"}
+    page = new_page()
+    log_in(page, dash, then="/dashboard/autoscaling")
+    httpx.post(
+        f"{dash.url}/api/v1/agents/{FLAGGED}/scale",
+        json={"deployment": "production", "autoscale": {"min_instances": 1, "max_instances": 2}},
+        headers=headers,
+        timeout=30,
+    ).raise_for_status()
+    section = page.locator(f"#autoscale-{FLAGGED}-production")
+    expect(section).to_contain_text("min_instances 1 · max_instances 2", timeout=LIVE)
+    # The charts fill in as the autoscaler ticks (each second): a line per series.
+    expect(section.locator("svg.chart polyline.s-instances")).to_have_count(1, timeout=LIVE)
+    expect(section.locator("svg.chart polyline.s-load")).to_have_count(1)
+    # Each decision with its reason ("steady: load 0.00 / target 0.5 per instance; kept at min 1").
+    reason = section.locator("td[data-label='reason']").first
+    expect(reason).to_have_text(re.compile(r"\w{4,}"), timeout=LIVE)
+    # ...and grow with each tick: three points at least.
+    line = section.locator("svg.chart polyline.s-instances")
+    expect(line).to_have_attribute("points", re.compile(r"^\S+( \S+){2,}$"), timeout=LIVE)
+    page.screenshot(path=shots / "autoscaling.png", full_page=True)
+    # Back to a fixed size: the other tests' numbers stay their own.
+    httpx.post(
+        f"{dash.url}/api/v1/agents/{FLAGGED}/scale",
+        json={"deployment": "production", "replicas": 1},
+        headers=headers,
+        timeout=30,
+    ).raise_for_status()

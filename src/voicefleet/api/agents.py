@@ -9,8 +9,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from voicefleet.api.deps import ERROR_RESPONSES, PREFIX, Autoscale, Control, Flags
-from voicefleet.control.service import DEFAULT_DEPLOYMENT
+from voicefleet.api.deps import ERROR_RESPONSES, PREFIX, Actor, Autoscale, Control, Flags
+from voicefleet.control.service import DEFAULT_DEPLOYMENT, actor_parts
 from voicefleet.control.status import agent_status
 from voicefleet.store.models import AgentRow
 
@@ -42,8 +42,8 @@ def agent_dict(a: AgentRow) -> dict[str, Any]:
 
 
 @router.post("/agents", status_code=201)
-async def create_agent(body: CreateAgent, plane: Control) -> dict[str, Any]:
-    return agent_dict(await plane.create_agent(body.name, body.grace_period))
+async def create_agent(body: CreateAgent, plane: Control, who: Actor) -> dict[str, Any]:
+    return agent_dict(await plane.create_agent(body.name, body.grace_period, who))
 
 
 @router.get("/agents")
@@ -66,17 +66,17 @@ async def configure_agent(agent: str, body: ConfigureAgent, plane: Control) -> d
 
 
 @router.delete("/agents/{agent}", status_code=204)
-async def delete_agent(agent: str, plane: Control, flags: Flags) -> None:
+async def delete_agent(agent: str, plane: Control, flags: Flags, who: Actor) -> None:
     row = await plane.agent(agent)
-    await plane.delete_agent(row)
+    await plane.delete_agent(row, who)
     flags.forget(row.id)
 
 
 @router.post("/agents/{agent}/scale")
-async def scale(agent: str, body: Scale, plane: Control) -> dict[str, Any]:
+async def scale(agent: str, body: Scale, plane: Control, who: Actor) -> dict[str, Any]:
     """A fixed number of instances (`replicas`: autoscaling off), or an autoscaling policy."""
     dep = await plane.scale(
-        await plane.agent(agent), body.deployment, body.replicas, body.autoscale
+        await plane.agent(agent), body.deployment, body.replicas, body.autoscale, who
     )
     return {
         "deployment": dep.name,
@@ -88,10 +88,13 @@ async def scale(agent: str, body: Scale, plane: Control) -> dict[str, Any]:
 
 @router.get("/agents/{agent}/events")
 async def events(agent: str, plane: Control, limit: int = 100) -> list[dict[str, Any]]:
-    return [
-        {"kind": e.kind, "message": e.message, "actor": e.actor, "at": e.at}
-        for e in await plane.events(await plane.agent(agent), limit)
-    ]
+    """Newest first. `actor` is the key that made the change ("" for the platform's own),
+    `via` where it came from ("api", "dashboard")."""
+    out = []
+    for e in await plane.events(await plane.agent(agent), limit):
+        key, via = actor_parts(e.actor)
+        out.append({"kind": e.kind, "message": e.message, "actor": key, "via": via, "at": e.at})
+    return out
 
 
 @router.get("/agents/{agent}/secrets")
@@ -100,13 +103,13 @@ async def list_secrets(agent: str, plane: Control) -> list[dict[str, Any]]:
 
 
 @router.put("/agents/{agent}/secrets")
-async def set_secrets(agent: str, body: Secrets, plane: Control) -> dict[str, Any]:
-    names = await plane.set_secrets(await plane.agent(agent), body.secrets)
+async def set_secrets(agent: str, body: Secrets, plane: Control, who: Actor) -> dict[str, Any]:
+    names = await plane.set_secrets(await plane.agent(agent), body.secrets, who)
     return {"set": names}
 
 
 @router.delete("/agents/{agent}/secrets")
 async def unset_secrets(
-    agent: str, plane: Control, name: Annotated[list[str], Query()]
+    agent: str, plane: Control, who: Actor, name: Annotated[list[str], Query()]
 ) -> dict[str, Any]:
-    return {"removed": await plane.unset_secrets(await plane.agent(agent), name)}
+    return {"removed": await plane.unset_secrets(await plane.agent(agent), name, who)}

@@ -8,9 +8,6 @@ Callers sign a token with the project's key and LiveKit's agent admin grant
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, HTTPException, Request
@@ -18,7 +15,7 @@ from pydantic import BaseModel
 
 from voicefleet.api.guard import admin_claims
 from voicefleet.autoscale.loop import Autoscaler
-from voicefleet.control.service import ControlPlane
+from voicefleet.control.service import ControlPlane, actor_of
 from voicefleet.dispatch.service import DispatchService
 from voicefleet.errors import AuthError
 from voicefleet.flags.service import FlagService
@@ -96,8 +93,8 @@ def flag_service(request: Request) -> FlagService:
 
 
 def actor(claims: Admin) -> str:
-    """The API key of the caller, for the event log."""
-    return claims.api_key
+    """Who the caller is, for the event log: its API key, through the API."""
+    return actor_of(claims.api_key, "api")
 
 
 Dispatch = Annotated[DispatchService, Depends(dispatch)]
@@ -106,26 +103,3 @@ Jobs = Annotated[Recorder, Depends(jobs)]
 Autoscale = Annotated[Autoscaler, Depends(autoscaler)]
 Flags = Annotated[FlagService, Depends(flag_service)]
 Actor = Annotated[str, Depends(actor)]
-
-
-async def tail(
-    path: Path, follow: bool, finished: Callable[[], Awaitable[bool]]
-) -> AsyncIterator[bytes]:
-    """A file's content, then (following) what is appended until `finished()` says so."""
-    offset = 0
-    while True:
-        if path.exists():
-            if path.stat().st_size < offset:
-                offset = 0  # rotated (copy-truncate): start over on the new content
-            with open(path, "rb") as f:
-                f.seek(offset)
-                chunk = f.read()
-            if chunk:
-                offset += len(chunk)
-                yield chunk
-                continue
-        if not follow or await finished():
-            if path.exists() and path.stat().st_size > offset:
-                continue  # the last lines arrived with the end
-            return
-        await asyncio.sleep(0.2)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
-from voicefleet.api.deps import ERROR_RESPONSES, PREFIX, TEXT, Control, tail
+from voicefleet.api.deps import ERROR_RESPONSES, PREFIX, TEXT, Control
+from voicefleet.control.logs import log_files, tail
 
 router = APIRouter(prefix=PREFIX, responses=ERROR_RESPONSES)
 
@@ -18,14 +19,7 @@ async def instance_logs(
 ) -> StreamingResponse:
     """Instances' stdout/stderr (one instance, or all the agent's instances in turn)."""
     row = await plane.agent(agent)
-    folder = plane.paths.instance_logs(row.id)
-    if instance is not None:
-        paths = [folder / f"{instance}.log"]
-        # An instance id, not a path: "../../x" must not read another file.
-        if paths[0].parent != folder or not paths[0].exists():
-            raise HTTPException(404, f"no logs for instance '{instance}'")
-    else:
-        paths = sorted(folder.glob("*.log"), key=lambda p: p.stat().st_mtime)
+    paths = log_files(plane.paths, row.id, instance)
 
     async def never() -> bool:
         return False

@@ -13,8 +13,9 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
-from voicefleet.api.deps import ERROR_RESPONSES, PREFIX, TEXT, Control, tail
+from voicefleet.api.deps import ERROR_RESPONSES, PREFIX, TEXT, Actor, Control
 from voicefleet.build.bundle import MAX_COMPRESSED_BYTES
+from voicefleet.control.logs import tail
 from voicefleet.control.service import DEFAULT_DEPLOYMENT
 from voicefleet.rollout.plans import Plan, parse_plan
 from voicefleet.store.models import VersionRow, VersionStatus
@@ -51,6 +52,7 @@ async def upload_version(
     agent: str,
     request: Request,
     plane: Control,
+    who: Actor,
     deployment: str = DEFAULT_DEPLOYMENT,
     plan: str = "",
 ) -> dict[str, Any]:
@@ -77,7 +79,7 @@ async def upload_version(
             with os.fdopen(fd, "wb") as out:
                 async for chunk in request.stream():
                     out.write(chunk)
-            version, rollout_id = await plane.upload(row, path, deployment, rollout_plan)
+            version, rollout_id = await plane.upload(row, path, deployment, rollout_plan, who)
         finally:
             path.unlink(missing_ok=True)
     return {**version_dict(version), "rollout": rollout_id}

@@ -8,6 +8,10 @@ start at once; going down, idle instances drain first and busy ones are only eve
 A deployment in the middle of a rollout is left alone until the rollout ends. A version whose
 recent sessions mostly fail (the dispatcher's per-version stats) is not scaled up: an
 `autoscale_held` event says so once, until it stops failing.
+
+For the dashboard it keeps, per deployment and in memory only, a bounded history: what each
+tick saw (instances, sessions, load, queued jobs, the size it decided) and each decision that
+changed the size or said something new about why.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Protocol
 
 from voicefleet.autoscale.policy import (
@@ -35,6 +40,32 @@ from voicefleet.store.models import AgentRow, DeploymentRow
 from voicefleet.store.repo import Repo
 
 log = logging.getLogger("voicefleet.autoscale")
+
+POINTS = 3600  # ticks kept per deployment: an hour at one a second
+DECISIONS = 200  # decisions kept per deployment
+
+
+@dataclass(frozen=True)
+class Point:
+    """What one tick saw of a deployment, and the size it decided on."""
+
+    at: float
+    instances: int
+    desired: int
+    sessions: int
+    queued: int
+    load: float  # the sum of its registered instances' loads
+
+
+@dataclass(frozen=True)
+class Logged:
+    """A decision worth a line: it changed the size, was held back, or gave a new reason."""
+
+    at: float
+    instances: int
+    desired: int
+    reason: str
+    held: str = ""  # why a wished scale-up was not made (a failing version)
 
 
 def instance_signals(dispatch: DispatchService, instance_ids: list[str]) -> list[InstanceSignal]:
@@ -85,6 +116,8 @@ class Autoscaler:
         self._held: set[tuple[str, str, str]] = set()
         self.samples: dict[tuple[str, str], deque[Sample]] = {}
         self.decisions: dict[tuple[str, str], tuple[float, Decision]] = {}
+        self.points: dict[tuple[str, str], deque[Point]] = {}
+        self.logged: dict[tuple[str, str], deque[Logged]] = {}
         # (agent id, deployment) -> (agent name, it may start another instance now: below its
         # maximum, not held as failing). A LiveKit server in front is told such an agent is
         # not full (see can_start).
@@ -136,6 +169,8 @@ class Autoscaler:
         why = failing(seen, self.guard)
         decision = hold_failing(policy, wished, len(rows), why, queued)
         self.decisions[key] = (now, decision)
+        held_why = why if why is not None and decision is not wished else ""
+        self._remember(key, history[-1], len(rows), decision, held_why)
         self._headroom[key] = (agent.name, why is None and len(rows) < policy.max_instances)
         held = (agent.id, dep.name, dep.version)
         if why is None:
@@ -165,6 +200,27 @@ class Autoscaler:
         log.info(
             "autoscaled", extra={"agent": agent.name, "from": len(rows), "to": decision.desired}
         )
+
+    def _remember(
+        self, key: tuple[str, str], sample: Sample, current: int, decision: Decision, held: str
+    ) -> None:
+        points = self.points.setdefault(key, deque(maxlen=POINTS))
+        points.append(
+            Point(sample.at, current, decision.desired, sample.sessions, sample.queued, sample.load)
+        )
+        logged = self.logged.setdefault(key, deque(maxlen=DECISIONS))
+        last = logged[-1] if logged else None
+        if (
+            decision.desired != current
+            or last is None
+            or (last.reason, last.held) != (decision.reason, held)
+        ):
+            logged.append(Logged(sample.at, current, decision.desired, decision.reason, held))
+
+    def history(self, agent_id: str, deployment: str) -> tuple[list[Point], list[Logged]]:
+        """The deployment's recent ticks, oldest first, and its decisions, newest first."""
+        key = (agent_id, deployment)
+        return list(self.points.get(key, ())), list(reversed(self.logged.get(key, ())))
 
     def can_start(self, key: PoolKey) -> bool:
         """Whether an instance of the agent of pool `key` can be started now, in any of its

@@ -45,7 +45,26 @@ from voicefleet.store.secrets import SecretBox
 log = logging.getLogger("voicefleet.control")
 
 DEFAULT_DEPLOYMENT = "production"
+SYSTEM = ""  # the actor of a change nobody asked for (the event log shows "-")
+API = "api"
 AGENT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def actor_of(api_key: str, where: str) -> str:
+    """Who made a change, as the event log records it: the key, and where it came from. The
+    API is the default place, written as the bare key (as events have always named it); any
+    other is named after it: "<key> (dashboard)"."""
+    return (api_key if where == API else f"{api_key} ({where})")[:100]
+
+
+def actor_parts(actor: str) -> tuple[str, str]:
+    """(key, where) of a recorded actor; ("", "") for the platform's own doing."""
+    if not actor:
+        return "", ""
+    key, sep, where = actor.rpartition(" (")
+    if sep and where.endswith(")") and key:
+        return key, where[:-1]
+    return actor, API
 
 
 class BuildLog:
@@ -130,7 +149,9 @@ class ControlPlane:
 
     # -- agents -------------------------------------------------------------------------------
 
-    async def create_agent(self, name: str, grace_period: float = 3600.0) -> AgentRow:
+    async def create_agent(
+        self, name: str, grace_period: float = 3600.0, actor: str = SYSTEM
+    ) -> AgentRow:
         if not name or set(name.lower()) - AGENT_NAME_CHARS or len(name) > 100:
             raise InvalidRequest(f"agent name '{name}' must be 1-100 letters, digits, '-' or '_'")
         if await self.repo.agent(name) is not None:
@@ -143,7 +164,7 @@ class ControlPlane:
             agent_id=agent.id, name=DEFAULT_DEPLOYMENT, version="", replicas=1, updated_at=now
         )
         await self.repo.save(agent, deployment)
-        await self.repo.event(agent.id, "agent_created", f"agent {name} created")
+        await self.repo.event(agent.id, "agent_created", f"agent {name} created", actor)
         return agent
 
     async def agent(self, key: str) -> AgentRow:
@@ -187,19 +208,24 @@ class ControlPlane:
         await self.repo.save(agent)
         return agent
 
-    async def delete_agent(self, agent: AgentRow) -> None:
+    async def delete_agent(self, agent: AgentRow, actor: str = SYSTEM) -> None:
         """Stop routing to the agent and drain its instances; sessions in flight finish."""
         for dep in await self.repo.deployments(agent.id):
             self.dispatch.set_weights(agent.name, {}, dep.name)
         for row in await self.repo.instances(agent.id, [*LIVE, Lifecycle.RETIRING]):
             await self.fleet.drain_row(row, agent.grace_period)
         await self.repo.delete_agent(agent.id)
-        await self.repo.event(agent.id, "agent_deleted", f"agent {agent.name} deleted")
+        await self.repo.event(agent.id, "agent_deleted", f"agent {agent.name} deleted", actor)
 
     # -- versions -----------------------------------------------------------------------------
 
     async def upload(
-        self, agent: AgentRow, bundle: Path, deployment: str, plan: Plan | None = None
+        self,
+        agent: AgentRow,
+        bundle: Path,
+        deployment: str,
+        plan: Plan | None = None,
+        actor: str = SYSTEM,
     ) -> tuple[VersionRow, str]:
         """Take a source bundle: a new immutable version, built in the background, then
         rolled out to `deployment`. Returns the version and the id its rollout will have once
@@ -231,15 +257,25 @@ class ControlPlane:
                 created_at=time.time(),
             )
             await self.repo.save(row)
-        await self.repo.event(agent.id, "version_uploaded", f"{version} uploaded for {deployment}")
+        await self.repo.event(
+            agent.id, "version_uploaded", f"{version} uploaded for {deployment}", actor
+        )
         rollout_id = new_id("RO_")
-        task = asyncio.create_task(self._build_and_roll(agent, row, deployment, plan, rollout_id))
+        task = asyncio.create_task(
+            self._build_and_roll(agent, row, deployment, plan, rollout_id, actor)
+        )
         self._builds.add(task)
         task.add_done_callback(self._builds.discard)
         return row, rollout_id
 
     async def _build_and_roll(
-        self, agent: AgentRow, row: VersionRow, deployment: str, plan: Plan, rollout_id: str
+        self,
+        agent: AgentRow,
+        row: VersionRow,
+        deployment: str,
+        plan: Plan,
+        rollout_id: str,
+        actor: str = SYSTEM,
     ) -> None:
         with BuildLog(self.paths.build_log(agent.id, row.version)) as out:
             try:
@@ -272,7 +308,10 @@ class ControlPlane:
             )
         await self.repo.event(agent.id, "version_built", f"{row.version} built ({reuse})")
         try:
-            await self.roll_to(agent, deployment, row.version, plan=plan, rollout_id=rollout_id)
+            # The deploy's rollout is the uploader's doing, though it starts after the build.
+            await self.roll_to(
+                agent, deployment, row.version, plan=plan, rollout_id=rollout_id, actor=actor
+            )
         except InvalidRequest as e:  # e.g. another deploy's rollout began during the build
             row.error = f"built, not rolled out: {e}"
             await self.repo.save(row)
@@ -297,6 +336,7 @@ class ControlPlane:
         kind: str = "deploy",
         plan: Plan | None = None,
         rollout_id: str | None = None,
+        actor: str = SYSTEM,
     ) -> RolloutRow:
         """Start a rollout of `version` to `deployment`; `plan` picks the strategy (rolling by
         default)."""
@@ -334,6 +374,7 @@ class ControlPlane:
             agent.id,
             f"{kind}_started",
             f"{deployment}: {dep.version or '-'} -> {version} ({strategy})",
+            actor,
         )
         self.runner.start(rollout)
         return rollout
@@ -362,7 +403,11 @@ class ControlPlane:
                 )
 
     async def rollback(
-        self, agent: AgentRow, deployment: str, to_version: str | None = None
+        self,
+        agent: AgentRow,
+        deployment: str,
+        to_version: str | None = None,
+        actor: str = SYSTEM,
     ) -> RolloutRow:
         """Back to `to_version`, or the version served before the current one. No rebuild."""
         dep = await self.ensure_deployment(agent, deployment)
@@ -377,21 +422,23 @@ class ControlPlane:
             to_version = done[0].from_version
         if to_version == dep.version:
             raise InvalidRequest(f"{deployment} already serves {to_version}")
-        return await self.roll_to(agent, deployment, to_version, kind="rollback")
+        return await self.roll_to(agent, deployment, to_version, kind="rollback", actor=actor)
 
-    async def restart(self, agent: AgentRow, deployment: str) -> RolloutRow:
+    async def restart(self, agent: AgentRow, deployment: str, actor: str = SYSTEM) -> RolloutRow:
         """New instances of the serving version replace the old ones, draining them."""
         dep = await self.ensure_deployment(agent, deployment)
         if not dep.version:
             raise InvalidRequest(f"{deployment} serves no version yet")
-        return await self.roll_to(agent, deployment, dep.version, kind="restart")
+        return await self.roll_to(agent, deployment, dep.version, kind="restart", actor=actor)
 
-    async def promote(self, agent: AgentRow, source: str, target: str) -> RolloutRow:
+    async def promote(
+        self, agent: AgentRow, source: str, target: str, actor: str = SYSTEM
+    ) -> RolloutRow:
         """Roll the version `source` serves out to `target`. No rebuild."""
         dep = await self.ensure_deployment(agent, source)
         if not dep.version:
             raise InvalidRequest(f"deployment {source} serves no version to promote")
-        return await self.roll_to(agent, target, dep.version, kind="promote")
+        return await self.roll_to(agent, target, dep.version, kind="promote", actor=actor)
 
     async def scale(
         self,
@@ -399,6 +446,7 @@ class ControlPlane:
         deployment: str,
         replicas: int | None = None,
         autoscale: dict[str, Any] | None = None,
+        actor: str = SYSTEM,
     ) -> DeploymentRow:
         """Set a fixed size (`replicas`, turning autoscaling off) or an autoscaling policy."""
         dep = await self.ensure_deployment(agent, deployment)
@@ -409,7 +457,9 @@ class ControlPlane:
                 raise InvalidRequest(f"bad autoscaling policy: {e}") from None
             dep.autoscale = policy.to_dict()
             await self.repo.save(dep)
-            await self.repo.event(agent.id, "autoscale_set", f"{deployment}: {dep.autoscale}")
+            await self.repo.event(
+                agent.id, "autoscale_set", f"{deployment}: {dep.autoscale}", actor
+            )
             return dep
         if replicas is None:
             raise InvalidRequest("give a number of instances or an autoscaling policy")
@@ -420,18 +470,24 @@ class ControlPlane:
             dep = await self.ensure_deployment(agent, deployment)  # as it is now, under the lock
             if dep.autoscale is not None:
                 dep.autoscale = None
-                await self.repo.event(agent.id, "autoscale_off", f"{deployment}: fixed size")
-            await self.repo.event(agent.id, "scaled", f"{deployment}: {replicas} instance(s)")
+                await self.repo.event(agent.id, "autoscale_off", f"{deployment}: fixed size", actor)
+            await self.repo.event(
+                agent.id, "scaled", f"{deployment}: {replicas} instance(s)", actor
+            )
             await self.sizing.resize(agent, dep, replicas)
         return dep
 
-    async def rollout_command(self, agent: AgentRow, deployment: str, command: str) -> RolloutRow:
+    async def rollout_command(
+        self, agent: AgentRow, deployment: str, command: str, actor: str = SYSTEM
+    ) -> RolloutRow:
         """pause, resume, promote or abort the canary running on `deployment`."""
-        return await self.runner.command(agent, deployment, command)
+        return await self.runner.command(agent, deployment, command, actor)
 
     # -- secrets ------------------------------------------------------------------------------
 
-    async def set_secrets(self, agent: AgentRow, values: Mapping[str, str]) -> list[str]:
+    async def set_secrets(
+        self, agent: AgentRow, values: Mapping[str, str], actor: str = SYSTEM
+    ) -> list[str]:
         for name in values:
             if not name or not (name.replace("_", "a").isalnum()) or name[0].isdigit():
                 raise InvalidRequest(f"secret name '{name}' must be a valid environment variable")
@@ -445,7 +501,7 @@ class ControlPlane:
             )
         )
         names = sorted(values)
-        await self.repo.event(agent.id, "secrets_set", f"secrets set: {', '.join(names)}")
+        await self.repo.event(agent.id, "secrets_set", f"secrets set: {', '.join(names)}", actor)
         return names
 
     async def secret_names(self, agent: AgentRow) -> list[dict[str, Any]]:
@@ -453,9 +509,11 @@ class ControlPlane:
             {"name": s.name, "updated_at": s.updated_at} for s in await self.repo.secrets(agent.id)
         ]
 
-    async def unset_secrets(self, agent: AgentRow, names: list[str]) -> int:
+    async def unset_secrets(self, agent: AgentRow, names: list[str], actor: str = SYSTEM) -> int:
         removed = await self.repo.unset_secrets(agent.id, names)
-        await self.repo.event(agent.id, "secrets_unset", f"secrets removed: {', '.join(names)}")
+        await self.repo.event(
+            agent.id, "secrets_unset", f"secrets removed: {', '.join(names)}", actor
+        )
         return removed
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from voicefleet.control.service import DEFAULT_DEPLOYMENT, ControlPlane
+from voicefleet.control.service import DEFAULT_DEPLOYMENT, ControlPlane, actor_parts
 from voicefleet.control.status import Decisions, agent_status
 from voicefleet.dashboard.html import Html, badge, el, esc, join, table, when
 from voicefleet.dashboard.overview import instance_counts, problems, split_bar
@@ -19,7 +19,39 @@ CANARY_COMMANDS = {
     "resume": "Resume canary {to} on {deployment}?",
     "abort": "Abort canary {to} on {deployment}? Its sessions finish; new ones go to {frm}.",
 }
-ACTIONS = (*CANARY_COMMANDS, "rollback")
+ACTIONS = (*CANARY_COMMANDS, "rollback", "scale")
+
+
+def who(actor: str) -> str:
+    """An event's actor as the pages show it: "<key> via dashboard"; "-" for the platform."""
+    key, where = actor_parts(actor)
+    return f"{key} via {where}" if key else "-"
+
+
+def scale_form(agent: str, csrf: str, deployment: str, replicas: int) -> Html:
+    """A fixed size for the deployment; the question names the number typed ({replicas})."""
+    return el(
+        "form",
+        el("input", type="hidden", name="csrf", value=csrf),
+        el("input", type="hidden", name="command", value="scale"),
+        el("input", type="hidden", name="deployment", value=deployment),
+        el(
+            "input",
+            type="number",
+            name="replicas",
+            min="0",
+            max="100",
+            value=str(replicas),
+            aria_label=f"instances of {deployment}",
+            class_="narrow",
+        ),
+        el("button", "scale", type="submit", class_="btn scale"),
+        method="post",
+        action=f"/dashboard/agents/{agent}/actions",
+        data_confirm=f"Run {{replicas}} instance(s) of {deployment} (autoscaling off)? "
+        "Instances that go drain: their sessions finish.",
+        class_="action",
+    )
 
 
 def action_form(agent: str, csrf: str, action: str, question: str, **fields: str) -> Html:
@@ -124,6 +156,8 @@ async def render_agent(
                     deployment=d["name"],
                 )
             )
+        if r is None and d["version"]:
+            buttons.append(scale_form(name, csrf, d["name"], d["replicas"]))
         size = (
             f"autoscaled {d['autoscale'].get('min')}-{d['autoscale'].get('max')}"
             if d["autoscale"]
@@ -294,7 +328,7 @@ async def render_agent(
             el("h2", "Events"),
             table(
                 ["when", "kind", "message", "by"],
-                [[when(e.at), e.kind, e.message, e.actor or "-"] for e in events],
+                [[when(e.at), e.kind, e.message, who(e.actor)] for e in events],
             ),
             id="events",
         )

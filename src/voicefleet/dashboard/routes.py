@@ -1,170 +1,63 @@
-"""The dashboard's HTTP side: login and logout, the three pages, their server-sent event
-streams, the rollout commands, and the two static files.
-
-Every page and stream needs the session cookie (`session.py`); every POST but the login needs
-the session's CSRF token too, as a form field or an `X-CSRF-Token` header, and no POST is taken
-from another origin. The commands call the same control-plane services as `/api/v1`.
+"""The dashboard's HTTP side: login and logout, the pages, their server-sent event streams, an
+instance's live log, and the two static files. The commands are in `actions.py`; what they all
+share (the session, the page shell, streams, CSRF checks) in `web.py`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
+import codecs
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from functools import cache
-from importlib import resources
-from urllib.parse import parse_qs, quote, urlsplit
+from collections.abc import AsyncIterator
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from starlette.responses import StreamingResponse
 
-from voicefleet.autoscale.loop import Autoscaler
-from voicefleet.control.service import DEFAULT_DEPLOYMENT, ControlPlane
-from voicefleet.dashboard.agent_page import ACTIONS, CANARY_COMMANDS, render_agent
-from voicefleet.dashboard.html import Html, el, join, render
-from voicefleet.dashboard.overview import render_overview
-from voicefleet.dashboard.session import (
-    COOKIE,
-    CSRF_FIELD,
-    CSRF_HEADER,
-    LIFETIME,
-    Session,
-    Sessions,
+from voicefleet.control.logs import log_files, tail
+from voicefleet.dashboard import actions, web
+from voicefleet.dashboard.agent_page import render_agent
+from voicefleet.dashboard.autoscaling import render_autoscaling
+from voicefleet.dashboard.flags_page import render_flags
+from voicefleet.dashboard.html import Html, el, render
+from voicefleet.dashboard.instances import (
+    TAIL_BYTES,
+    log_panel,
+    render_instance,
+    render_instances,
 )
+from voicefleet.dashboard.overview import render_overview
+from voicefleet.dashboard.session import COOKIE, LIFETIME, Session
 from voicefleet.dashboard.sessions import Search, render_sessions, search_form
-from voicefleet.dispatch.service import DispatchService
-from voicefleet.errors import InvalidRequest
-from voicefleet.store.records import Recorder
+from voicefleet.errors import NotFound
 
 log = logging.getLogger("voicefleet.dashboard")
 
 router = APIRouter(include_in_schema=False)
-
-TICK = 1.0  # seconds between two looks at a page's data while its stream is open
-KEEP_ALIVE = 15.0  # a comment line at least this often, so proxies keep the stream open
-HEADERS = {
-    # No inline script or style anywhere: the pages need none, so an injected one cannot run.
-    "Content-Security-Policy": (
-        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-    ),
-    "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "same-origin",
-    "Cache-Control": "no-store",
-}
-STATIC = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
-NOTHING = Html("")
-NAV = (("/", "Overview", "overview"), ("/dashboard/sessions", "Sessions", "sessions"))
+router.include_router(actions.router)
 
 
-# -- services and the session ---------------------------------------------------------------
-
-
-def _dispatch(request: Request) -> DispatchService:
-    service: DispatchService = request.app.state.dispatch
-    return service
-
-
-def _control(request: Request) -> ControlPlane:
-    plane: ControlPlane = request.app.state.control
-    return plane
-
-
-def _recorder(request: Request) -> Recorder:
-    recorder: Recorder = request.app.state.recorder
-    return recorder
-
-
-def _autoscaler(request: Request) -> Autoscaler:
-    scaler: Autoscaler = request.app.state.autoscaler
-    return scaler
-
-
-def _sessions(request: Request) -> Sessions:
-    return Sessions(_dispatch(request).project)
-
-
-def _session(request: Request) -> Session | None:
-    return _sessions(request).read(request.cookies.get(COOKIE))
-
-
-def _same_origin(request: Request) -> bool:
-    """No Origin (an old browser, a form from this page with a strict referrer policy) or
-    this server's own."""
-    origin = request.headers.get("origin")
-    return origin is None or urlsplit(origin).netloc == request.headers.get("host", "")
-
-
-def _to_login(request: Request) -> Response:
-    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    return RedirectResponse(f"/dashboard/login?next={quote(here, safe='')}", 303)
-
-
-async def _form(request: Request) -> dict[str, str]:
-    """An urlencoded form body (the app caps every body at 1 MiB as it streams)."""
-    if not request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
-        return {}
-    fields = parse_qs((await request.body()).decode(errors="replace"), max_num_fields=20)
-    return {k: v[0] for k, v in fields.items()}
-
-
-def _local(path: str) -> str:
-    """Where to go after logging in: a path on this server only."""
-    return path if path.startswith("/") and not path.startswith(("//", "/\\")) else "/"
-
-
-# -- pages ------------------------------------------------------------------------------------
-
-
-@cache
-def _asset(name: str) -> bytes:
-    return resources.files("voicefleet.dashboard").joinpath("static", name).read_bytes()
-
-
-@cache
-def _asset_version() -> str:
-    return hashlib.sha256(b"".join(_asset(n) for n in sorted(STATIC))).hexdigest()[:12]
-
-
-def _page(
-    session: Session,
-    *,
-    title: str,
-    active: str,
-    body: Html,
-    stream: str,
-    before: Html = NOTHING,
-) -> HTMLResponse:
-    nav = join(
-        el("a", label, href=href, class_="active" if key == active else None)
-        for href, label, key in NAV
-    )
-    text = render(
-        "page.html",
-        title=title,
-        heading=title,
-        nav=nav,
-        csrf=session.csrf,
-        user=session.api_key,
-        body=body,
-        before=before,
-        stream=stream,
-        version=_asset_version(),
-    )
-    return HTMLResponse(text, headers=HEADERS)
+# -- pages and their streams -------------------------------------------------------------------
 
 
 @router.get("/")
 async def overview(request: Request) -> Response:
-    session = _session(request)
+    session = web.session(request)
     if session is None:
-        return _to_login(request)
+        return web.to_login(request)
     body = await _overview_body(request)
-    return _page(
+    return web.page(
         session, title="Overview", active="overview", body=body, stream="/dashboard/events"
+    )
+
+
+@router.get("/dashboard/events")
+async def overview_events(request: Request) -> Response:
+    return web.stream(request, lambda: _overview_body(request))
+
+
+async def _overview_body(request: Request) -> Html:
+    return await render_overview(
+        web.control(request), web.dispatch(request), web.autoscaler(request).decision
     )
 
 
@@ -176,11 +69,11 @@ def dashboard_root() -> Response:
 
 @router.get("/dashboard/agents/{name}")
 async def agent_page(name: str, request: Request) -> Response:
-    session = _session(request)
+    session = web.session(request)
     if session is None:
-        return _to_login(request)
+        return web.to_login(request)
     body = await _agent_body(request, name, session)
-    return _page(
+    return web.page(
         session,
         title=name,
         active="",
@@ -189,91 +82,183 @@ async def agent_page(name: str, request: Request) -> Response:
     )
 
 
+@router.get("/dashboard/events/agents/{name}")
+async def agent_events(name: str, request: Request) -> Response:
+    session = web.session(request)
+    if session is None:
+        return web.refused()
+    return web.stream(request, lambda: _agent_body(request, name, session))
+
+
+async def _agent_body(request: Request, name: str, session: Session) -> Html:
+    plane = web.control(request)
+    agent = await plane.find_agent(name)
+    if agent is None:
+        return el("p", f"There is no agent '{name}' (any more).", class_="gone")
+    return await render_agent(plane, agent, web.autoscaler(request).decision, session.csrf)
+
+
 @router.get("/dashboard/sessions")
 async def sessions_page(request: Request) -> Response:
-    session = _session(request)
+    session = web.session(request)
     if session is None:
-        return _to_login(request)
+        return web.to_login(request)
     search = Search.of(dict(request.query_params))
     query = search.query()
-    return _page(
+    return web.page(
         session,
         title="Sessions",
         active="sessions",
-        body=await render_sessions(_recorder(request), search),
+        body=await render_sessions(web.recorder(request), search),
         before=search_form(search),
         stream="/dashboard/events/sessions" + (f"?{query}" if query else ""),
     )
 
 
-async def _overview_body(request: Request) -> Html:
-    return await render_overview(
-        _control(request), _dispatch(request), _autoscaler(request).decision
-    )
-
-
-async def _agent_body(request: Request, name: str, session: Session) -> Html:
-    plane = _control(request)
-    agent = await plane.find_agent(name)
-    if agent is None:
-        return el("p", f"There is no agent '{name}' (any more).", class_="gone")
-    return await render_agent(plane, agent, _autoscaler(request).decision, session.csrf)
-
-
-# -- live: server-sent events ------------------------------------------------------------------
-
-
-def _event(data: str, kind: str = "") -> str:
-    head = f"event: {kind}\n" if kind else ""
-    return head + "".join(f"data: {line}\n" for line in data.split("\n")) + "\n"
-
-
-def _stream(request: Request, body: Callable[[], Awaitable[Html]]) -> Response:
-    """The page's live part whenever it changes (looked at every TICK), until the browser
-    goes, the session expires or the server stops."""
-    sessions, cookie = _sessions(request), request.cookies.get(COOKIE)
-    if sessions.read(cookie) is None:
-        return JSONResponse({"detail": "log in first"}, 401)
-    dispatch = _dispatch(request)
-
-    async def events() -> AsyncIterator[str]:
-        yield "retry: 3000\n\n"
-        last, quiet = "", 0.0
-        while not dispatch.closing:
-            if sessions.read(cookie) is None:
-                yield _event("/dashboard/login", "expired")
-                return
-            fragment = await body()
-            if fragment != last:
-                last, quiet = fragment, 0.0
-                yield _event(fragment)
-            elif quiet >= KEEP_ALIVE:
-                quiet = 0.0
-                yield ": keep-alive\n\n"
-            await asyncio.sleep(TICK)
-            quiet += TICK
-
-    headers = {**HEADERS, "X-Accel-Buffering": "no"}
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-
-
-@router.get("/dashboard/events")
-async def overview_events(request: Request) -> Response:
-    return _stream(request, lambda: _overview_body(request))
-
-
-@router.get("/dashboard/events/agents/{name}")
-async def agent_events(name: str, request: Request) -> Response:
-    session = _session(request)
-    if session is None:
-        return JSONResponse({"detail": "log in first"}, 401)
-    return _stream(request, lambda: _agent_body(request, name, session))
-
-
 @router.get("/dashboard/events/sessions")
 async def sessions_events(request: Request) -> Response:
     search = Search.of(dict(request.query_params))
-    return _stream(request, lambda: render_sessions(_recorder(request), search))
+    return web.stream(request, lambda: render_sessions(web.recorder(request), search))
+
+
+@router.get("/dashboard/instances")
+async def instances_page(request: Request) -> Response:
+    session = web.session(request)
+    if session is None:
+        return web.to_login(request)
+    return web.page(
+        session,
+        title="Instances",
+        active="instances",
+        body=await _instances_body(request),
+        stream="/dashboard/events/instances",
+    )
+
+
+@router.get("/dashboard/events/instances")
+async def instances_events(request: Request) -> Response:
+    return web.stream(request, lambda: _instances_body(request))
+
+
+async def _instances_body(request: Request) -> Html:
+    return await render_instances(
+        web.control(request), web.dispatch(request), web.autoscaler(request).decision
+    )
+
+
+@router.get("/dashboard/instances/{name}/{instance}")
+async def instance_page(name: str, instance: str, request: Request) -> Response:
+    session = web.session(request)
+    if session is None:
+        return web.to_login(request)
+    where = f"{quote(name, safe='')}/{quote(instance, safe='')}"
+    return web.page(
+        session,
+        title=f"{name} · {instance}",
+        active="instances",
+        body=await _instance_body(request, name, instance),
+        after=log_panel(quote(name, safe=""), quote(instance, safe="")),
+        stream=f"/dashboard/events/instances/{where}",
+    )
+
+
+@router.get("/dashboard/events/instances/{name}/{instance}")
+async def instance_events(name: str, instance: str, request: Request) -> Response:
+    return web.stream(request, lambda: _instance_body(request, name, instance))
+
+
+async def _instance_body(request: Request, name: str, instance: str) -> Html:
+    plane = web.control(request)
+    agent = await plane.find_agent(name)
+    if agent is None:
+        return el("p", f"There is no agent '{name}' (any more).", class_="gone")
+    return await render_instance(
+        plane, web.dispatch(request), agent, instance, web.autoscaler(request).decision
+    )
+
+
+@router.get("/dashboard/events/instances/{name}/{instance}/log")
+async def instance_log_events(name: str, instance: str, request: Request) -> Response:
+    """The instance's log file as it grows: its last TAIL_BYTES, then each chunk appended
+    (`log` events; `reset` first, so a reconnected page starts its text over)."""
+    known, cookie = web.sessions(request), request.cookies.get(COOKIE)
+    if known.read(cookie) is None:
+        return web.refused()
+    plane, service = web.control(request), web.dispatch(request)
+    agent = await plane.find_agent(name)
+    try:
+        if agent is None:
+            raise NotFound(f"no agent '{name}'")
+        (path,) = log_files(plane.paths, agent.id, instance)
+    except NotFound as e:
+        return JSONResponse({"detail": str(e)}, 404)
+    start = max(0, path.stat().st_size - TAIL_BYTES)
+
+    async def finished() -> bool:
+        return service.closing or known.read(cookie) is None
+
+    async def events() -> AsyncIterator[str]:
+        yield "retry: 3000\n\n"
+        yield web.event("", "reset")
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        partial_first_line = start > 0
+        async for chunk in tail(path, True, finished, start):
+            text = decoder.decode(chunk).replace("\r\n", "\n").replace("\r", "\n")
+            if partial_first_line:  # it began mid-line: that line is cut, leave it out
+                text, partial_first_line = text.partition("\n")[2], False
+            if text:
+                yield web.event(text, "log")
+
+    return web.event_stream(events())
+
+
+@router.get("/dashboard/flags")
+async def flags_page(request: Request) -> Response:
+    session = web.session(request)
+    if session is None:
+        return web.to_login(request)
+    return web.page(
+        session,
+        title="Flags",
+        active="flags",
+        body=await _flags_body(request, session),
+        stream="/dashboard/events/flags",
+    )
+
+
+@router.get("/dashboard/events/flags")
+async def flags_events(request: Request) -> Response:
+    session = web.session(request)
+    if session is None:
+        return web.refused()
+    return web.stream(request, lambda: _flags_body(request, session))
+
+
+async def _flags_body(request: Request, session: Session) -> Html:
+    return await render_flags(web.control(request), web.flags(request), session.csrf)
+
+
+@router.get("/dashboard/autoscaling")
+async def autoscaling_page(request: Request) -> Response:
+    session = web.session(request)
+    if session is None:
+        return web.to_login(request)
+    return web.page(
+        session,
+        title="Autoscaling",
+        active="autoscaling",
+        body=await _autoscaling_body(request),
+        stream="/dashboard/events/autoscaling",
+    )
+
+
+@router.get("/dashboard/events/autoscaling")
+async def autoscaling_events(request: Request) -> Response:
+    return web.stream(request, lambda: _autoscaling_body(request))
+
+
+async def _autoscaling_body(request: Request) -> Html:
+    return await render_autoscaling(web.control(request), web.autoscaler(request))
 
 
 # -- login, logout ---------------------------------------------------------------------------
@@ -284,12 +269,12 @@ def _login_page(
 ) -> Response:
     text = render(
         "login.html",
-        error=el("p", error, class_="error", role="alert") if error else NOTHING,
+        error=el("p", error, class_="error", role="alert") if error else web.NOTHING,
         api_key=api_key,
-        next=_local(next_),
-        version=_asset_version(),
+        next=web.local(next_),
+        version=web.asset_version(),
     )
-    return HTMLResponse(text, status, headers=HEADERS)
+    return HTMLResponse(text, status, headers=web.HEADERS)
 
 
 @router.get("/dashboard/login")
@@ -299,12 +284,12 @@ def login_form(request: Request) -> Response:
 
 @router.post("/dashboard/login")
 async def login(request: Request) -> Response:
-    if not _same_origin(request):
+    if not web.same_origin(request):
         return JSONResponse({"detail": "cross-origin login refused"}, 403)
-    form = await _form(request)
-    sessions = _sessions(request)
+    form = await web.form(request)
+    sessions = web.sessions(request)
     key, secret = form.get("api_key", "").strip(), form.get("api_secret", "")
-    next_ = _local(form.get("next", "/"))
+    next_ = web.local(form.get("next", "/"))
     if not sessions.credentials_ok(key, secret):
         log.warning("dashboard login refused for key %r", key[:40])
         return _login_page(
@@ -313,7 +298,7 @@ async def login(request: Request) -> Response:
             next_,
             401,
         )
-    response = RedirectResponse(next_, 303, headers=HEADERS)
+    response = RedirectResponse(next_, 303, headers=web.HEADERS)
     response.set_cookie(
         COOKIE,
         sessions.issue(),
@@ -327,55 +312,14 @@ async def login(request: Request) -> Response:
     return response
 
 
-async def _guarded_post(request: Request) -> tuple[Session, dict[str, str]] | Response:
-    """The session and form of a POST that passed the CSRF checks, or the refusal."""
-    session = _session(request)
-    if session is None:
-        return JSONResponse({"detail": "log in first"}, 401)
-    form = await _form(request)
-    token = request.headers.get(CSRF_HEADER) or form.get(CSRF_FIELD)
-    if not _same_origin(request) or not _sessions(request).csrf_ok(session, token):
-        return JSONResponse({"detail": "missing or wrong CSRF token: reload the page"}, 403)
-    return session, form
-
-
 @router.post("/dashboard/logout")
 async def logout(request: Request) -> Response:
-    checked = await _guarded_post(request)
+    checked = await web.guarded_post(request)
     if isinstance(checked, Response):
         return checked
-    response = RedirectResponse("/dashboard/login", 303, headers=HEADERS)
+    response = RedirectResponse("/dashboard/login", 303, headers=web.HEADERS)
     response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
     return response
-
-
-# -- commands ----------------------------------------------------------------------------------
-
-
-@router.post("/dashboard/agents/{name}/actions")
-async def agent_action(name: str, request: Request) -> Response:
-    """promote, pause, resume or abort the running canary; roll back (to the previous version,
-    or the one given). The same services `/api/v1` calls; their errors answer as the API's."""
-    checked = await _guarded_post(request)
-    if isinstance(checked, Response):
-        return checked
-    session, form = checked
-    plane = _control(request)
-    agent = await plane.agent(name)
-    action = form.get("command", "")
-    deployment = form.get("deployment") or DEFAULT_DEPLOYMENT
-    if action not in ACTIONS:
-        raise InvalidRequest(f"unknown command '{action}' (one of {', '.join(ACTIONS)})")
-    if action in CANARY_COMMANDS:
-        rollout = await plane.rollout_command(agent, deployment, action)
-        message = f"{action} sent to canary {rollout.to_version} on {deployment}"
-    else:
-        rollout = await plane.rollback(agent, deployment, form.get("version") or None)
-        message = f"rolling {deployment} back to {rollout.to_version} ({rollout.id})"
-    log.info("dashboard: %s on %s/%s by %s", action, name, deployment, session.api_key)
-    if request.headers.get(CSRF_HEADER):  # the page's script: it shows the message
-        return JSONResponse({"message": message, "rollout": rollout.id}, 202)
-    return RedirectResponse(f"/dashboard/agents/{quote(name, safe='')}", 303)
 
 
 # -- static files ------------------------------------------------------------------------------
@@ -383,10 +327,10 @@ async def agent_action(name: str, request: Request) -> Response:
 
 @router.get("/dashboard/static/{name}")
 def static(name: str) -> Response:
-    if name not in STATIC:
+    if name not in web.STATIC:
         return Response(status_code=404)
     return Response(
-        _asset(name),
-        media_type=STATIC[name],
+        web.asset(name),
+        media_type=web.STATIC[name],
         headers={"Cache-Control": "public, max-age=86400", "X-Content-Type-Options": "nosniff"},
     )

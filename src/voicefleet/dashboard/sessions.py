@@ -1,4 +1,5 @@
-"""Sessions: recent jobs, searched by room, agent, version and state."""
+"""Sessions: recent jobs, searched by room, agent, version and state; one job's timeline
+(dispatched, dispatched again, assigned, running, ended) from its timestamps."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class Search:
     agent: str = ""
     version: str = ""
     state: str = ""
+    job: str = ""  # the job whose timeline shows above the list
 
     @classmethod
     def of(cls, params: dict[str, str]) -> Search:
@@ -32,10 +34,11 @@ class Search:
             agent=params.get("agent", "").strip()[:200],
             version=params.get("version", "").strip()[:40],
             state=state if state in STATES else "",
+            job=params.get("job", "").strip()[:40],
         )
 
-    def query(self) -> str:
-        return urlencode({k: v for k, v in vars(self).items() if v})
+    def query(self, **change: str) -> str:
+        return urlencode({k: v for k, v in {**vars(self), **change}.items() if v})
 
     def matches(self, job: dict[str, Any]) -> bool:
         return (not self.agent or job["agent_name"] == self.agent) and (
@@ -72,6 +75,60 @@ def _seconds(start: float, end: float) -> str:
     return f"{end - start:.1f}s" if start and end and end >= start else "-"
 
 
+def timeline(job: dict[str, Any]) -> Html:
+    """The job's steps in order, each with its time and how long after the dispatch. A job
+    dispatched again (its worker was lost) keeps its creation time; the later steps are its
+    latest attempt's."""
+    created = job["created_at"]
+    steps: list[tuple[str, float, object]] = [("dispatched", created, f"room {job['room']}")]
+    if job["redispatches"]:
+        steps.append(
+            (
+                "re-dispatched",
+                0.0,
+                f"{job['redispatches']} time(s), after its worker was lost; "
+                "what follows is its latest attempt",
+            )
+        )
+    if job["assigned_at"]:
+        where = join(
+            (
+                f"{job['version'] or 'unversioned'} on ",
+                el("code", job["instance"] or job["worker_id"] or "a worker"),
+            )
+        )
+        steps.append(("assigned", job["assigned_at"], where))
+    if job["started_at"]:
+        steps.append(("running", job["started_at"], ""))
+    if job["ended_at"]:
+        steps.append(
+            ("ended", job["ended_at"], join((badge(job["state"]), " ", job["error"] or "")))
+        )
+    else:
+        steps.append(("now", 0.0, badge(job["state"])))
+    items = [
+        el(
+            "li",
+            el("b", name),
+            " ",
+            when(at) if at else "",
+            el("small", f" +{at - created:.1f}s")
+            if at and at >= created and name != "dispatched"
+            else "",
+            el("span", " · ", what) if what else "",
+            class_=f"step {name}",
+        )
+        for name, at, what in steps
+    ]
+    return el(
+        "section",
+        el("h2", "Timeline of ", el("code", job["id"])),
+        el("ol", *items, class_="timeline"),
+        class_="card",
+        id="timeline",
+    )
+
+
 async def render_sessions(recorder: Recorder, search: Search) -> Html:
     narrowed = bool(search.agent or search.version)
     jobs = await recorder.history(
@@ -80,7 +137,7 @@ async def render_sessions(recorder: Recorder, search: Search) -> Html:
     found = [j for j in jobs if search.matches(j)][:SHOWN]
     rows = [
         [
-            el("code", j["id"]),
+            el("a", el("code", j["id"]), href=f"/dashboard/sessions?{search.query(job=j['id'])}"),
             when(j["created_at"]),
             el("a", j["agent_name"], href=f"/dashboard/agents/{j['agent_name']}")
             if j["agent_id"]
@@ -99,4 +156,13 @@ async def render_sessions(recorder: Recorder, search: Search) -> Html:
     head = ["job", "created", "agent", "deployment", "version", "room", "state", "to start",
             "duration", "instance", "error"]  # fmt: skip
     note = f"{len(found)} session(s)" + (f", the newest {SHOWN}" if len(found) == SHOWN else "")
-    return esc(join((el("p", note, class_="summary"), table(head, rows, id="jobs"))))
+    parts = [el("p", note, class_="summary"), table(head, rows, id="jobs")]
+    if search.job:
+        picked = await recorder.history(limit=1, job_id=search.job)
+        parts.insert(
+            0,
+            timeline(picked[0])
+            if picked
+            else el("p", f"No job {search.job}.", class_="empty", id="timeline"),
+        )
+    return esc(join(parts))

@@ -67,7 +67,9 @@ class FlagService:
 
     # -- changing -----------------------------------------------------------------------------
 
-    async def set(self, agent_id: str, definition: dict[str, Any], actor: str) -> dict[str, Any]:
+    async def set(
+        self, agent_id: str, definition: dict[str, Any], actor: str = ""
+    ) -> dict[str, Any]:
         """Create or replace a flag (this also lifts a kill)."""
         try:
             clean = validate(definition)
@@ -89,7 +91,7 @@ class FlagService:
         await self._publish(agent_id, clean["key"], self._public(row))
         return self.get(agent_id, clean["key"])
 
-    async def kill(self, agent_id: str, key: str, actor: str) -> dict[str, Any]:
+    async def kill(self, agent_id: str, key: str, actor: str = "") -> dict[str, Any]:
         """The kill switch: every session gets the flag's `off` value until it is set again."""
         flag = {
             k: v
@@ -108,7 +110,7 @@ class FlagService:
         await self._publish(agent_id, key, self._public(row))
         return self.get(agent_id, key)
 
-    async def delete(self, agent_id: str, key: str, actor: str) -> None:
+    async def delete(self, agent_id: str, key: str, actor: str = "") -> None:
         self.get(agent_id, key)
         await self.repo.delete_flag(agent_id, key)
         await self.repo.event(agent_id, "flag_deleted", f"{key} deleted", actor=actor)

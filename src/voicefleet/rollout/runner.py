@@ -108,8 +108,11 @@ class Rollouts:
         target = Target.of(agent, dep.name)
         await self.fleet.retire_others(target, dep.version, serving, warm=True)
 
-    async def command(self, agent: AgentRow, deployment: str, command: str) -> RolloutRow:
-        """pause, resume, promote or abort the canary running on `deployment`."""
+    async def command(
+        self, agent: AgentRow, deployment: str, command: str, actor: str = ""
+    ) -> RolloutRow:
+        """pause, resume, promote or abort the canary running on `deployment`; `actor` is who
+        asked (the event log's "by")."""
         try:
             told = Command(command)
         except ValueError:
@@ -121,6 +124,11 @@ class Rollouts:
                 if rollout.step == "promote":  # past the point a command is read
                     raise InvalidRequest(f"canary {rollout.to_version} is already being promoted")
                 self._commands[rollout.id] = told
-                await self.repo.event(agent.id, f"canary_{told}", f"{told} requested")
+                await self.repo.event(
+                    agent.id,
+                    f"canary_{told}",
+                    f"{told} requested for {rollout.to_version} on {deployment}",
+                    actor,
+                )
                 return rollout
         raise InvalidRequest(f"no canary is running on {deployment}")

@@ -25,16 +25,50 @@
     flash.hidden = false;
   }
 
+  // What the live part holds, as this browser writes it out (before paint adds widths): a
+  // stream's first message is usually the very page just loaded, and is then not swapped in.
+  let shown = live ? live.innerHTML : "";
   paint(document);
 
   const source = document.body.dataset.stream;
   if (source && live && window.EventSource) {
     const events = new EventSource(source);
     events.onopen = () => connection("live");
-    events.onmessage = (e) => {
-      live.innerHTML = e.data; // HTML the server escaped, from this origin only
+    let pending = null;
+    const swap = (html) => {
+      // Open <details> (a flag's editor) stay open across the swap.
+      const open = [...live.querySelectorAll("details[open][id]")].map((d) => d.id);
+      live.innerHTML = html; // HTML the server escaped, from this origin only
+      for (const id of open) document.getElementById(id)?.setAttribute("open", "");
       paint(live);
       document.body.dataset.updated = String(Date.now());
+    };
+    // Someone typing in a form on the page keeps what they typed: the change waits.
+    const typing = () => {
+      const a = document.activeElement;
+      return a && live.contains(a) && a.matches("input, textarea, select");
+    };
+    live.addEventListener("focusout", () => {
+      setTimeout(() => {
+        if (pending !== null && !typing()) {
+          swap(pending);
+          pending = null;
+        }
+      }, 0);
+    });
+    const normal = document.createElement("template");
+    events.onmessage = (e) => {
+      normal.innerHTML = e.data;
+      if (normal.innerHTML === shown) {
+        connection("live");
+        return;
+      }
+      shown = normal.innerHTML;
+      if (typing()) pending = e.data;
+      else {
+        pending = null;
+        swap(e.data);
+      }
       connection("live");
     };
     events.addEventListener("expired", () => {
@@ -55,13 +89,39 @@
     connection("");
   }
 
+  // An instance's log: appended as it is written, the newest kept in view (unless the reader
+  // scrolled up), at most MAX_LOG characters.
+  const log = document.getElementById("log");
+  if (log && log.dataset.tail && window.EventSource) {
+    const MAX_LOG = 500000;
+    const tail = new EventSource(log.dataset.tail);
+    tail.addEventListener("reset", () => {
+      log.textContent = "";
+    });
+    tail.addEventListener("log", (e) => {
+      const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+      log.append(document.createTextNode(e.data));
+      if (log.textContent.length > MAX_LOG) log.textContent = log.textContent.slice(-MAX_LOG);
+      if (atEnd) log.scrollTop = log.scrollHeight;
+      log.dataset.lines = String((log.dataset.lines | 0) + e.data.split("\n").length - 1);
+    });
+  }
+
+  // A question may name what was typed into its form: "{replicas}" is that field's value.
+  function question(form) {
+    return form.dataset.confirm.replace(/\{(\w+)\}/g, (all, name) => {
+      const field = form.elements.namedItem(name);
+      return field && "value" in field ? field.value : all;
+    });
+  }
+
   // Commands: forms marked data-confirm ask first. Listening on the document, so forms the
   // stream puts in later work too.
   document.addEventListener("submit", async (e) => {
     const form = e.target.closest("form[data-confirm]");
     if (!form) return;
     e.preventDefault();
-    if (!window.confirm(form.dataset.confirm)) return;
+    if (!window.confirm(question(form))) return;
     const button = form.querySelector("button");
     if (button) button.disabled = true;
     try {
