@@ -88,9 +88,11 @@ class RelayedJob:
             )
         )
         try:
-            assignment = await asyncio.wait_for(
-                asyncio.shield(self._assignment), self._assignment_within
-            )
+            # Awaited directly, not through wait_for and shield (a loop turn each before the
+            # assignment goes on to the worker). At the timeout the future is cancelled: a
+            # late assignment is ignored (`assigned`), as it was.
+            async with asyncio.timeout(self._assignment_within):
+                assignment = await self._assignment
         except TimeoutError:
             log.warning("LiveKit accepted nothing: no assignment came", extra={"job": self.id})
             return None

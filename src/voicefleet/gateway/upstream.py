@@ -16,11 +16,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from google.protobuf.message import DecodeError
 from livekit.protocol import agent, models
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.exceptions import ConnectionClosed, InvalidState, WebSocketException
 
 from voicefleet import __version__
 from voicefleet.config import GatewaySettings
@@ -40,6 +41,33 @@ MAX_FRAME = 1 << 20
 COLD_START_LOAD = 0.9
 
 CanStart = Callable[[PoolKey], bool]
+
+
+class Outbox(Protocol):
+    """Where frames to LiveKit go: `Frames` on a connection (a test may put a queue)."""
+
+    def put_nowait(self, item: bytes, /) -> None: ...
+
+
+class Frames:
+    """The frames to LiveKit on one connection, each written to it as it is put, in the
+    caller's turn of the event loop.
+
+    As `ws.send()` writes them, less its wait for the socket's buffer to drain: the frames
+    here are small and few (an offer's answer, a job's or the pool's status), and a queue and
+    writer task in between would cost a loop turn on every offer's answer. Once the
+    connection is closing it takes no more frames: its end is seen by `_serve`'s reader."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self._ws = ws
+
+    def put_nowait(self, item: bytes, /) -> None:
+        try:
+            self._ws.protocol.send_binary(item)
+        except InvalidState:
+            log.debug("LiveKit's connection is closing; message dropped")
+            return
+        self._ws.send_data()
 
 
 class RegisterFailed(Exception):
@@ -85,7 +113,7 @@ class Upstream:
         self.registrations = 0
         # Jobs LiveKit offered that have not ended here, by job id.
         self._links: dict[str, RelayedJob] = {}
-        self._outbox: asyncio.Queue[bytes] | None = None  # the current connection's
+        self._outbox: Outbox | None = None  # the current connection's (Frames)
         self._pool_changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # LiveKit asked this connection to go away (its reason): it takes no new offer, answers
@@ -190,14 +218,14 @@ class Upstream:
 
     async def _serve(self, ws: ClientConnection) -> str:
         """Relay until the connection ends; return why it ended."""
-        self._outbox = asyncio.Queue()
+        self._outbox = Frames(ws)
         self._going_away = ""  # a new connection: LiveKit has asked nothing of it yet
         # What a reconnecting livekit-agents worker says first: the jobs it still runs.
         running = [i for i, link in self._links.items() if link.grant is not None]
         if running:
             self._send(agent.WorkerMessage(migrate_job=agent.MigrateJobRequest(job_ids=running)))
             log.info("reported running jobs to LiveKit", extra={"jobs": running})
-        tasks = [asyncio.create_task(self._write(ws)), asyncio.create_task(self._report())]
+        tasks = [asyncio.create_task(self._report())]
         try:
             async for data in ws:
                 if self._handle(data):
@@ -222,12 +250,6 @@ class Upstream:
                     self._offer_moved.clear()
                     await self._offer_moved.wait()
         await ws.close()
-
-    async def _write(self, ws: ClientConnection) -> None:
-        outbox = self._outbox
-        assert outbox is not None
-        while True:
-            await ws.send(await outbox.get())
 
     async def _report(self) -> None:
         """The pool's status, as one worker's: on each change that matters, and periodically."""
