@@ -13,10 +13,10 @@ Dockerfile builds from a local base where no registry serves those.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from voicefleet.build import node
 from voicefleet.errors import BuildFailed
 
 PYTHON_BASE = "python:3.11-slim"
@@ -213,19 +213,7 @@ class Recipe:
 
 def node_lockfile(folder: Path) -> str:
     """The folder's Node.js lockfile, or "" (no package.json, or no lockfile)."""
-    if not (folder / "package.json").is_file():
-        return ""
-    return next((name for name in NODE_MANAGERS if (folder / name).is_file()), "")
-
-
-def _package(folder: Path) -> dict[str, object]:
-    try:
-        data = json.loads((folder / "package.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BuildFailed(f"package.json cannot be read: {e}") from None
-    if not isinstance(data, dict):
-        raise BuildFailed("package.json is not a JSON object")
-    return data
+    return node.lockfile(folder) if (folder / "package.json").is_file() else ""
 
 
 def node_entry(folder: Path, package: dict[str, object], build: bool) -> str:
@@ -244,7 +232,7 @@ def render(folder: Path, *, base: str | None = None, entry: str | None = None) -
     pnpm or yarn), else Python. `base`: the base image (LiveKit's default for the kind)."""
     lockfile = node_lockfile(folder)
     if lockfile:
-        package = _package(folder)
+        package = node.package(folder)
         scripts = package.get("scripts")
         scripts = scripts if isinstance(scripts, dict) else {}
         build = "build" in scripts

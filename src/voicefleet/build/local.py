@@ -6,7 +6,8 @@ version. A version whose digest was built before reuses that environment: no ins
 Environments are built in a temporary folder and renamed into place when complete, under a
 lock per digest, so a failed or concurrent build never leaves a half environment in use.
 Every path given to uv is absolute: uv runs in the version's sources, and a relative path
-would build the environment in there.
+would build the environment in there. A folder with package.json and no agent.py is a Node.js
+agent: build/node.py builds it (node_modules cached by the lockfile's digest).
 """
 
 from __future__ import annotations
@@ -94,6 +95,10 @@ class LocalBuilder:
 
     async def build(self, source: Path, log: Log) -> Artifact:
         source = source.absolute()
+        from voicefleet.build import node  # it builds on this module
+
+        if node.is_node_agent(source):  # package.json and no agent.py
+            return await node.NodeBuilder(self.cache_dir, self).build(source, log)
         digest = dependency_digest(source, self.python_version)
         env = self.cache_dir / digest[:24]
         if (env / COMPLETE).exists():

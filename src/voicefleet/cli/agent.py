@@ -16,6 +16,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.table import Table
 
 from voicefleet.build.bundle import create_bundle
+from voicefleet.build.dockerfile import DOCKERIGNORE, node_lockfile, render
 from voicefleet.cli import livekit_toml
 from voicefleet.cli.client import (
     FAILED,
@@ -31,7 +32,7 @@ from voicefleet.cli.client import (
     print_json,
     state,
 )
-from voicefleet.errors import VoicefleetError
+from voicefleet.errors import BuildFailed, VoicefleetError
 
 app = typer.Typer(help="Create, deploy and operate agents.", no_args_is_help=True)
 out = Console()
@@ -73,8 +74,8 @@ def create(
 ) -> None:
     """Register the agent in FOLDER; write livekit.toml (and a Dockerfile if there is none)."""
     folder = folder.resolve()
-    if not (folder / "agent.py").exists() and not (folder / "Dockerfile").exists():
-        fail(f"{folder} has no agent.py (or Dockerfile): is it an agent folder?", USAGE)
+    if not any((folder / f).exists() for f in ("agent.py", "package.json", "Dockerfile")):
+        fail(f"{folder} has no agent.py, package.json or Dockerfile: is it an agent folder?", USAGE)
     try:
         existing = livekit_toml.read(folder)
     except VoicefleetError:
@@ -93,8 +94,13 @@ def create(
     )
     wrote = ["livekit.toml"]
     if not (folder / "Dockerfile").exists():
-        (folder / "Dockerfile").write_text(livekit_toml.DOCKERFILE)
-        wrote.append("Dockerfile")
+        try:
+            # Python: the recipe that finds its dependency file at build time.
+            text = render(folder).text if node_lockfile(folder) else livekit_toml.DOCKERFILE
+            (folder / "Dockerfile").write_text(text)
+            wrote.append("Dockerfile")
+        except BuildFailed as e:  # e.g. package.json that cannot be read: said, not fatal
+            out.print(f"[yellow]no Dockerfile written:[/yellow] {e}")
     if state.json:
         print_json(agent)
     else:
@@ -119,7 +125,6 @@ def dockerfile(
     Multi-stage, dependencies in a cached layer before the code, the agent's download-files
     step in its own layer, bytecode compiled, a non-root user; Node.js (npm ci, the build
     script) when the folder has package.json and a lockfile, Python otherwise."""
-    from voicefleet.build.dockerfile import DOCKERIGNORE, render
 
     folder = folder.resolve()
     if not folder.is_dir():

@@ -24,6 +24,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from voicefleet.build import node
 from voicefleet.dispatch.service import DispatchService
 from voicefleet.errors import NotFound, VoicefleetError
 from voicefleet.fleet.paths import Paths
@@ -232,16 +233,21 @@ class Instances:
             VOICEFLEET_GRACE_PERIOD=str(int(target.grace_period)),
             VOICEFLEET_FLAGS_CACHE=str(self.paths.flags_cache(agent_id)),
         )
+        workdir = self.paths.source(agent_id, row.version)
+        command = None
+        if node.is_node_agent(workdir):  # built by the Node.js builder: row.python is node
+            command = (row.python, node.entry(workdir), "start")
         return InstanceSpec(
             instance_id=instance_id,
             agent_id=agent_id,
             version=row.version,
-            workdir=self.paths.source(agent_id, row.version),
+            workdir=workdir,
             python=Path(row.python),
             env=env,
             log_dir=self.paths.instance_logs(agent_id),
             grace_period=target.grace_period,
             deployment=target.deployment,
+            command=command,
         )
 
     # -- retiring, draining, stopping ---------------------------------------------------------

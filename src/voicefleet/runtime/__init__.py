@@ -32,6 +32,9 @@ class InstanceSpec:
     deployment: str = ""
     # The container image a version runs as (the Kubernetes runtime; the local one ignores it).
     image: str = ""
+    # A Node.js agent's command, `(node, entry, "start")`, run in place of the Python launcher
+    # (the local runtime adds the health port); None for a Python agent.
+    command: tuple[str, ...] | None = None
 
 
 @dataclass

@@ -4,6 +4,12 @@ One supervisor task per instance does everything for it, in this order each tick
 process ended (restart it with backoff unless it was draining or stopping), check its health
 port, rotate its log. The process writes its output straight to a file and lives in its own
 session, so it outlives a restart of the server, which then adopts it back by pid and start time.
+
+A Node.js agent (a spec with a `command`) runs as `node --import <preload> <entry> start`. Its
+worker (@livekit/agents) binds its health server to 8081 in production, and only the agent's
+own ServerOptions({port}) changes that (no flag, no variable): the preload, a data: URL that
+holds the port, turns the worker's listen on 8081 into one on the port voicefleet chose. The
+port is thus on the command line, where adoption reads it back, as `--port N` for Python.
 """
 
 from __future__ import annotations
@@ -12,11 +18,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +37,38 @@ log = logging.getLogger("voicefleet.runtime")
 
 LAUNCHER = Path(__file__).with_name("launch.py")
 STARTING_NICENESS = 10
+NODE_DEFAULT_PORT = 8081  # @livekit/agents' health port in production (`start`)
+NODE_PRELOAD = """/* voicefleet-health-port={port} */
+import http from 'node:http';
+const listen = http.Server.prototype.listen;
+http.Server.prototype.listen = function (...args) {{
+  const [first] = args;
+  if (first === {default} || (first && typeof first === 'object' && first.port === {default})) {{
+    args[0] = typeof first === 'object' ? {{ ...first, port: {port} }} : {port};
+    http.Server.prototype.listen = listen;
+  }}
+  return listen.apply(this, args);
+}};
+"""
+_NODE_PORT = re.compile(r"voicefleet-health-port=(\d+)")
+
+
+def node_preload(port: int) -> str:
+    """The `--import` argument that moves a Node.js worker's health server to `port`."""
+    code = NODE_PRELOAD.format(port=port, default=NODE_DEFAULT_PORT)
+    return "data:text/javascript," + urllib.parse.quote(code)
+
+
+def _health_port(cmdline: list[str]) -> int:
+    """The health port an instance was started with, from its command line."""
+    if "--port" in cmdline:
+        return int(cmdline[cmdline.index("--port") + 1])
+    for arg in cmdline:
+        if arg.startswith("data:text/javascript,"):
+            found = _NODE_PORT.search(urllib.parse.unquote(arg))
+            if found:
+                return int(found.group(1))
+    raise ValueError("no health port on the command line")
 
 
 def _renice(pid: int, niceness: int) -> None:
@@ -129,8 +169,13 @@ class LocalRuntime:
         with open(inst.state.log_path, "ab") as out:
             out.write(f"--- voicefleet: starting {spec.instance_id} ({spec.version})\n".encode())
             out.flush()
+            if spec.command:  # Node.js: node --import <health port> <entry> start
+                node, *args = spec.command
+                argv = [node, "--import", node_preload(port), *args]
+            else:
+                argv = [str(spec.python), str(LAUNCHER), "--port", str(port), spec.entry, "start"]
             inst.proc = await asyncio.create_subprocess_exec(
-                str(spec.python), str(LAUNCHER), "--port", str(port), spec.entry, "start",
+                *argv,
                 cwd=spec.workdir,
                 env={**spec.env, "PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"},
                 stdin=asyncio.subprocess.DEVNULL,
@@ -158,8 +203,7 @@ class LocalRuntime:
             # A pid can be reused: the start time tells our process from a newer one.
             if abs(proc.create_time() - started_at) > 1.0 or not _alive(pid):
                 return None
-            cmdline = proc.cmdline()
-            port = int(cmdline[cmdline.index("--port") + 1])
+            port = _health_port(proc.cmdline())
         except (psutil.Error, ValueError, IndexError):
             return None
         state = InstanceState(spec=spec, pid=pid, started_at=started_at, health_port=port)
