@@ -5,6 +5,9 @@ versions, so the agent page shows the same ones."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -126,9 +129,43 @@ def rollout_cell(rollouts: list[dict[str, Any]], deployment: str) -> Html:
     return el("span", "none", class_="muted")
 
 
+# Every open overview stream renders the page each second (web.TICK), and a render reads every
+# agent's status: with many agents that is most of the cost of a dashboard left open. One render
+# serves every page and stream that asks within SHARED_FOR seconds of it (and those that ask while
+# it runs), so K open overviews cost what one does; none shows data older than a stream's tick.
+SHARED_FOR = 0.9
+
+
+@dataclass
+class _Shared:
+    done_at: float = 0.0
+    html: Html | None = None
+    running: asyncio.Task[Html] | None = None
+
+
+_shared: weakref.WeakKeyDictionary[DispatchService, _Shared] = weakref.WeakKeyDictionary()
+
+
 async def render_overview(
     plane: ControlPlane, dispatch: DispatchService, decision: Decisions
 ) -> Html:
+    shared = _shared.setdefault(dispatch, _Shared())
+    if shared.html is not None and time.monotonic() - shared.done_at < SHARED_FOR:
+        return shared.html
+    if shared.running is None:
+        shared.running = asyncio.create_task(_render(plane, dispatch, decision))
+        shared.running.add_done_callback(lambda _: _finished(shared))
+    # Shielded: a page that goes away while the render runs does not cancel it for the others.
+    return await asyncio.shield(shared.running)
+
+
+def _finished(shared: _Shared) -> None:
+    task, shared.running = shared.running, None
+    if task is not None and not task.cancelled() and task.exception() is None:
+        shared.html, shared.done_at = task.result(), time.monotonic()
+
+
+async def _render(plane: ControlPlane, dispatch: DispatchService, decision: Decisions) -> Html:
     queued = dispatch.queued_by_agent()
     found: list[Problem] = []
     rows: list[tuple[bool, str, list[object]]] = []
