@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from voicefleet.control.service import ControlPlane, rollout_dict
+from voicefleet.dispatch.service import InstanceView
 from voicefleet.fleet import Lifecycle
 from voicefleet.rollout.model import RUNNING
 from voicefleet.store.models import AgentRow
@@ -25,11 +26,12 @@ RECENT = 3600.0
 
 async def agent_status(plane: ControlPlane, agent: AgentRow, decision: Decisions) -> dict[str, Any]:
     instances: list[dict[str, Any]] = []
+    views = plane.dispatch.instances()  # one pass over the workers, not one per instance
     for row in await plane.repo.instances(agent.id):
         if row.status == Lifecycle.STOPPED and time.time() - row.updated_at > 3600:
             continue
         state = plane.fleet.state(row.id)
-        seen = plane.dispatch.instance(row.id)
+        seen = views.get(row.id) or InstanceView()
         instances.append(
             {
                 "id": row.id,

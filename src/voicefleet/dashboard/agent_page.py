@@ -158,9 +158,10 @@ async def render_agent(
             )
         if r is None and d["version"]:
             buttons.append(scale_form(name, csrf, d["name"], d["replicas"]))
+        policy = d["autoscale"] or {}
         size = (
-            f"autoscaled {d['autoscale'].get('min')}-{d['autoscale'].get('max')}"
-            if d["autoscale"]
+            f"autoscaled {policy.get('min_instances')}-{policy.get('max_instances')}"
+            if policy
             else f"{d['replicas']} instance(s)"
         )
         cards.append(
