@@ -434,3 +434,23 @@ async def test_a_worker_that_never_reports_job_status_keeps_its_jobs_past_the_st
             await other.close()
     finally:
         await silent.close()
+
+
+async def test_no_credential_reaches_the_log_even_at_debug_level(
+    start_server: Callable[..., Server],
+) -> None:
+    # uvicorn logs a WebSocket handshake's request headers at debug level, Authorization too.
+    server = start_server("--log-level", "debug")
+    token = worker_jwt()
+    peer = await Peer.connect(server.ws_url, "logged", token=token)
+    await peer.close()
+    forged = "wt-forged-" + "x" * 20  # refused, its request logged all the same
+    with pytest.raises(aiohttp.WSServerHandshakeError):
+        await Peer.connect(server.ws_url, "logged", token=token, params={"worker_token": forged})
+
+    def logged() -> str | None:
+        text = server.log()
+        return text if "authorization: Bearer [redacted]" in text else None
+
+    log = await wait_for(logged, 10, "the handshake's headers in the debug log")
+    assert token not in log and forged not in log

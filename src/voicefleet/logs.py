@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
@@ -24,3 +25,26 @@ def setup(level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+
+
+class RedactCredentials(logging.Filter):
+    """Credentials never reach a log: the value of an Authorization header (uvicorn logs a
+    WebSocket handshake's headers at debug level) and tokens in query strings."""
+
+    _HEADER = re.compile(r"(?i)(authorization:\s*\w+\s+)\S+")
+    _QUERY = re.compile(r"(?i)((?:access_token|worker_token|token)=)[^&\s\"']+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = self._QUERY.sub(r"\1[redacted]", self._HEADER.sub(r"\1[redacted]", message))
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+def redact(*logger_names: str) -> None:
+    """Put `RedactCredentials` on every handler of these loggers (and voicefleet's own)."""
+    redactor = RedactCredentials()
+    for name in ("voicefleet", *logger_names):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(redactor)

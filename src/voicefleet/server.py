@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from voicefleet import __version__
+from voicefleet import __version__, logs
 from voicefleet.api import ROUTERS, UPLOADS_AT_ONCE, AdminGuard
 from voicefleet.autoscale.loop import Autoscaler
 from voicefleet.build.local import LocalBuilder
@@ -239,6 +239,7 @@ async def serve(settings: Settings, project: Project) -> None:
         timeout_keep_alive=75,
         timeout_graceful_shutdown=5,
     )
+    logs.redact("uvicorn", "uvicorn.error", "uvicorn.access")  # handlers made by the Config
     await _Server(config, app, settings).serve()
 
 
