@@ -57,7 +57,7 @@ async def test_a_worker_killed_mid_call_is_replaced_in_the_same_room_and_the_cal
     await serving(vf, name, 2)
 
     room = f"killed-via-{through}"
-    caller = Caller(lk, room, tmp_path, "--utterances", "10")
+    caller = Caller(lk, room, tmp_path, "--utterances", "6")
     try:
         await wait_for(caller.joined, 60, "the caller to join the room")
 
