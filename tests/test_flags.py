@@ -3,12 +3,15 @@ the OpenFeature provider, and a real deployed agent seeing a flip in its next se
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import random
 import secrets
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +25,13 @@ from openfeature.flag_evaluation import Reason
 
 from tests.support import DEV_KEY, DEV_SECRET, Server, admin_token, started, wait_for
 from tests.test_deploy import AGENT_SRC, dispatch, vf
+from voicefleet.flags.service import FlagService
 from voicefleet.sdk import FlagsClient, Session
 from voicefleet.sdk.evaluate import evaluate, validate
 from voicefleet.sdk.openfeature import VoicefleetProvider
+from voicefleet.store.db import open_engine
+from voicefleet.store.models import AgentRow
+from voicefleet.store.repo import Repo
 
 # -- evaluation ---------------------------------------------------------------------------------
 
@@ -140,6 +147,57 @@ def vf_flags(server: Server, *args: str, ok: bool = True) -> subprocess.Complete
     if ok:
         assert result.returncode == 0, f"vf flags {args}:\n{result.stdout}\n{result.stderr}"
     return result
+
+
+def test_flag_changes_go_through_while_streams_come_and_go(tmp_path: Path) -> None:
+    """Streams (one per running agent) wait for changes with a timeout and are cancelled when
+    their agent disconnects; none of that may hold up a change (it once left a lock taken, and
+    a flag set from the dashboard waited forever). Real store; run in a thread so that a hang
+    fails the test instead of hanging the suite."""
+    done: list[int] = []
+    errors: list[BaseException] = []
+
+    async def scenario() -> None:
+        engine = await open_engine(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
+        repo = Repo(engine)
+        await repo.save(AgentRow(id="CA_1", name="bot", grace_period=60, created_at=0.0))
+        service = FlagService(repo)
+        await service.start()
+        rng = random.Random(7)
+
+        async def stream() -> None:
+            seen = -1
+            while True:
+                seen = service.version("CA_1")
+                await service.wait_change("CA_1", seen, rng.choice([0.0005, 0.002, 1.0]))
+
+        def failed(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                errors.append(task.exception())  # type: ignore[arg-type]
+
+        streams: set[asyncio.Task[None]] = set()
+        for n in range(200):
+            while len(streams) < 20:
+                task = asyncio.create_task(stream())
+                task.add_done_callback(failed)
+                streams.add(task)
+            gone = rng.choice(sorted(streams, key=id))
+            streams.discard(gone)
+            asyncio.get_running_loop().call_later(rng.random() * 0.002, gone.cancel)
+            await service.set("CA_1", {"key": "k", "type": "boolean", "value": n % 2 == 1})
+            done.append(n)
+            await asyncio.sleep(rng.random() * 0.002)
+        for task in streams:
+            task.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)
+        await engine.dispose()
+
+    runner = threading.Thread(target=lambda: asyncio.run(scenario()), daemon=True)
+    runner.start()
+    runner.join(60)
+    assert not runner.is_alive(), f"a flag change waited forever after {len(done)} changes"
+    assert errors == []
+    assert len(done) == 200
 
 
 def create_agent(server: Server, name: str) -> str:
@@ -435,6 +493,7 @@ def test_the_sdk_copy_for_agents_imports_with_the_standard_library_alone(tmp_pat
     code = f"""
 import sys
 sys.path.insert(0, {str(root)!r})
+from voicefleet.flags.service import FlagService
 from voicefleet.sdk import FlagsClient, Session
 assert __import__("voicefleet").__file__.startswith({str(root)!r})
 client = FlagsClient("http://127.0.0.1:9", "CA_x", "k", "s", cache_path={str(tmp_path / "none")!r})

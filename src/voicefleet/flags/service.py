@@ -23,7 +23,10 @@ class FlagService:
         self.repo = repo
         self._flags: dict[str, dict[str, dict[str, Any]]] = {}  # agent id -> key -> definition
         self._versions: dict[str, int] = {}
-        self._changed = asyncio.Condition()
+        # Set, then replaced, at each change of an agent's flags: what streams wait on. (An
+        # asyncio.Condition with wait_for timeouts lost its lock under load on Python 3.11,
+        # and a flag change then waited forever for it.)
+        self._changed: dict[str, asyncio.Event] = {}
 
     async def start(self) -> None:
         for row in await self.repo.flags():
@@ -56,14 +59,15 @@ class FlagService:
 
     async def wait_change(self, agent_id: str, seen: int, timeout: float) -> bool:
         """Wait until the agent's flags change after version `seen`; False after `timeout`."""
-        async with self._changed:
-            try:
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self.version(agent_id) != seen), timeout
-                )
-            except TimeoutError:
-                return False
-        return True
+        if self.version(agent_id) != seen:
+            return True
+        changed = self._changed.setdefault(agent_id, asyncio.Event())
+        try:
+            async with asyncio.timeout(timeout):
+                await changed.wait()
+        except TimeoutError:
+            pass
+        return self.version(agent_id) != seen
 
     # -- changing -----------------------------------------------------------------------------
 
@@ -128,9 +132,10 @@ class FlagService:
             flags.pop(key, None)
         else:
             flags[key] = flag
-        async with self._changed:
-            self._versions[agent_id] = self.version(agent_id) + 1
-            self._changed.notify_all()
+        self._versions[agent_id] = self.version(agent_id) + 1
+        changed = self._changed.pop(agent_id, None)
+        if changed is not None:
+            changed.set()
 
 
 def _describe(flag: dict[str, Any]) -> str:
