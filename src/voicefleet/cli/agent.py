@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -105,6 +106,53 @@ def create(
         print_json(agent)
     else:
         out.print(f"Created agent [bold]{name}[/bold] ({agent['id']}); wrote {', '.join(wrote)}")
+
+
+@app.command()
+def init(
+    name: Annotated[
+        str, typer.Argument(help="The agent's name; its folder is made here under that name.")
+    ] = "my-agent",
+    lang: Annotated[str, typer.Option(help='Language of the project: "python" or "node".')] = (
+        "python"
+    ),
+    deploy_it: Annotated[
+        bool, typer.Option("--deploy", help="Then create the agent on the server and deploy it.")
+    ] = False,
+) -> None:
+    """Start a new agent project from voicefleet's example agent, ready to deploy as it is."""
+    from voicefleet.cli.examples import TEMPLATES, NoExample, example
+
+    if lang not in TEMPLATES:
+        fail(f"unsupported language: {lang} (python or node)", USAGE)
+    folder = Path.cwd() / name
+    if folder.exists():
+        fail(f"{folder} already exists: choose another name, or remove it", USAGE)
+    try:
+        template = example(TEMPLATES[lang])
+    except NoExample as e:
+        fail(str(e), FAILED)
+    skip = ("livekit.toml", "Dockerfile", "node_modules", "dist", "__pycache__", ".venv")
+    shutil.copytree(template, folder, ignore=shutil.ignore_patterns(*skip))
+    if lang == "node":  # the package takes the agent's name
+        manifest = json.loads((folder / "package.json").read_text())
+        manifest["name"] = name
+        (folder / "package.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        lock = json.loads((folder / "package-lock.json").read_text())
+        lock["name"] = name
+        lock.get("packages", {}).get("", {})["name"] = name
+        (folder / "package-lock.json").write_text(json.dumps(lock, indent=2) + "\n")
+    if not state.json:
+        out.print(f"Made [bold]{name}[/bold] ({lang}) from the example agent in {folder}")
+    if deploy_it:
+        create(name=name, folder=folder)
+        made = livekit_toml.read(folder)
+        assert made is not None  # create wrote it
+        deploy(agent=made.agent_id, folder=folder)
+    elif state.json:
+        print_json({"name": name, "lang": lang, "folder": str(folder)})
+    else:
+        out.print(f"Next: cd {name} && vf agent create && vf agent deploy")
 
 
 @app.command()

@@ -129,7 +129,7 @@ def _server(data_dir: Path) -> Iterator[str]:
 
 def run_demo(agent: Path, replicas: int, sessions: int, seconds: float) -> None:
     if not (agent / "agent.py").exists():
-        raise DemoError(f"no agent.py in {agent} (run from the voicefleet checkout)")
+        raise DemoError(f"no agent.py in {agent}: --agent takes a Python agent's folder")
     work = Path(tempfile.mkdtemp(prefix="voicefleet-demo-"))
     folder = work / "voice-agent"
     shutil.copytree(agent, folder, ignore=shutil.ignore_patterns("livekit.toml", "Dockerfile"))

@@ -230,20 +230,22 @@ def _absolute(path: Path) -> Path:
 
 @app.command()
 def demo(
-    agent: Annotated[Path, typer.Option(help="The agent folder to deploy.")] = Path(
-        "examples/voice_agent"
-    ),
+    agent: Annotated[
+        Path | None,
+        typer.Option(help="The agent folder to deploy [default: the example voice agent]."),
+    ] = None,
     replicas: Annotated[int, typer.Option(min=1, help="Instances to run.")] = 2,
     sessions: Annotated[int, typer.Option(min=1, help="Sessions to dispatch.")] = 6,
     seconds: Annotated[float, typer.Option(min=0, help="Length of each session.")] = 8.0,
 ) -> None:
     """Start the embedded server, deploy the example agent, serve sessions, deploy again."""
     from voicefleet.cli.demo import DemoError, run_demo
+    from voicefleet.cli.examples import NoExample, example
 
     logs.setup("warning")
     try:
-        run_demo(agent, replicas, sessions, seconds)
-    except DemoError as e:
+        run_demo(agent or example("voice_agent"), replicas, sessions, seconds)
+    except (DemoError, NoExample) as e:
         err.print(f"[red]demo failed:[/red] {e}")
         raise typer.Exit(1) from None
 
