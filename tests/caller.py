@@ -14,8 +14,9 @@ What it does: connects (the moment `connect()` returns is "joined") and prints
 `{"event": "joined", ...}` on stdout, so that whoever dispatches the agent can do it then; waits
 for the agent's first audio (its greeting); then, `--utterances` times, speaks the next utterance
 of the WAV (the WAV cut at its pauses longer than 250 ms) followed by `--pause` seconds of
-silence, in which the agent answers. Then it leaves, and writes the report (JSON, also the last
-line on stdout, `{"event": "report", ...}`):
+silence, in which the agent answers (with `--until FILE`: on until FILE exists, then `--after`
+more: a call as long as whatever it outlasts). Then it leaves, and writes the report (JSON,
+also the last line on stdout, `{"event": "report", ...}`):
 
 - `join_to_first_audio_ms`: joined -> the first frame of agent audio above the loudness
   threshold;
@@ -279,6 +280,7 @@ async def run(args: argparse.Namespace) -> Report:
         track: rtc.Track, _: rtc.RemoteTrackPublication, who: rtc.RemoteParticipant
     ) -> None:
         if track.kind == rtc.TrackKind.KIND_AUDIO:
+            emit("track", sid=track.sid, participant=who.identity)
             listeners.append(asyncio.create_task(listen(track)))
 
     room.on("track_subscribed", subscribed)
@@ -307,7 +309,11 @@ async def run(args: argparse.Namespace) -> Report:
         emit("no_agent_audio", after_s=args.wait_first_audio)
     else:
         await say(np.tile(silence, int(args.pause * 100)))  # let the greeting end
-        for n in range(args.utterances):
+        # Without --until: --utterances, then leave. With it: on until the file exists (at
+        # most --max-utterances), then --after more, and at least --utterances in all.
+        last = args.utterances if args.until is None else None
+        n = 0
+        while n < (last if last is not None else args.max_utterances):
             # The source queues ahead; once the queue is played out, the next sample goes now.
             await source.wait_for_playout()
             start = time.monotonic()
@@ -315,6 +321,10 @@ async def run(args: argparse.Namespace) -> Report:
             await source.wait_for_playout()
             spoken.append(Spoken(start, time.monotonic()))
             emit("said", n=n, end_s=round(spoken[-1].end - joined, 3))
+            n += 1
+            if last is None and args.until.exists():
+                last = max(args.utterances, n + args.after)
+                emit("until", n=n, last=last)
             await say(np.tile(silence, int(args.pause * 100)))
         await source.wait_for_playout()
     await room.disconnect()
@@ -335,7 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--room", required=True)
     parser.add_argument("--identity", default="caller")
     parser.add_argument("--wav", type=Path, default=SPEECH)
-    parser.add_argument("--utterances", type=int, default=3)
+    parser.add_argument("--utterances", type=int, default=3, help="(with --until: at least)")
+    parser.add_argument(
+        "--until", type=Path, help="speak on until this file exists, then --after more"
+    )
+    parser.add_argument("--after", type=int, default=2)
+    parser.add_argument("--max-utterances", type=int, default=80)
     parser.add_argument("--pause", type=float, default=2.0, help="seconds after each utterance")
     parser.add_argument("--wait-first-audio", type=float, default=60.0)
     parser.add_argument("--loud", type=float, default=LOUD, help="RMS that counts as sound")

@@ -489,6 +489,10 @@ class NsWorker:
                 return self.id
         return None
 
+    def finish(self) -> None:
+        """The call may end now (a caller started with `until`): after 2 more utterances."""
+        self.until.touch()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -589,6 +593,10 @@ class NsVoicefleet:
         )
         return found
 
+    def finish(self) -> None:
+        """The call may end now (a caller started with `until`): after 2 more utterances."""
+        self.until.touch()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -607,9 +615,16 @@ VOICE_AGENT = ROOT / "examples" / "voice_agent" / "agent.py"
 class Caller:
     """tests/caller.py in the namespace: its stdout (JSON lines) goes to a file we read."""
 
-    def __init__(self, lk: LiveKitServer, room: str, folder: Path, *args: str) -> None:
+    def __init__(
+        self, lk: LiveKitServer, room: str, folder: Path, *args: str, until: bool = False
+    ) -> None:
+        """`until`: the call goes on until `finish()` (then 2 utterances more), however long
+        what it must outlast takes; else `--utterances` (in `args`) and no more."""
         self.out = folder / f"caller-{room}.log"
         self.report_path = folder / f"caller-{room}.json"
+        self.until = folder / f"caller-{room}.finish"
+        if until:
+            args = (*args, "--until", str(self.until))
         with open(self.out, "wb") as out:
             self.proc = lk.ns.popen(
                 [
@@ -644,6 +659,10 @@ class Caller:
             raise AssertionError(f"the caller wrote no report:\n{self.out.read_text()}")
         found: dict[str, Any] = json.loads(self.report_path.read_text())
         return found
+
+    def finish(self) -> None:
+        """The call may end now (a caller started with `until`): after 2 more utterances."""
+        self.until.touch()
 
     def stop(self) -> None:
         if self.proc.poll() is None:

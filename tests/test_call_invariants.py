@@ -95,8 +95,11 @@ class Scene:
         return found
 
     def call(self, room: str, utterances: int) -> Call:
-        """A caller that joins `room` now, and speaks once the agent has greeted it."""
-        caller = Caller(self.lk, room, self.folder.parent, "--utterances", str(utterances))
+        """A caller that joins `room` now, speaks once the agent has greeted it, and goes on
+        until `finish()`ed (at least `utterances` in all)."""
+        caller = Caller(
+            self.lk, room, self.folder.parent, "--utterances", str(utterances), until=True
+        )
         return Call(caller, room)
 
     async def delete(self) -> None:
@@ -253,17 +256,17 @@ async def restart_server(scene: Scene) -> None:
 @dataclass(frozen=True)
 class Case:
     prepare: Callable[[Scene], Awaitable[None]]
-    calls: tuple[int, ...]  # utterances of each caller
+    calls: tuple[int, ...]  # utterances of each caller, at least
     operate: Callable[[Scene], Awaitable[None]]
     place: Callable[[Scene], Awaitable[None]] = place_each
     check: Callable[[Scene], Awaitable[None]] = nothing_more
 
 
 CASES = {
-    "canary-abort": Case(canary_50, (5, 5), abort, place_one_per_version, canary_drained),
-    "bluegreen-switch": Case(serve_v1, (8,), bluegreen, check=blue_drained),
-    "scale-down": Case(two_instances, (5,), scale_to_one, check=busy_one_kept),
-    "server-restart": Case(serve_v1, (8,), restart_server),
+    "canary-abort": Case(canary_50, (3, 3), abort, place_one_per_version, canary_drained),
+    "bluegreen-switch": Case(serve_v1, (3,), bluegreen, check=blue_drained),
+    "scale-down": Case(two_instances, (3,), scale_to_one, check=busy_one_kept),
+    "server-restart": Case(serve_v1, (3,), restart_server),
 }
 
 
@@ -291,8 +294,10 @@ async def test_calls_in_flight_keep_their_audio_to_their_end_during(
             await how.operate(scene)
             scene.finished = time.monotonic()
             for call in calls:
-                assert call.caller.proc.poll() is None, f"{call.room} ended first: make it longer"
+                assert call.caller.proc.poll() is None, f"{call.room} ended before the operation"
             said_before = [len(c.caller.events("said")) for c in calls]
+            for call in calls:
+                call.caller.finish()  # 2 utterances more
             for call in calls:
                 call.report = await wait_for(call.caller.report, 150, f"the end of {call.room}")
         finally:

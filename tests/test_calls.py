@@ -197,7 +197,7 @@ async def test_a_rolling_deploy_or_a_rollback_during_a_call_keeps_the_calls_audi
     }[operation]
 
     room = f"call-during-{operation}"
-    caller = Caller(lk, room, tmp_path, "--utterances", "10")
+    caller = Caller(lk, room, tmp_path, until=True)
     try:
         await wait_for(caller.joined, 60, "the caller to join the room")
         request = api.CreateAgentDispatchRequest(agent_name=name, room=room)
@@ -216,8 +216,9 @@ async def test_a_rolling_deploy_or_a_rollback_during_a_call_keeps_the_calls_audi
         done = await asyncio.to_thread(vf_agent, folder, vf.url, operation, ns=lk)
         finished = time.monotonic()
         assert expected in done.stdout, done.stdout
-        assert caller.proc.poll() is None, f"the call ended before the {operation}: make it longer"
+        assert caller.proc.poll() is None, f"the call ended before the {operation} did"
         said_before = len(caller.events("said"))
+        caller.finish()  # 2 utterances more, on the same version
 
         report = await wait_for(caller.report, 150, "the call to end and the caller's report")
     finally:

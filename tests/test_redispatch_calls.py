@@ -57,7 +57,7 @@ async def test_a_worker_killed_mid_call_is_replaced_in_the_same_room_and_the_cal
     await serving(vf, name, 2)
 
     room = f"killed-via-{through}"
-    caller = Caller(lk, room, tmp_path, "--utterances", "6")
+    caller = Caller(lk, room, tmp_path, "--utterances", "3", until=True)
     try:
         await wait_for(caller.joined, 60, "the caller to join the room")
 
@@ -100,6 +100,8 @@ async def test_a_worker_killed_mid_call_is_replaced_in_the_same_room_and_the_cal
         again = await wait_for(moved, 60, "the job to run again on the other instance")
         assert again["id"] == job["id"] and again["instance"] != doomed["id"], again
         assert caller.proc.poll() is None, "the call ended before the agent came back"
+        await wait_for(lambda: len(caller.events("track")) == 2, 60, "the new agent's track")
+        caller.finish()  # 2 utterances more, for the new agent to answer
         report = await wait_for(caller.report, 150, "the call to end and the caller's report")
     finally:
         caller.stop()
