@@ -343,4 +343,6 @@ async def kept_its_audio(scene: Scene, call: Call, said_before: int) -> None:
         for line in log.read_text(errors="replace").splitlines()
         if '"message": "call done"' in line and f'"room": "{call.room}"' in line
     ]
-    assert heard == [len(report["utterances"])], heard  # the agent heard every utterance
+    # The agent heard every utterance: one "call done" line counting at least as many as were
+    # said (on a loaded machine its VAD, slower than real time, may hear one as two).
+    assert len(heard) == 1 and heard[0] >= len(report["utterances"]), heard
