@@ -201,3 +201,85 @@ def test_a_node_process_streams_flags_from_vf_server_and_keeps_them_when_it_stop
     assert line["of"] == {"value": "salut", "reason": "STATIC"}
     nothing = probes(app, bare_env, "--once").until(lambda s: True, "a line")
     assert nothing["greeting"] == "default"
+
+
+AGENT_JS = """\
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { ServerOptions, cli, defineAgent } from '@livekit/agents';
+import { Session, flags } from '@voicefleet/flags';
+
+// At import: the idle job processes @livekit/agents keeps ready stream before their job comes.
+const client = flags();
+
+export default defineAgent({
+  entry: async (ctx) => {
+    const live = await client.waitReady(5000); // at once when the stream is up
+    const greeting = client.getString('greeting', 'none', Session.fromJob(ctx.job));
+    const data = { job_id: ctx.job.id, greeting, live, source: client.source,
+      instance: process.env.VOICEFLEET_INSTANCE_ID, pid: process.pid };
+    writeFileSync(join(process.env.MARKER_DIR, `${ctx.job.id}.started`), JSON.stringify(data));
+    ctx.shutdown('done');
+  },
+});
+
+if (process.argv[1] === fileURLToPath(import.meta.url)) {
+  const port = Number(process.env.HEALTH_PORT || 0);
+  cli.runApp(new ServerOptions({ agent: fileURLToPath(import.meta.url),
+    ...(port ? { port } : {}) }));
+}
+"""
+
+
+@pytest.mark.timeout(900)
+async def test_a_deployed_node_agent_sees_a_flipped_flag_in_its_next_session(
+    sdk: Path, start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    """examples/node_agent with the SDK vendored as the docs say (the packed tarball in the
+    agent's folder, in its lockfile), deployed by `vf agent deploy`: voicefleet's runtime gives
+    the instance what the client needs, and a flip reaches the next session, no restart."""
+    from livekit import api
+
+    from tests.support import DEV_KEY, started, wait_for
+    from tests.test_deploy import vf
+    from tests.test_flags import vf_flags
+    from tests.test_node_agents import EXAMPLE, dispatch
+
+    folder = tmp_path / "my-agent"
+    shutil.copytree(EXAMPLE, folder, ignore=shutil.ignore_patterns("node_modules"))
+    (folder / "agent.js").write_text(AGENT_JS)
+    tarball = npm(sdk, "pack", "--pack-destination", str(folder)).strip().splitlines()[-1]
+    npm(folder, "install", "--package-lock-only", "--prefer-offline", f"./{tarball}")
+    markers = tmp_path / "markers"
+    markers.mkdir()
+
+    server = start_server()
+    vf(server, folder, "create")
+    vf(server, folder, "secrets", "set", f"MARKER_DIR={markers}")
+    vf(server, folder, "deploy")
+    vf_flags(server, "set", "my-agent", "greeting", "hello")
+    lk = api.LiveKitAPI(server.url, DEV_KEY, DEV_SECRET)
+    try:
+        first = await dispatch(lk, "my-agent", "node-flag-1")
+        seen = await wait_for(lambda: started(markers, first), 60, "the first session")
+        assert (seen["greeting"], seen["live"]) == ("hello", True), seen
+
+        vf_flags(server, "set", "my-agent", "greeting", "bonjour")
+        time.sleep(1.0)  # the promise: within 1 s, no restart
+        second = await dispatch(lk, "my-agent", "node-flag-2")
+        seen2 = await wait_for(lambda: started(markers, second), 60, "the second session")
+        assert seen2["greeting"] == "bonjour", seen2
+        assert seen2["instance"] == seen["instance"]  # the same instance: no restart
+
+        vf_flags(server, "kill", "my-agent", "greeting")
+        time.sleep(1.0)
+        third = await dispatch(lk, "my-agent", "node-flag-3")
+        seen3 = await wait_for(lambda: started(markers, third), 60, "the third session")
+        assert seen3["greeting"] == "", seen3  # a killed string flag gives its off value
+    finally:
+        await lk.aclose()
+    # The Node client's copy, where the runtime told it (the data dir), for the Python SDK too.
+    agent_id = server._get("/api/v1/agents/my-agent")["agent"]["id"]
+    cache = server.data_dir / "agents" / agent_id / "flags-cache.json"
+    assert FlagsClient("", agent_id, cache_path=cache).get_str("greeting", "x") == ""
