@@ -11,6 +11,7 @@ the cases (or, deliberately, to evaluation), rewrite the file and review its dif
 from __future__ import annotations
 
 import json
+import random
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from openfeature.evaluation_context import EvaluationContext
 
 from tests.support import ROOT
 from voicefleet.sdk import FlagsClient, Session
+from voicefleet.sdk.evaluate import _text as text
 from voicefleet.sdk.evaluate import bucket, evaluate, validate
 from voicefleet.sdk.flags import env_name
 from voicefleet.sdk.openfeature import VoicefleetProvider
@@ -140,6 +142,21 @@ PERCENT_SESSIONS: list[dict[str, Any]] = (
 BUCKETS = [
     ("f", "AD_1"), ("f", "AD_2"), ("new_voice", "room-1"), ("new_voice", ""),
     ("été", "🎧-room"), ("k", "x" * 300), ("a:b", "c:d"), ("", ""),
+]  # fmt: skip
+
+# JSON values as conditions compare them (their Python json.dumps text): floats of every
+# magnitude, integers up to 2^53, text that needs escaping, nesting. (JavaScript has one number
+# type: a float with no fraction below 2^53, 1.0, reads as 1 there; those are not here.)
+_rng = random.Random(15)
+TEXTS: list[str] = [
+    "0.1", "1e-05", "1e-7", "0.0001", "123456789.125", "1e16", "1e17", "2.5e20",
+    "1.7976931348623157e308", "5e-324", "-3.25", "9007199254740991", "-42", "0",
+    '"plain"', '"tab\\t, quote \\" and \\u0001"', '"é ü 😀 \\u007f"', "true", "null",
+    '[1, "a", [true, null], {"k": 2.5}]', '{"z": 1, "a": {"b": []}, "é": "x"}', "{}", "[]",
+] + [
+    repr(x)
+    for x in (_rng.uniform(-1, 1) * 10.0 ** _rng.randint(-12, 30) for _ in range(60))
+    if not (x.is_integer() and abs(x) < 2**53)
 ]  # fmt: skip
 
 # The typed getters over a client holding FLAGS (from its cache file), then the environment.
@@ -283,12 +300,14 @@ def build(tmp: Path) -> dict[str, Any]:
             "Flag evaluation vectors shared by the Python SDK (tests/test_flag_vectors.py) and "
             "the Node SDK (sdk/node/test): written by `python -m tests.test_flag_vectors "
             "--write`, answers from the Python SDK. Sessions: room, dispatch_id, metadata, "
-            "attributes (absent: empty). getters: a client holding `flags` (from its cache "
-            "file), `env` the flag's VOICEFLEET_FLAG_<KEY> variable. openfeature: the provider "
-            "over that client, its source live unless said."
+            "attributes (absent: empty). texts: JSON values as conditions compare them. "
+            "getters: a client holding `flags` (from its cache file), `env` the flag's "
+            "VOICEFLEET_FLAG_<KEY> variable. openfeature: the provider over that client, its "
+            "source live unless said."
         ),
         "flags": flags,
         "buckets": [{"flag": f, "session": s, "bucket": bucket(f, s)} for f, s in BUCKETS],
+        "texts": [{"json": j, "text": text(json.loads(j))} for j in TEXTS],
         "evaluations": evaluations,
         "getters": getters,
         "openfeature": openfeature,

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 
-import { FlagsClient, Session, bucket, envName, evaluate } from '../dist/index.js';
+import { FlagsClient, Session, bucket, envName, evaluate, text } from '../dist/index.js';
 import { VoicefleetProvider } from '../dist/openfeature.js';
 
 const path =
@@ -55,6 +55,10 @@ test('percentage buckets are the same hash as Python', () => {
   for (const b of vectors.buckets) {
     assert.equal(bucket(b.flag, b.session), b.bucket, `${b.flag}:${b.session}`);
   }
+});
+
+test("JSON values compare as Python's json.dumps text", () => {
+  for (const t of vectors.texts) assert.equal(text(JSON.parse(t.json)), t.text, t.json);
 });
 
 describe('evaluations', () => {
