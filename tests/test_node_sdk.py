@@ -26,6 +26,8 @@ from voicefleet.protocol.tokens import WorkerIdentity, instance_credentials
 from voicefleet.sdk import FlagsClient, Session
 from voicefleet.sdk.evaluate import evaluate
 
+# npm ci and the TypeScript build come first (the module's fixture), minutes on a busy machine.
+pytestmark = pytest.mark.timeout(600)
 PROBE = ROOT / "tests" / "node" / "flags_probe.mjs"
 SESSIONS = 40
 
