@@ -85,6 +85,7 @@ export class FlagsClient extends EventEmitter<FlagsClientEvents> {
   private stopped = false;
   private request: http.ClientRequest | undefined;
   private wake: (() => void) | undefined;
+  private readonly waiters = new Set<() => void>(); // before listeners, whatever they do
 
   constructor(options: FlagsClientOptions = {}) {
     super();
@@ -152,11 +153,11 @@ export class FlagsClient extends EventEmitter<FlagsClientEvents> {
       };
       const finish = (result: boolean): void => {
         clearTimeout(timer);
-        this.off('change', check);
+        this.waiters.delete(check);
         resolve(result);
       };
       const timer = setTimeout(() => finish(done()), timeoutMs);
-      this.on('change', check);
+      this.waiters.add(check);
     });
   }
 
@@ -191,7 +192,7 @@ export class FlagsClient extends EventEmitter<FlagsClientEvents> {
       }
       if (this.source === 'live') {
         this.source = 'cached'; // the server went away: keep serving the copy
-        this.emit('change', this.version, this.source);
+        this.changed();
       }
       await this.sleep(delay);
       delay = Math.min(delay * 2, 2000);
@@ -277,7 +278,17 @@ export class FlagsClient extends EventEmitter<FlagsClientEvents> {
     this.source = 'live';
     this.version += 1;
     this.writeCache();
-    this.emit('change', this.version, this.source);
+    this.changed();
+  }
+
+  private changed(): void {
+    for (const check of [...this.waiters]) check();
+    try {
+      this.emit('change', this.version, this.source);
+    } catch (e) {
+      // The listener's bug is the listener's: it must not stop the stream the agent relies on.
+      this.log.warn(`a 'change' listener threw: ${(e as Error).stack ?? e}`);
+    }
   }
 
   // -- the cache file ---------------------------------------------------------------------------

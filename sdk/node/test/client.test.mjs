@@ -144,6 +144,10 @@ test('reconnects when the server comes back, and a bad snapshot only costs a rec
   }).start();
   try {
     assert.equal(await client.waitReady(5000), true);
+    // A listener's bug is logged and stops nothing.
+    client.on('change', () => {
+      throw new Error('a bug in a listener');
+    });
     const version = client.version;
     server.send([greeting('two')], 'event: snapshot\ndata: {"flags": "not a list"}\n\n');
     // The server answers the reconnect with its current flags.
@@ -151,6 +155,7 @@ test('reconnects when the server comes back, and a bad snapshot only costs a rec
     assert.equal(client.getString('greeting'), 'two');
     assert.equal(server.requests.length, 2);
     assert.match(warnings.join('\n'), /flag snapshot not understood/);
+    assert.match(warnings.join('\n'), /a 'change' listener threw: Error: a bug in a listener/);
     // Kept up when the server drops the stream.
     for (const res of server.streams) res.destroy();
     assert.equal(await client.waitVersion(client.version, 5000), true);
