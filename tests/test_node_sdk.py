@@ -19,9 +19,12 @@ from typing import Any
 
 import httpx
 import pytest
+from livekit import api
 
-from tests.support import DEV_SECRET, ROOT, Server, admin_token
-from tests.test_flags import create_agent, put_flag
+from tests.support import DEV_KEY, DEV_SECRET, ROOT, Server, admin_token, started, wait_for
+from tests.test_deploy import vf
+from tests.test_flags import create_agent, put_flag, vf_flags
+from tests.test_node_agents import EXAMPLE, dispatch
 from voicefleet.protocol.tokens import WorkerIdentity, instance_credentials
 from voicefleet.sdk import FlagsClient, Session
 from voicefleet.sdk.evaluate import evaluate
@@ -242,13 +245,6 @@ async def test_a_deployed_node_agent_sees_a_flipped_flag_in_its_next_session(
     agent's folder, in its lockfile), deployed by `vf agent deploy`: voicefleet's runtime gives
     the instance what the client needs, and a flip reaches the next session, no restart (how
     fast: benchmarks/flags/flip.py)."""
-    from livekit import api
-
-    from tests.support import DEV_KEY, started, wait_for
-    from tests.test_deploy import vf
-    from tests.test_flags import vf_flags
-    from tests.test_node_agents import EXAMPLE, dispatch
-
     folder = tmp_path / "my-agent"
     shutil.copytree(EXAMPLE, folder, ignore=shutil.ignore_patterns("node_modules"))
     (folder / "agent.js").write_text(AGENT_JS)
