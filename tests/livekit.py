@@ -489,10 +489,6 @@ class NsWorker:
                 return self.id
         return None
 
-    def finish(self) -> None:
-        """The call may end now (a caller started with `until`): after 2 more utterances."""
-        self.until.touch()
-
     def stop(self) -> None:
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -592,10 +588,6 @@ class NsVoicefleet:
             "GET", "/api/v1/jobs", params={"room": room}
         )
         return found
-
-    def finish(self) -> None:
-        """The call may end now (a caller started with `until`): after 2 more utterances."""
-        self.until.touch()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
