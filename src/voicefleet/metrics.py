@@ -119,6 +119,7 @@ SESSIONS_STARTED = Family(
     "died counts again, on the version that runs it next).",
     AGENT[1:],
 )
+OUTCOMES = ("succeeded", "failed", "terminated")  # how a session ends (dispatch.jobs.ENDED)
 SESSIONS_ENDED = Family(
     "voicefleet_sessions_ended",
     "Sessions that ended, by outcome (succeeded, failed, terminated); version is empty for "
@@ -186,6 +187,12 @@ class AgentSeries:
         key = (family.name, agent_id, *labels)
         counts = self._counts.setdefault(family.name, {})
         counts[key] = counts.get(key, 0) + by
+
+    def ensure(self, family: Family, agent_id: str, labels: tuple[str, ...]) -> None:
+        """A counter's series exists, from 0, before its first event: `rate()` sees that first
+        event instead of taking the series' first value as where it began."""
+        counts = self._counts.setdefault(family.name, {})
+        counts.setdefault((family.name, agent_id, *labels), 0)
 
     def observe(self, family: Family, agent_id: str, labels: tuple[str, ...], value: float) -> None:
         hists = self._hists.setdefault(family.name, {})

@@ -26,6 +26,7 @@ from voicefleet.fleet import Instances, Lifecycle
 from voicefleet.metrics import (
     AGENT,
     BUILDS,
+    OUTCOMES,
     QUEUE_WAIT,
     RESTARTS,
     SESSION_START,
@@ -90,6 +91,12 @@ class Telemetry:
         )
         self.catalog = catalog
         self.series.keep_only(catalog.names)
+        for row in catalog.instances:  # a version's series exist from 0 once it runs
+            labels = (row.deployment, row.version)
+            self.series.ensure(SESSIONS_STARTED, row.agent_id, labels)
+            self.series.ensure(RESTARTS, row.agent_id, labels)
+            for outcome in OUTCOMES:
+                self.series.ensure(SESSIONS_ENDED, row.agent_id, (*labels, outcome))
 
     async def run(self, interval: float = 5.0) -> None:
         """Keep the catalog fresh between scrapes (new agents and deployments); until
