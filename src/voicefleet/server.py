@@ -185,7 +185,10 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
     async def prometheus(request: Request) -> Response:
         telemetry: Telemetry | None = getattr(request.app.state, "telemetry", None)
         if telemetry is not None:
-            await telemetry.refresh()  # the store's agents, instances, rollouts as of now
+            try:
+                await telemetry.refresh()  # the store's agents, instances, rollouts as of now
+            except Exception:  # the dispatcher's figures are still worth serving
+                log.exception("reading the store for /metrics failed; serving the last read")
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", include_in_schema=False)
