@@ -243,7 +243,7 @@ def cases_dir(tmp_path: Path) -> Path:
 
 
 @pytest.mark.timeout(600)
-async def test_a_failing_canary_under_prometheus_counts_as_the_jobs_api_fires_alerts_and_fills_the_dashboard(  # noqa: E501
+async def test_a_failing_canary_scraped_by_prometheus_matches_the_jobs_api_and_fires_alerts(
     start_server: Callable[..., Server], cases_dir: Path, tmp_path: Path
 ) -> None:
     server = start_server()
@@ -282,13 +282,24 @@ async def _scenario(
     vf(server, cases_dir, "create")
     vf(server, cases_dir, "secrets", "set", f"MARKER_DIR={markers}")
     # A caller dials in before any instance runs: the session waits in the queue until v1 is up.
+    # Another dials an agent the store does not have: no per-agent series names it.
     early = await dispatch(lk, "early")
+    await lk.agent_dispatch.create_dispatch(
+        api.CreateAgentDispatchRequest(agent_name="nobody\nhere", room="nowhere")
+    )
     queued = await wait_for(
         lambda: query(prometheus, 'voicefleet_queued_sessions{agent="my-agent"}'),
         30,
         "Prometheus to see the queued session",
     )
     assert queued[0]["metric"]["deployment"] == "production", queued
+    text = scrape(server)
+    assert samples(text, "voicefleet_queued_sessions") == {
+        (("agent", "my-agent"), ("deployment", "production")): 1
+    }
+    assert "nobody" not in text and samples(text, "voicefleet_queued_jobs") == {
+        (("agent_name", "(unknown)"),): 2  # the dispatcher's own: neither agent has a worker yet
+    }
     vf(server, cases_dir, "deploy")
     # Served by v1 once it is up, or failed past the queue timeout on a slow machine.
     await wait_for(job_state(server, early, "succeeded", "failed"), 90, "the early session")
