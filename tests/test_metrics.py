@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -30,7 +31,12 @@ from tests.prometheus import running_prometheus
 from tests.support import DEV_KEY, DEV_SECRET, ROOT, Server, release, started, wait_for
 from tests.test_deploy import api_get, dispatch, job_state, vf
 from tests.test_rollouts import CASES_SRC
-from voicefleet.metrics import SESSIONS_ENDED, SESSIONS_STARTED, AgentSeries, Scraped
+from voicefleet.config import DispatchSettings, Project
+from voicefleet.control.telemetry import Telemetry, _Catalog
+from voicefleet.dispatch.jobs import Job
+from voicefleet.dispatch.service import DispatchService
+from voicefleet.metrics import SESSIONS_ENDED, SESSIONS_STARTED, AgentSeries, Metrics, Scraped
+from voicefleet.runtime import InstanceSpec, InstanceState
 
 RULES = ROOT / "deploy" / "prometheus" / "voicefleet-rules.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "voicefleet-rules.test.yml"
@@ -75,6 +81,44 @@ def test_agent_series_carry_the_store_s_names_and_go_with_a_deleted_agent() -> N
     text = generate_latest(registry).decode()
     assert samples(text, SESSIONS) == {}
     assert 'agent="other"' in text
+
+
+def test_a_session_is_labelled_by_the_store_s_agent_and_its_instance_s_deployment() -> None:
+    metrics = Metrics()
+    service = DispatchService(Project("p", "k", "s"), DispatchSettings(), metrics)
+    spec = InstanceSpec(
+        instance_id="bot-v2-1", agent_id="CA_new", version="v2", workdir=Path("."),
+        python=Path("python"), env={}, log_dir=Path("."), grace_period=0, deployment="staging",
+    )  # fmt: skip
+    states = {spec.instance_id: InstanceState(spec)}
+    fleet = SimpleNamespace(runtime=SimpleNamespace(on_change=lambda f: None), state=states.get)
+    autoscaler = SimpleNamespace(last=lambda agent_id, deployment: None)
+    telemetry = Telemetry(metrics, None, service, fleet, autoscaler)  # type: ignore[arg-type]
+    telemetry.catalog = _Catalog(
+        names={"CA_new": "bot"}, ids={"bot": "CA_new"}, pairs=frozenset({("CA_new", "production")})
+    )
+
+    def job(name: str, **fields: str) -> Job:
+        j = Job(id=f"AJ_{name}", dispatch_id="", agent_name=name, room="r", room_sid="")
+        for k, v in fields.items():
+            setattr(j, k, v)
+        return j
+
+    # Served by an instance: its deployment, whatever the dispatch named.
+    served = job("bot", agent_id="CA_new", version="v2", instance="bot-v2-1", deployment="x")
+    assert telemetry._labels(served) == ("CA_new", "staging", "v2")
+    # Waiting for a worker: the deployment its dispatch named, if the agent has it.
+    assert telemetry._labels(job("bot")) == ("CA_new", "production", "")
+    assert telemetry._labels(job("bot", deployment="made-up")) == ("CA_new", "", "")
+    # A worker started by hand for a known agent's name.
+    assert telemetry._labels(job("bot", version="unmanaged")) == (
+        "CA_new",
+        "production",
+        "unmanaged",
+    )
+    # Names the store does not have, and a deleted agent's instance (its id, not its name).
+    assert telemetry._labels(job("nobody")) is None
+    assert telemetry._labels(job("bot", agent_id="CA_old", version="v9")) is None
 
 
 # -- the alert rules, checked by promtool --------------------------------------------------------
