@@ -37,6 +37,7 @@ from voicefleet.dispatch.jobs import Job
 from voicefleet.dispatch.service import DispatchService
 from voicefleet.metrics import SESSIONS_ENDED, SESSIONS_STARTED, AgentSeries, Metrics, Scraped
 from voicefleet.runtime import InstanceSpec, InstanceState
+from voicefleet.store.models import InstanceRow
 
 RULES = ROOT / "deploy" / "prometheus" / "voicefleet-rules.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "voicefleet-rules.test.yml"
@@ -119,6 +120,35 @@ def test_a_session_is_labelled_by_the_store_s_agent_and_its_instance_s_deploymen
     # Names the store does not have, and a deleted agent's instance (its id, not its name).
     assert telemetry._labels(job("nobody")) is None
     assert telemetry._labels(job("bot", agent_id="CA_old", version="v9")) is None
+
+
+def test_a_version_that_no_longer_runs_loses_its_series_after_a_while() -> None:
+    metrics = Metrics()
+    service = DispatchService(Project("p", "k", "s"), DispatchSettings(), metrics)
+    fleet = SimpleNamespace(runtime=SimpleNamespace(on_change=lambda f: None), state={}.get)
+    autoscaler = SimpleNamespace(last=lambda agent_id, deployment: None)
+    telemetry = Telemetry(
+        metrics,
+        None,  # type: ignore[arg-type]
+        service,
+        fleet,  # type: ignore[arg-type]
+        autoscaler,  # type: ignore[arg-type]
+        retired_after=60,
+    )
+    running = InstanceRow(agent_id="CA_1", deployment="production", version="v2", status="ready")
+    catalog = _Catalog(names={"CA_1": "bot"}, ids={"bot": "CA_1"}, instances=[running])
+    telemetry.series.inc(SESSIONS_ENDED, "CA_1", ("production", "v1", "succeeded"))
+    telemetry.series.inc(SESSIONS_ENDED, "CA_1", ("production", "v2", "succeeded"))
+    telemetry._retire(catalog, now=1000)
+    telemetry._retire(catalog, now=1059)
+    assert {v for _, _, v in telemetry.series.versions()} == {"v1", "v2"}
+    telemetry._retire(catalog, now=1061)  # v1 ran nothing for over a minute; v2 still runs
+    assert {v for _, _, v in telemetry.series.versions()} == {"v2"}
+    stopped = _Catalog(names={"CA_1": "bot"})  # v2's instance stopped after 1061
+    telemetry._retire(stopped, now=1100)
+    assert telemetry.series.versions() == {("CA_1", "production", "v2")}
+    telemetry._retire(stopped, now=1122)
+    assert telemetry.series.versions() == set()
 
 
 # -- the alert rules, checked by promtool --------------------------------------------------------

@@ -209,6 +209,25 @@ class AgentSeries:
             for key in [k for k in table if k[1] not in agent_ids]:
                 del table[key]
 
+    def versions(self) -> set[tuple[str, str, str]]:
+        """(agent id, deployment, version) of every series labelled by version."""
+        out: set[tuple[str, str, str]] = set()
+        for family in COUNTED:
+            if family.labels[:2] == AGENT[1:]:
+                table = self._hists if family.buckets else self._counts
+                out.update((k[1], k[2], k[3]) for k in table.get(family.name, {}))
+        return out
+
+    def drop_version(self, agent_id: str, deployment: str, version: str) -> None:
+        """Forget the series of one version of one deployment."""
+        for family in COUNTED:
+            if family.labels[:2] == AGENT[1:]:
+                table: dict[tuple[str, ...], Any] = (
+                    self._hists if family.buckets else self._counts
+                ).get(family.name, {})
+                for key in [k for k in table if k[1:4] == (agent_id, deployment, version)]:
+                    del table[key]
+
     def families(self, names: Mapping[str, str]) -> Iterable[Metric]:
         """Every family, its series labelled with the agent names in `names` (by agent id);
         series of agents not in it are left out."""

@@ -45,6 +45,8 @@ from voicefleet.store.repo import Repo
 log = logging.getLogger("voicefleet.metrics")
 
 LIVE_STATES = (JobState.ASSIGNED, JobState.RUNNING)
+# A version's series stay this long after it last ran an instance or a session.
+RETIRED_AFTER = 3600.0
 # Read once: an enum member read through its class costs microseconds on Python 3.11.
 _PENDING, _ASSIGNED, _RUNNING = JobState.PENDING, JobState.ASSIGNED, JobState.RUNNING
 _OUTCOME = {s: str(s) for s in (JobState.SUCCEEDED, JobState.FAILED, JobState.TERMINATED)}
@@ -72,10 +74,15 @@ class Telemetry:
         dispatch: DispatchService,
         fleet: Instances,
         autoscaler: Autoscaler,
+        retired_after: float = RETIRED_AFTER,
     ) -> None:
         self.repo, self.dispatch, self.fleet, self.autoscaler = repo, dispatch, fleet, autoscaler
         self.series = AgentSeries()
         self.catalog = _Catalog()
+        # When each (agent id, deployment, version) with series last ran an instance or had a
+        # session open; its series go `retired_after` seconds after that.
+        self.retired_after = retired_after
+        self._live_at: dict[tuple[str, str, str], float] = {}
         dispatch.on_job_change(self.job_changed)
         fleet.runtime.on_change(self._instance_changed)
         metrics.registry.register(Scraped(self.collect))
@@ -101,6 +108,22 @@ class Telemetry:
             self.series.ensure(RESTARTS, row.agent_id, labels)
             for outcome in OUTCOMES:
                 self.series.ensure(SESSIONS_ENDED, row.agent_id, (*labels, outcome))
+        self._retire(catalog, time.monotonic())
+
+    def _retire(self, catalog: _Catalog, now: float) -> None:
+        """Forget the series of versions that have not run for `retired_after`: an agent
+        deployed ten times a day would otherwise keep every version's series while the
+        server runs."""
+        live = {(r.agent_id, r.deployment, r.version) for r in catalog.instances}
+        live.update(labels for j in self.dispatch.open_jobs() if (labels := self._labels(j)))
+        for key in live:
+            self._live_at[key] = now
+        for key in self.series.versions() - self._live_at.keys():
+            self._live_at[key] = now  # counted since it last ran: its clock starts now
+        for key, at in list(self._live_at.items()):
+            if now - at > self.retired_after:
+                del self._live_at[key]
+                self.series.drop_version(*key)
 
     async def run(self, interval: float = 5.0) -> None:
         """Keep the catalog fresh between scrapes (new agents and deployments); until
