@@ -102,7 +102,7 @@ def main() -> None:
         retire.append((time.perf_counter() - began) * 1e3)
     print(
         f"a store refresh's pass over {LIVE:,} open sessions (which versions still run): "
-        f"{statistics.median(retire):.1f} ms (median of {runs}), every 5 s and at each scrape"
+        f"{statistics.median(retire):.1f} ms (median of {runs}), once a minute at most"
     )
     print(
         f"/metrics body with {LIVE:,} live sessions ({AGENTS} agents x {VERSIONS} versions): "
