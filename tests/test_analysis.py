@@ -10,11 +10,6 @@ version="v1", so that queries compare the two as a canary's would.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -22,10 +17,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 import pytest
 
+from tests.prometheus import free_port, running_prometheus
 from tests.support import wait_for
 from voicefleet.errors import InvalidRequest
 from voicefleet.rollout import analysis as analysis_module
@@ -437,20 +432,9 @@ async def test_a_long_history_keeps_every_failure(
 # -- prometheus checks: a real Prometheus --------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Prometheus on 127.0.0.1 scraping itself each second as two labelled jobs."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("prometheus not installed (Debian package `prometheus`); .ci/run installs it")
-    root = tmp_path_factory.mktemp("prometheus")
     port = free_port()
     target = f"127.0.0.1:{port}"
     jobs = [
@@ -461,37 +445,8 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ]
     ]
     config = {"global": {"scrape_interval": "1s"}, "scrape_configs": jobs}
-    (root / "prometheus.yml").write_text(json.dumps(config))  # YAML reads JSON
-    log = open(root / "log", "wb")
-    proc = subprocess.Popen(
-        [binary, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'data'}",
-         f"--web.listen-address={target}"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    log.close()
-    url = f"http://{target}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:  # until both jobs have been scraped: their `up` series exist
-            if proc.poll() is not None:
-                pytest.fail(f"prometheus exited ({proc.returncode}):\n{(root / 'log').read_text()}")
-            try:
-                r = httpx.get(f"{url}/api/v1/query", params={"query": "count(up == 1)"})
-                if r.json()["data"]["result"][0]["value"][1] == "2":
-                    break
-            except (httpx.HTTPError, ValueError, KeyError, IndexError):
-                pass  # not listening yet, or no series yet
-            if time.monotonic() > deadline:
-                pytest.fail(f"prometheus not scraping after 60s:\n{(root / 'log').read_text()}")
-            time.sleep(0.2)
+    with running_prometheus(tmp_path_factory.mktemp("prometheus"), config, 2, port) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def promql(url: str, query: str, **fields: Any) -> AnalysisCheck:

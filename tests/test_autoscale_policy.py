@@ -15,6 +15,7 @@ from dataclasses import asdict
 import pytest
 
 from voicefleet.autoscale.policy import (
+    KINDS,
     Decision,
     FailureGuard,
     InstanceSignal,
@@ -332,3 +333,20 @@ def test_a_version_whose_recent_sessions_mostly_fail_is_not_scaled_up():
     # Nothing running and a session queued: one instance, not a session waiting for nothing.
     cold = Decision(3, "cold start: a session waits")
     assert hold_failing(Policy(min_instances=0), cold, 0, why, queued=2).desired == 1
+
+
+def test_each_decision_names_its_kind_from_a_fixed_set_for_the_metrics():
+    policy = Policy(min_instances=0, max_instances=4, up_window=0, down_window=10)
+    assert decide(policy, [], 1).kind == "no_signals"
+    assert decide(policy, [spread(0, 0, 0.0, queued=2)], 0).kind == "cold_start"
+    assert decide(policy, [sample(0, [0.9, 0.9])], 2).kind == "scale_up"
+    assert decide(policy, [sample(0, [0.2])], 1).kind == "steady"
+    falling = [spread(t, 3, 0.3) for t in range(12)]
+    assert decide(policy, falling, 3).kind == "scale_down"
+    assert decide(policy, falling[-5:], 3).kind == "holding"  # down wanted for < the window
+    idle = Policy(min_instances=0, idle_to_zero=5)
+    assert decide(idle, [spread(t, 1, 0.0) for t in range(7)], 1).kind == "idle_to_zero"
+    why = "5/5 recent sessions failed (100%)"
+    held = hold_failing(policy, decide(policy, [sample(0, [0.9, 0.9])], 2), 2, why)
+    assert held.kind == "held_failing"
+    assert {"no_signals", "cold_start", "scale_up", "scale_down", "holding", "steady"} < set(KINDS)

@@ -26,6 +26,7 @@ from voicefleet.build.local import LocalBuilder
 from voicefleet.config import Project, RuntimeKind, Settings
 from voicefleet.control.service import ControlPlane
 from voicefleet.control.sizing import Sizing
+from voicefleet.control.telemetry import Telemetry
 from voicefleet.dashboard import router as dashboard
 from voicefleet.dispatch.endpoint import worker_endpoint
 from voicefleet.dispatch.service import DispatchService
@@ -89,14 +90,18 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
             paths,
         )
         autoscaler = Autoscaler(service, repo, sizing)
+        telemetry = Telemetry(metrics, repo, service, fleet, autoscaler)
+        plane.on_build = telemetry.build_finished
         recorder = Recorder(engine, failures=metrics.failed_sessions)
         service.on_job_change(recorder.job_changed)
         service.on_dispatch_change(recorder.dispatch_changed)
         dispatches, jobs = await load_open(engine)
         service.restore(dispatches, jobs, adopt_within=settings.dispatch.worker_silence_timeout)
+        await telemetry.refresh()  # before any job: restored ones are counted by agent
         background = [
             asyncio.create_task(recorder.run()),
             asyncio.create_task(service.run_expiry()),
+            asyncio.create_task(telemetry.run()),
         ]
         if settings.livekit_url and settings.livekit_api_key and settings.livekit_api_secret:
             # Gateway mode: voicefleet is the LiveKit server's worker for its agents; its
@@ -119,6 +124,7 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
 
         app.state.flags, app.state.control, app.state.autoscaler = flags, plane, autoscaler
         app.state.engine, app.state.recorder = engine, recorder
+        app.state.telemetry = telemetry
         app.state.take_back = take_back
         try:
             yield
@@ -176,7 +182,13 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
         return await webhooks(request)
 
     @app.get("/metrics", include_in_schema=False)
-    def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
+        telemetry: Telemetry | None = getattr(request.app.state, "telemetry", None)
+        if telemetry is not None:
+            try:
+                await telemetry.refresh()  # the store's agents, instances, rollouts as of now
+            except Exception:  # the dispatcher's figures are still worth serving
+                log.exception("reading the store for /metrics failed; serving the last read")
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", include_in_schema=False)

@@ -227,6 +227,14 @@ class Autoscaler:
         autoscaled deployments (scale from zero included)."""
         return any(ok for name, ok in self._headroom.values() if name == key.agent_name)
 
+    def last(self, agent_id: str, deployment: str) -> tuple[Point, Decision] | None:
+        """What the deployment's latest tick saw and decided, if it had one."""
+        key = (agent_id, deployment)
+        points, found = self.points.get(key), self.decisions.get(key)
+        if not points or found is None:
+            return None
+        return points[-1], found[1]
+
     def decision(self, agent_id: str, deployment: str) -> dict[str, object] | None:
         found = self.decisions.get((agent_id, deployment))
         if found is None:

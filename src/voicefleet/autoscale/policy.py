@@ -106,12 +106,20 @@ class Sample:
         return sum(i.load for i in self.instances if i.registered)
 
 
+# What a decision did, in a word: a small fixed set, fit for a metric label (`reason` is text).
+KINDS = (
+    "no_signals", "cold_start", "idle_to_zero", "scale_up", "scale_down", "holding", "steady",
+    "held_failing",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Decision:
     desired: int
     reason: str
     wanted: int = 0  # what the latest sample alone asks for, before windows and bounds
     details: dict[str, Any] = field(default_factory=dict)
+    kind: str = field(default="steady", compare=False)  # one of KINDS
 
 
 def wanted(policy: Policy, sample: Sample) -> tuple[int, str]:
@@ -154,18 +162,20 @@ def _observed_capacity(policy: Policy, sample: Sample) -> int:
 def decide(policy: Policy, samples: Sequence[Sample], current: int) -> Decision:
     """The instance count to run now, given samples in time order (the last one is now)."""
     if not samples:
-        return Decision(max(current, policy.min_instances), "no signals yet")
+        return Decision(max(current, policy.min_instances), "no signals yet", kind="no_signals")
     now = samples[-1].at
     n, reason = wanted(policy, samples[-1])
     asked = n  # what the latest sample alone wants (Decision.wanted), whatever windows make of it
     if samples[-1].queued and current == 0:
-        return _bounded(policy, max(1, asked) + policy.warm, "cold start: a session waits", asked)
+        return _bounded(
+            policy, max(1, asked) + policy.warm, "cold start: a session waits", asked, "cold_start"
+        )
     if policy.idle_to_zero is not None:
         idle_since = _idle_since(samples)
         if idle_since is not None and now - idle_since >= policy.idle_to_zero:
             return Decision(
                 0, f"no session for {now - idle_since:.0f}s (scale to zero after "
-                f"{policy.idle_to_zero:g}s)", asked
+                f"{policy.idle_to_zero:g}s)", asked, kind="idle_to_zero",
             )  # fmt: skip
     if n + policy.warm > current:
         # Up: the smallest wish over the short window, so a blip does not start instances;
@@ -176,11 +186,14 @@ def decide(policy: Policy, samples: Sequence[Sample], current: int) -> Decision:
             n = min(recent) if covered else current - policy.warm
             if n + policy.warm <= current:
                 return _bounded(
-                    policy, current, f"holding: up wanted for < {policy.up_window:g}s", asked
-                )
-        return _bounded(policy, n + policy.warm, reason, asked)
+                    policy, current, f"holding: up wanted for < {policy.up_window:g}s", asked,
+                    "holding",
+                )  # fmt: skip
+        return _bounded(policy, n + policy.warm, reason, asked, "scale_up")
     if n + policy.warm < current and samples[-1].queued:
-        return _bounded(policy, current, f"holding: {reason}, instances still starting", asked)
+        return _bounded(
+            policy, current, f"holding: {reason}, instances still starting", asked, "holding"
+        )
     if n + policy.warm < current:
         # Down: the largest wish over the long window.
         recent = [wanted(policy, s)[0] for s in samples if s.at >= now - policy.down_window]
@@ -190,9 +203,10 @@ def decide(policy: Policy, samples: Sequence[Sample], current: int) -> Decision:
             top = max(top, 1)  # to zero only through idle_to_zero, after that much idle time
         if top + policy.warm >= current:
             return _bounded(
-                policy, current, f"holding: down wanted for < {policy.down_window:g}s", asked
-            )
-        return _bounded(policy, top + policy.warm, f"load fell: {reason}", asked)
+                policy, current, f"holding: down wanted for < {policy.down_window:g}s", asked,
+                "holding",
+            )  # fmt: skip
+        return _bounded(policy, top + policy.warm, f"load fell: {reason}", asked, "scale_down")
     return _bounded(policy, current, f"steady: {reason}", asked)
 
 
@@ -206,16 +220,24 @@ def _idle_since(samples: Sequence[Sample]) -> float | None:
     return since
 
 
-def _bounded(policy: Policy, n: int, reason: str, wanted_now: int) -> Decision:
+def _bounded(
+    policy: Policy, n: int, reason: str, wanted_now: int, kind: str = "steady"
+) -> Decision:
     if n > policy.max_instances:
         return Decision(
-            policy.max_instances, f"{reason}; capped at max {policy.max_instances}", wanted_now
+            policy.max_instances,
+            f"{reason}; capped at max {policy.max_instances}",
+            wanted_now,
+            kind=kind,
         )
     if n < policy.min_instances:
         return Decision(
-            policy.min_instances, f"{reason}; kept at min {policy.min_instances}", wanted_now
+            policy.min_instances,
+            f"{reason}; kept at min {policy.min_instances}",
+            wanted_now,
+            kind=kind,
         )
-    return Decision(n, reason, wanted_now)
+    return Decision(n, reason, wanted_now, kind=kind)
 
 
 def pick_victims(instances: Sequence[InstanceSignal], count: int) -> list[InstanceSignal]:
@@ -262,4 +284,5 @@ def hold_failing(
         f"holding at {ceiling}, not scaling up to {decision.desired}: {why}",
         decision.wanted,
         decision.details,
+        kind="held_failing",
     )

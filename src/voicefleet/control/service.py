@@ -14,7 +14,7 @@ import contextlib
 import logging
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -123,6 +123,8 @@ class ControlPlane:
         self.box = box
         self.paths = paths
         self._builds: set[asyncio.Task[None]] = set()
+        # Told of each build's end: (agent id, result: built, cached or failed, seconds).
+        self.on_build: Callable[[str, str, float], None] = lambda agent_id, result, seconds: None
         # Brief: numbering a version, or checking then recording a rollout, one at a time.
         self._recording: dict[str, asyncio.Lock] = {}
 
@@ -277,23 +279,29 @@ class ControlPlane:
         rollout_id: str,
         actor: str = SYSTEM,
     ) -> None:
+        began = time.monotonic()
         with BuildLog(self.paths.build_log(agent.id, row.version)) as out:
             try:
                 artifact = await self.builder.build(
                     self.paths.source(agent.id, row.version), out.write
                 )
             except BuildFailed as e:
+                self.on_build(agent.id, "failed", time.monotonic() - began)
                 out.write(f"build failed: {e}")
                 row.status, row.error = VersionStatus.FAILED, str(e)
                 await self.repo.save(row)
                 await self.repo.event(agent.id, "build_failed", f"{row.version}: {e}")
                 return
             except Exception as e:
+                self.on_build(agent.id, "failed", time.monotonic() - began)
                 log.exception("build crashed", extra={"agent": agent.id, "version": row.version})
                 out.write(f"build failed: {e}")
                 row.status, row.error = VersionStatus.FAILED, f"build crashed: {e}"
                 await self.repo.save(row)
                 return
+            self.on_build(
+                agent.id, "cached" if artifact.cached else "built", time.monotonic() - began
+            )
             reuse = "reused cached environment" if artifact.cached else "built environment"
             out.write(f"{reuse} {artifact.env_dir}")
             row.status, row.built_at = VersionStatus.READY, time.time()

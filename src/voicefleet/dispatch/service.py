@@ -136,6 +136,15 @@ class DispatchService:
                 by_instance.setdefault(w.identity.instance, []).append(w)
         return {i: _view(ws) for i, ws in by_instance.items()}
 
+    def open_jobs(self) -> list[Job]:
+        """Jobs not ended: waiting for a worker, assigned or running."""
+        return [j for j in self.book.jobs.values() if not j.ended]
+
+    @property
+    def default_deployment(self) -> str:
+        """The deployment of dispatches that name none."""
+        return self.routing.default_deployment
+
     def drain_instance(self, instance_id: str) -> None:
         """The instance's workers are offered no more jobs; their sessions go on."""
         for worker in self._workers_of(instance_id):
