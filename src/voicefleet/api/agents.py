@@ -9,7 +9,16 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from voicefleet.api.deps import ERROR_RESPONSES, PREFIX, Autoscale, Caller, Control, Flags, Who
+from voicefleet.api.deps import (
+    ERROR_RESPONSES,
+    PREFIX,
+    Autoscale,
+    Caller,
+    Control,
+    Flags,
+    KeyStore,
+    Who,
+)
 from voicefleet.api.events import event_dict
 from voicefleet.control.service import DEFAULT_DEPLOYMENT
 from voicefleet.control.status import agent_status
@@ -92,10 +101,13 @@ async def scale(agent: str, body: Scale, plane: Control, who: Who) -> dict[str, 
 
 
 @router.get("/agents/{agent}/events")
-async def events(agent: str, plane: Control, limit: int = 100) -> list[dict[str, Any]]:
+async def events(
+    agent: str, plane: Control, keys: KeyStore, limit: int = 100
+) -> list[dict[str, Any]]:
     """Newest first, as GET /api/v1/events?agent= gives them (without paging)."""
     row = await plane.agent(agent)
-    return [event_dict(e, {row.id: row.name}) for e in await plane.events(row, limit)]
+    key_names = {k.id: k.name for k in await keys.list()}
+    return [event_dict(e, {row.id: row.name}, key_names) for e in await plane.events(row, limit)]
 
 
 @router.get("/agents/{agent}/secrets")
