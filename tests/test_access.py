@@ -71,8 +71,9 @@ def test_durations_and_times() -> None:
     assert parse_time("1700000000") == 1_700_000_000
     assert parse_time("2026-01-01") == 1767225600  # UTC when no zone is named
     assert parse_time("2026-01-01T01:00:00+01:00") == 1767225600
-    with pytest.raises(InvalidRequest, match="not a time"):
-        parse_time("yesterday")
+    for bad in ("yesterday", "nan", "inf", ""):
+        with pytest.raises(InvalidRequest, match="not a time"):
+            parse_time(bad)
 
 
 def test_key_tokens_and_actors() -> None:

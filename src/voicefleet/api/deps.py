@@ -14,14 +14,13 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, HTTPException, Request
 from pydantic import BaseModel
 
-from voicefleet.api.guard import authorize, project_claims
+from voicefleet.api.guard import authenticate, authorize
 from voicefleet.autoscale.loop import Autoscaler
-from voicefleet.control.access import Keys, Principal, project_principal
+from voicefleet.control.access import Keys, Principal
 from voicefleet.control.service import ControlPlane
 from voicefleet.dispatch.service import DispatchService
 from voicefleet.errors import AuthError
 from voicefleet.flags.service import FlagService
-from voicefleet.protocol import tokens
 from voicefleet.store.models import API, Actor
 from voicefleet.store.records import Recorder
 
@@ -54,28 +53,22 @@ def dispatch_service(request: Request) -> DispatchService:
     return service
 
 
-def caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
+async def caller(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> Principal:
     """Who the caller is. The Guard checked it, and the route's role, before the body was read;
     check again where it did not run (an app mounted without it must not be open)."""
     principal: Principal | None = getattr(request.state, "principal", None)
     if principal is None:
         service = dispatch_service(request)
         try:
-            principal = project_caller(request, authorization, service)
+            principal = await authenticate(
+                authorization, request.app.state.keys, service.secret_for, service.project.api_key
+            )
+            authorize(principal, request.method, request.url.path)
         except AuthError as e:
             raise HTTPException(e.status, str(e)) from None
         request.state.principal = principal
-    return principal
-
-
-def project_caller(
-    request: Request, authorization: str | None, service: DispatchService
-) -> Principal:
-    """Without the Guard only the project's key is known here (no key store at hand)."""
-    token = tokens.bearer(authorization)
-    claims = project_claims(token, service.secret_for, service.project.api_key)
-    principal = project_principal(claims.api_key)
-    authorize(principal, request.method, request.url.path)
     return principal
 
 

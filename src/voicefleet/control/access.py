@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import time
@@ -63,9 +64,12 @@ def parse_time(text: str, now: float | None = None) -> float:
     now = time.time() if now is None else now
     clean = text.strip()
     try:
-        return float(clean)
+        seconds = float(clean)
     except ValueError:
         pass
+    else:
+        if math.isfinite(seconds):
+            return seconds
     try:
         return now - parse_duration(clean)
     except InvalidRequest:
