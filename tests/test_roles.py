@@ -148,6 +148,15 @@ def test_a_key_limited_to_one_agent_acts_on_it_alone(srv: Server) -> None:
     events = call(srv, token, "GET", "/events").json()["events"]
     assert events and {e["agent"] for e in events} == {"shop"}
     assert call(srv, token, "GET", "/events", params={"agent": "bank"}).status_code == 403
+    # Its agent deleted, the key is refused, and listed as such.
+    project(srv, "POST", "/agents", json={"name": "fleeting"}).raise_for_status()
+    fleeting = make_key(srv, "viewer", "--agent", "fleeting")
+    assert call(srv, fleeting["token"], "GET", "/agents/fleeting").status_code == 200
+    project(srv, "DELETE", "/agents/fleeting").raise_for_status()
+    r = call(srv, fleeting["token"], "GET", "/agents/fleeting")
+    assert r.status_code == 401 and "agent that has been deleted" in r.json()["detail"]
+    listed = {k["id"]: k["state"] for k in project(srv, "GET", "/keys").json()}
+    assert listed[fleeting["id"]] == "agent deleted"
 
 
 async def test_revoked_expired_unknown_and_wrong_keys_are_refused_with_401(srv: Server) -> None:

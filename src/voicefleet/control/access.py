@@ -245,13 +245,14 @@ class Keys:
 def key_dict(row: ApiKeyRow, agent_names: dict[str, str]) -> dict[str, object]:
     """A key as `vf server keys list` and GET /api/v1/keys show it (never its digest)."""
     now = time.time()
-    state = (
-        "revoked"
-        if row.revoked_at
-        else "expired"
-        if row.expires_at and row.expires_at <= now
-        else "active"
-    )
+    if row.revoked_at:
+        state = "revoked"
+    elif row.expires_at and row.expires_at <= now:
+        state = "expired"
+    elif row.agent_id and row.agent_id not in agent_names:
+        state = "agent deleted"  # refused, as _principal says
+    else:
+        state = "active"
     return {
         "id": row.id,
         "name": row.name,
