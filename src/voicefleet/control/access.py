@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import math
 import re
 import secrets
@@ -21,9 +22,13 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from sqlalchemy.exc import DBAPIError
+
 from voicefleet.errors import AuthError, InvalidRequest, NotFound, PermissionDenied
 from voicefleet.store.models import SYSTEM, Actor, AgentRow, ApiKeyRow, Role
 from voicefleet.store.repo import Repo
+
+log = logging.getLogger("voicefleet.access")
 
 KEY_PREFIX = "vfk_"
 PEPPER_PURPOSE = "api key pepper v1"
@@ -235,7 +240,11 @@ class Keys:
                 raise AuthError(f"API key {row.id} was limited to an agent that has been deleted")
             agent_name = agent.name
         if now - row.last_used_at >= USED_EVERY:
-            await self.repo.key_used(row.id, now)
+            try:
+                await self.repo.key_used(row.id, now)
+            except (DBAPIError, OSError) as e:
+                # A note, not a gate: a full disk must not lock out the keys that could fix it.
+                log.warning("the last use of key %s was not recorded: %s", row.id, e)
         return Principal(
             key=row.id, name=row.name, role=Role(row.role), agent_id=row.agent_id,
             agent_name=agent_name,
