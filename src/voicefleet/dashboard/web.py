@@ -208,7 +208,9 @@ def page(
         heading=title,
         nav=nav,
         csrf=session.csrf,
-        user=session.api_key,
+        user=f"{session.api_key} ({session.principal.role})"
+        if session.principal
+        else session.api_key,
         body=body,
         before=before,
         after=after,
