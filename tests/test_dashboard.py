@@ -565,3 +565,65 @@ def test_the_autoscaling_page_charts_instances_against_load_and_lists_decisions(
         headers=headers,
         timeout=30,
     ).raise_for_status()
+
+
+def make_key(server: Server, role: str) -> str:
+    """A voicefleet API key made with `vf server keys create` on the server's data dir."""
+    made = subprocess.run(
+        [sys.executable, "-m", "voicefleet", "server", "keys", "create", "--role", role,
+         "--name", f"browser-{role}", "--data-dir", str(server.data_dir), "--json"],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    token: str = json.loads(made.stdout)["token"]
+    return token
+
+
+def log_in_with_key(page: Any, server: Server, token: str, then: str) -> None:
+    page.goto(server.url + then)
+    page.get_by_label("API key").fill(token)  # the whole token; no secret
+    page.get_by_role("button", name="Log in").click()
+    expect(page).to_have_url(server.url + then)
+
+
+@pytest.mark.timeout(600)
+def test_a_viewer_key_sees_the_pages_without_commands_and_a_deployer_key_gets_them(
+    dash: Server, flagged: Path, new_page: Callable[..., Any], shots: Path
+) -> None:
+    agent_page = f"/dashboard/agents/{FLAGGED}"
+    httpx.put(
+        f"{dash.url}/api/v1/agents/{FLAGGED}/flags/seen",
+        json={"type": "boolean", "value": True},
+        headers={"Authorization": f"Bearer {admin_token()}"},
+        timeout=30,
+    ).raise_for_status()
+    viewer = new_page()
+    log_in_with_key(viewer, dash, make_key(dash, "viewer"), agent_page)
+    card = viewer.locator("#deployment-production")
+    expect(card).to_contain_text("serving v1", timeout=LIVE)
+    expect(viewer.locator("#events")).to_contain_text("deploy_started")
+    expect(viewer.get_by_role("button", name="scale")).to_have_count(0)
+    expect(viewer.get_by_role("button", name="rollback")).to_have_count(0)
+    viewer.screenshot(path=shots / "agent-viewer.png", full_page=True)
+    viewer.goto(dash.url + "/dashboard/flags")
+    expect(viewer.locator(f"#flags-{FLAGGED}")).to_contain_text("seen")
+    expect(viewer.get_by_role("button", name="Add flag")).to_have_count(0)
+    expect(viewer.get_by_role("button", name="kill")).to_have_count(0)
+    # A command sent anyway, with the page's own CSRF token, is refused for its role.
+    token = viewer.locator('meta[name="csrf"]').get_attribute("content")
+    status, body = viewer.evaluate(
+        """async ([url, token]) => {
+            const r = await fetch(url, {method: "POST", credentials: "same-origin",
+                headers: {"Content-Type": "application/x-www-form-urlencoded",
+                          "X-CSRF-Token": token},
+                body: "command=scale&replicas=3&deployment=production"});
+            return [r.status, await r.text()];
+        }""",
+        [f"{agent_page}/actions", token],
+    )
+    assert status == 403 and "needs the deployer role" in body, body
+    # A deployer's page offers the commands.
+    deployer = new_page()
+    log_in_with_key(deployer, dash, make_key(dash, "deployer"), agent_page)
+    card = deployer.locator("#deployment-production")
+    expect(card).to_contain_text("serving v1", timeout=LIVE)
+    expect(card.get_by_role("button", name="scale")).to_have_count(1)

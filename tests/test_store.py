@@ -22,9 +22,20 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from voicefleet.control.access import Keys
 from voicefleet.dispatch.jobs import Dispatch, Job, JobState
+from voicefleet.errors import AuthError
 from voicefleet.store.db import alembic_config, open_engine
-from voicefleet.store.models import AgentRow, Base, InstanceRow, RolloutRow, SecretRow, VersionRow
+from voicefleet.store.models import (
+    Actor,
+    AgentRow,
+    Base,
+    InstanceRow,
+    Role,
+    RolloutRow,
+    SecretRow,
+    VersionRow,
+)
 from voicefleet.store.records import Recorder, history, load_open
 from voicefleet.store.repo import Repo
 
@@ -108,7 +119,7 @@ async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     if request.param == "postgresql":  # one database for the module: start each test empty
         async with eng.begin() as conn:
             for table in ("jobs", "dispatches", "agents", "deployments", "versions", "instances",
-                          "secrets", "rollouts", "events"):  # fmt: skip
+                          "secrets", "rollouts", "events", "api_keys"):  # fmt: skip
                 await conn.exec_driver_sql(f"DELETE FROM {table}")
     yield eng
     await eng.dispose()
@@ -190,3 +201,34 @@ async def test_recorder_upserts_job_history_and_reads_back_what_was_open(
     dispatches, open_jobs = await load_open(engine)
     assert [d.id for d in dispatches] == ["AD_1"] and dispatches[0].attributes == {"a": "b"}
     assert sorted(j.id for j in open_jobs) == ["AJ_0", "AJ_2"]
+
+
+async def test_api_keys_and_the_event_log_filters_on_each_store(engine: AsyncEngine) -> None:
+    repo = Repo(engine)
+    keys = Keys(repo, b"pepper" * 6)
+    row, token = await keys.create("deployer", name="ci", actor=Actor("devkey", "api", "10.1.2.3"))
+    principal = await keys.authenticate(token)
+    assert (principal.key, principal.role, principal.name) == (row.id, Role.DEPLOYER, "ci")
+    stored = await repo.api_key(row.id)
+    assert stored is not None and token.partition(".")[2] not in stored.digest
+    # Who did what, found by key: a key id's "_" is no wildcard ("vfk_" also matches "vfkX").
+    await repo.event("CA_1", "scaled", "by the key", Actor(row.id, "dashboard", "::1"))
+    await repo.event("CA_1", "scaled", "by another", Actor("vfkX" + row.id[4:], "dashboard"))
+    await repo.event("CA_2", "built", "by nobody")
+    found = await repo.events(None, 10, actor=row.id)
+    assert [(e.message, e.actor, e.ip) for e in found] == [
+        ("by the key", f"{row.id} (dashboard)", "::1")
+    ]
+    assert [e.kind for e in await repo.events(None, 10, changes_only=True)] == [
+        "scaled", "scaled", "key_created"]  # fmt: skip
+    newest = await repo.events(None, 2)
+    older = await repo.events(None, 10, before=newest[-1].id)
+    assert [e.message for e in newest + older] == [
+        "by nobody",
+        "by another",
+        "by the key",
+        f"key {row.id} (ci) created: deployer",
+    ]
+    await keys.revoke(row.id)
+    with pytest.raises(AuthError, match="revoked"):
+        await keys.authenticate(token)

@@ -40,6 +40,13 @@ class NotFound(VoicefleetError):
     twirp_code = "not_found"
 
 
+class Conflict(VoicefleetError):
+    """The request is valid but the state of the thing it names refuses it."""
+
+    status = 409
+    twirp_code = "failed_precondition"
+
+
 class NoCapacity(VoicefleetError):
     """The dispatch queue is full: no worker can take the job and no room is left to wait."""
 

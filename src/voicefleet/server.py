@@ -20,10 +20,11 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from voicefleet import __version__, logs
-from voicefleet.api import ROUTERS, UPLOADS_AT_ONCE, AdminGuard
+from voicefleet.api import ROUTERS, UPLOADS_AT_ONCE, Guard
 from voicefleet.autoscale.loop import Autoscaler
 from voicefleet.build.local import LocalBuilder
 from voicefleet.config import Project, RuntimeKind, Settings
+from voicefleet.control.access import PEPPER_PURPOSE, Keys
 from voicefleet.control.service import ControlPlane
 from voicefleet.control.sizing import Sizing
 from voicefleet.control.telemetry import Telemetry
@@ -89,6 +90,7 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
             fleet.box,
             paths,
         )
+        keys = Keys(repo, fleet.box.derive(PEPPER_PURPOSE))
         autoscaler = Autoscaler(service, repo, sizing)
         telemetry = Telemetry(metrics, repo, service, fleet, autoscaler)
         plane.on_build = telemetry.build_finished
@@ -123,6 +125,7 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
             await rollouts.resume()
 
         app.state.flags, app.state.control, app.state.autoscaler = flags, plane, autoscaler
+        app.state.keys = keys
         app.state.engine, app.state.recorder = engine, recorder
         app.state.telemetry = telemetry
         app.state.take_back = take_back
@@ -144,7 +147,7 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
     app = FastAPI(
         title="voicefleet", version=__version__, lifespan=lifespan, max_body_size=MAX_BODY
     )
-    app.add_middleware(AdminGuard, secret_for=service.secret_for, project_key=project.api_key)
+    app.add_middleware(Guard, secret_for=service.secret_for, project_key=project.api_key)
     app.state.dispatch = service
     app.state.upload_slots = asyncio.Semaphore(UPLOADS_AT_ONCE)
     for router in ROUTERS:

@@ -9,8 +9,18 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from voicefleet.api.deps import ERROR_RESPONSES, PREFIX, Actor, Autoscale, Control, Flags
-from voicefleet.control.service import DEFAULT_DEPLOYMENT, actor_parts
+from voicefleet.api.deps import (
+    ERROR_RESPONSES,
+    PREFIX,
+    Autoscale,
+    Caller,
+    Control,
+    Flags,
+    KeyStore,
+    Who,
+)
+from voicefleet.api.events import event_dict
+from voicefleet.control.service import DEFAULT_DEPLOYMENT
 from voicefleet.control.status import agent_status
 from voicefleet.store.models import AgentRow
 
@@ -42,15 +52,17 @@ def agent_dict(a: AgentRow) -> dict[str, Any]:
 
 
 @router.post("/agents", status_code=201)
-async def create_agent(body: CreateAgent, plane: Control, who: Actor) -> dict[str, Any]:
+async def create_agent(body: CreateAgent, plane: Control, who: Who) -> dict[str, Any]:
     return agent_dict(await plane.create_agent(body.name, body.grace_period, who))
 
 
 @router.get("/agents")
-async def list_agents(plane: Control) -> list[dict[str, Any]]:
+async def list_agents(plane: Control, caller: Caller) -> list[dict[str, Any]]:
+    """Every agent; a key limited to one agent sees that one only."""
     return [
         {**agent_dict(agent), "deployments": serving}
         for agent, serving in await plane.agents_serving()
+        if caller.covers(agent.id)
     ]
 
 
@@ -60,20 +72,22 @@ async def show_agent(agent: str, plane: Control, autoscaler: Autoscale) -> dict[
 
 
 @router.patch("/agents/{agent}")
-async def configure_agent(agent: str, body: ConfigureAgent, plane: Control) -> dict[str, Any]:
-    row = await plane.configure(await plane.agent(agent), grace_period=body.grace_period)
+async def configure_agent(
+    agent: str, body: ConfigureAgent, plane: Control, who: Who
+) -> dict[str, Any]:
+    row = await plane.configure(await plane.agent(agent), grace_period=body.grace_period, actor=who)
     return agent_dict(row)
 
 
 @router.delete("/agents/{agent}", status_code=204)
-async def delete_agent(agent: str, plane: Control, flags: Flags, who: Actor) -> None:
+async def delete_agent(agent: str, plane: Control, flags: Flags, who: Who) -> None:
     row = await plane.agent(agent)
     await plane.delete_agent(row, who)
     flags.forget(row.id)
 
 
 @router.post("/agents/{agent}/scale")
-async def scale(agent: str, body: Scale, plane: Control, who: Actor) -> dict[str, Any]:
+async def scale(agent: str, body: Scale, plane: Control, who: Who) -> dict[str, Any]:
     """A fixed number of instances (`replicas`: autoscaling off), or an autoscaling policy."""
     dep = await plane.scale(
         await plane.agent(agent), body.deployment, body.replicas, body.autoscale, who
@@ -87,14 +101,13 @@ async def scale(agent: str, body: Scale, plane: Control, who: Actor) -> dict[str
 
 
 @router.get("/agents/{agent}/events")
-async def events(agent: str, plane: Control, limit: int = 100) -> list[dict[str, Any]]:
-    """Newest first. `actor` is the key that made the change ("" for the platform's own),
-    `via` where it came from ("api", "dashboard")."""
-    out = []
-    for e in await plane.events(await plane.agent(agent), limit):
-        key, via = actor_parts(e.actor)
-        out.append({"kind": e.kind, "message": e.message, "actor": key, "via": via, "at": e.at})
-    return out
+async def events(
+    agent: str, plane: Control, keys: KeyStore, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Newest first, as GET /api/v1/events?agent= gives them (without paging)."""
+    row = await plane.agent(agent)
+    key_names = {k.id: k.name for k in await keys.list()}
+    return [event_dict(e, {row.id: row.name}, key_names) for e in await plane.events(row, limit)]
 
 
 @router.get("/agents/{agent}/secrets")
@@ -103,13 +116,13 @@ async def list_secrets(agent: str, plane: Control) -> list[dict[str, Any]]:
 
 
 @router.put("/agents/{agent}/secrets")
-async def set_secrets(agent: str, body: Secrets, plane: Control, who: Actor) -> dict[str, Any]:
+async def set_secrets(agent: str, body: Secrets, plane: Control, who: Who) -> dict[str, Any]:
     names = await plane.set_secrets(await plane.agent(agent), body.secrets, who)
     return {"set": names}
 
 
 @router.delete("/agents/{agent}/secrets")
 async def unset_secrets(
-    agent: str, plane: Control, who: Actor, name: Annotated[list[str], Query()]
+    agent: str, plane: Control, who: Who, name: Annotated[list[str], Query()]
 ) -> dict[str, Any]:
     return {"removed": await plane.unset_secrets(await plane.agent(agent), name, who)}

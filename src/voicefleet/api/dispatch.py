@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel
 
-from voicefleet.api.deps import ERROR_RESPONSES, PREFIX, Control, Dispatch, Jobs, error
+from voicefleet.api.deps import ERROR_RESPONSES, PREFIX, Control, Dispatch, Jobs, Who, error
 
 router = APIRouter(prefix=PREFIX, responses=ERROR_RESPONSES)
 
@@ -48,18 +48,12 @@ class Weights(BaseModel):
 
 @router.put("/routing/{agent_name}", responses={409: error("A deployed agent: rollouts route it")})
 async def set_routing(
-    agent_name: str, body: Weights, service: Dispatch, plane: Control
+    agent_name: str, body: Weights, plane: Control, who: Who
 ) -> dict[str, float] | None:
     """Route an agent name's sessions by worker version, for workers that are not deployed by
     voicefleet but sign with version keys of their own (`vf/<agent>/<version>/<instance>`).
     Deployed agents are routed by their rollouts: use `vf agent deploy`."""
-    if await plane.find_agent(agent_name) is not None:
-        raise HTTPException(409, f"{agent_name} is a deployed agent: its rollouts route it")
-    try:
-        service.set_weights(agent_name, body.weights, body.deployment)
-    except ValueError as e:
-        raise HTTPException(400, str(e)) from None
-    return service.weights(agent_name, body.deployment)
+    return await plane.set_routing(agent_name, body.weights, body.deployment, who)
 
 
 @router.get("/jobs")

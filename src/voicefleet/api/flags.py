@@ -13,7 +13,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
-from voicefleet.api.deps import ERROR_RESPONSES, PREFIX, Actor, Control, Flags, dispatch_service
+from voicefleet.api.deps import ERROR_RESPONSES, PREFIX, Control, Flags, Who, dispatch_service
+from voicefleet.control.access import Keys, is_key_token
 from voicefleet.control.service import ControlPlane
 from voicefleet.errors import AuthError
 from voicefleet.protocol import tokens
@@ -40,23 +41,27 @@ async def stream_flags(
     authorization: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
     """Server-sent events: `snapshot` (all the agent's flags) at once and after every change,
-    a keepalive comment every 15 s. For the agent's own instances, or the project's key with
-    the agent admin grant (as the rest of the control API)."""
+    a keepalive comment every 15 s. For the agent's own instances, a voicefleet API key (any
+    role) that may read this agent, or the project's key with the agent admin grant."""
     plane: ControlPlane = request.app.state.control
     service = dispatch_service(request)
+    instance: tokens.WorkerIdentity | None = None  # the caller, when an instance's key
     try:  # before the agent is looked up: no telling strangers which agents exist
-        claims = tokens.verify(tokens.bearer(authorization), service.secret_for)
+        token = tokens.bearer(authorization)
+        if is_key_token(token):  # a voicefleet API key: any role reads
+            keys: Keys = request.app.state.keys
+            (await keys.authenticate(token)).require_agent(agent)
+        else:
+            claims = tokens.verify(token, service.secret_for)
+            if claims.api_key == service.project.api_key:
+                # The project's key also signs the room tokens handed to end users' browsers.
+                claims.require_admin()
+            else:
+                instance = tokens.instance_identity(claims.api_key) or tokens.UNMANAGED
     except AuthError as e:
         raise HTTPException(e.status, str(e)) from None
-    if claims.api_key == service.project.api_key:
-        # The project's key also signs the room tokens handed to end users' browsers.
-        try:
-            claims.require_admin()
-        except AuthError as e:
-            raise HTTPException(e.status, str(e)) from None
     row = await plane.agent(agent)
-    identity = tokens.instance_identity(claims.api_key)
-    if claims.api_key != service.project.api_key and (identity is None or identity.agent != row.id):
+    if instance is not None and instance.agent != row.id:
         raise HTTPException(403, f"this key may not read the flags of {row.name}")
 
     async def events() -> AsyncIterator[bytes]:
@@ -91,7 +96,7 @@ async def set_flag(
     body: dict[str, Any],
     plane: Control,
     flags: Flags,
-    who: Actor,
+    who: Who,
 ) -> dict[str, Any]:
     """Create or replace a flag: {"type", "value", "rules": [...], "off"} (see docs/flags.md)."""
     if body.get("key", key) != key:
@@ -106,7 +111,7 @@ async def kill_flag(
     key: str,
     plane: Control,
     flags: Flags,
-    who: Actor,
+    who: Who,
 ) -> dict[str, Any]:
     row = await plane.agent(agent)
     return await flags.kill(row.id, key, who)
@@ -118,7 +123,7 @@ async def delete_flag(
     key: str,
     plane: Control,
     flags: Flags,
-    who: Actor,
+    who: Who,
 ) -> None:
     row = await plane.agent(agent)
     await flags.delete(row.id, key, who)

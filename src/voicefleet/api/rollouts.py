@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
-from voicefleet.api.deps import ERROR_RESPONSES, PREFIX, Actor, Control
+from voicefleet.api.deps import ERROR_RESPONSES, PREFIX, Control, Who
 from voicefleet.control.service import DEFAULT_DEPLOYMENT, rollout_dict
 from voicefleet.rollout.plans import parse_plan
 
@@ -32,26 +32,26 @@ class Deploy(BaseModel):
 
 
 @router.post("/agents/{agent}/rollback", status_code=202)
-async def rollback(agent: str, body: Rollback, plane: Control, who: Actor) -> dict[str, Any]:
+async def rollback(agent: str, body: Rollback, plane: Control, who: Who) -> dict[str, Any]:
     rollout = await plane.rollback(await plane.agent(agent), body.deployment, body.version, who)
     return rollout_dict(rollout)
 
 
 @router.post("/agents/{agent}/restart", status_code=202)
 async def restart(
-    agent: str, plane: Control, who: Actor, deployment: str = DEFAULT_DEPLOYMENT
+    agent: str, plane: Control, who: Who, deployment: str = DEFAULT_DEPLOYMENT
 ) -> dict[str, Any]:
     return rollout_dict(await plane.restart(await plane.agent(agent), deployment, who))
 
 
 @router.post("/agents/{agent}/promote", status_code=202)
-async def promote(agent: str, body: Promote, plane: Control, who: Actor) -> dict[str, Any]:
+async def promote(agent: str, body: Promote, plane: Control, who: Who) -> dict[str, Any]:
     rollout = await plane.promote(await plane.agent(agent), body.source, body.target, who)
     return rollout_dict(rollout)
 
 
 @router.post("/agents/{agent}/rollouts", status_code=202)
-async def deploy_version(agent: str, body: Deploy, plane: Control, who: Actor) -> dict[str, Any]:
+async def deploy_version(agent: str, body: Deploy, plane: Control, who: Who) -> dict[str, Any]:
     """Roll an existing (built) version out again, with any strategy. No rebuild."""
     row = await plane.agent(agent)
     plan = parse_plan(body.plan)
@@ -61,7 +61,7 @@ async def deploy_version(agent: str, body: Deploy, plane: Control, who: Actor) -
 
 @router.post("/agents/{agent}/canary/{command}", status_code=202)
 async def canary_command(
-    agent: str, command: str, plane: Control, who: Actor, deployment: str = DEFAULT_DEPLOYMENT
+    agent: str, command: str, plane: Control, who: Who, deployment: str = DEFAULT_DEPLOYMENT
 ) -> dict[str, Any]:
     """pause, resume, promote or abort the canary running on `deployment`."""
     rollout = await plane.rollout_command(await plane.agent(agent), deployment, command, who)

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
-from voicefleet.api.deps import ERROR_RESPONSES, PREFIX, TEXT, Actor, Control
+from voicefleet.api.deps import ERROR_RESPONSES, PREFIX, TEXT, Control, Who
 from voicefleet.build.bundle import MAX_COMPRESSED_BYTES
 from voicefleet.control.logs import tail
 from voicefleet.control.service import DEFAULT_DEPLOYMENT
@@ -52,7 +52,7 @@ async def upload_version(
     agent: str,
     request: Request,
     plane: Control,
-    who: Actor,
+    who: Who,
     deployment: str = DEFAULT_DEPLOYMENT,
     plan: str = "",
 ) -> dict[str, Any]:

@@ -4,6 +4,10 @@ Server and credentials come from flags, else VF_URL / VF_API_KEY / VF_API_SECRET
 LIVEKIT_* variables an agent folder already has, else the config file
 (~/.config/voicefleet/config.toml or $VF_CONFIG: `url`, `api_key`, `api_secret`), else the
 dev server's defaults (http://127.0.0.1:7880, devkey / secret).
+
+The key is either a voicefleet API key (`vfk_<id>.<secret>`, from `vf server keys create`;
+VOICEFLEET_API_KEY is looked at first, then the places above; it needs no secret) or the
+project's LiveKit key, with its secret, from which an admin token is signed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import httpx
 import typer
 from rich.console import Console
 
+from voicefleet.control.access import is_key_token
 from voicefleet.protocol import tokens
 
 # Exit codes a script can rely on.
@@ -62,7 +67,9 @@ def resolve(url: str | None, api_key: str | None, api_secret: str | None) -> Tar
     server = server.replace("wss://", "https://").replace("ws://", "http://").rstrip("/")
     return Target(
         url=server,
-        api_key=pick(api_key, ("VF_API_KEY", "LIVEKIT_API_KEY"), "api_key", "devkey"),
+        api_key=pick(
+            api_key, ("VOICEFLEET_API_KEY", "VF_API_KEY", "LIVEKIT_API_KEY"), "api_key", "devkey"
+        ),
         api_secret=pick(
             api_secret, ("VF_API_SECRET", "LIVEKIT_API_SECRET"), "api_secret", "secret"
         ),
@@ -72,7 +79,10 @@ def resolve(url: str | None, api_key: str | None, api_secret: str | None) -> Tar
 class Client:
     def __init__(self, target: Target) -> None:
         self.target = target
-        token = tokens.mint_admin(target.api_key, target.api_secret)
+        if is_key_token(target.api_key):  # a voicefleet key is its own bearer token
+            token = target.api_key
+        else:
+            token = tokens.mint_admin(target.api_key, target.api_secret)
         self.http = httpx.Client(
             base_url=target.url + "/api/v1",
             headers={"Authorization": f"Bearer {token}"},
@@ -128,7 +138,14 @@ def check(r: httpx.Response) -> None:
 # -- what every command group shares ------------------------------------------------------------
 
 Url = Annotated[str | None, typer.Option("--url", help="Server URL (env VF_URL).")]
-Key = Annotated[str | None, typer.Option("--api-key", help="API key (env VF_API_KEY).")]
+Key = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        help="A voicefleet API key vfk_<id>.<secret> (env VOICEFLEET_API_KEY), or the "
+        "project's LiveKit key (env VF_API_KEY) with --api-secret.",
+    ),
+]
 Secret = Annotated[str | None, typer.Option("--api-secret", help="API secret (env VF_API_SECRET).")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 

@@ -87,6 +87,7 @@ def _vf(folder: Path, url: str, run: Callable[..., Any] = subprocess.run) -> Cal
     """`vf agent …` in `folder` against `url`, shown as typed; `run` starts it (inside a
     namespace: its `run`)."""
     env = {**os.environ, "VF_URL": url, "VF_API_KEY": DEV_KEY, "VF_API_SECRET": DEV_SECRET}
+    env["VOICEFLEET_API_KEY"] = ""  # a key of the user's own would beat the dev key
 
     def vf(*args: str) -> None:
         console.print(f"[bold]$ vf agent {' '.join(args)}[/bold]")

@@ -12,7 +12,9 @@ from rich.markup import escape
 
 from voicefleet import __version__, logs
 from voicefleet.cli.agent import app as agent_app
+from voicefleet.cli.events import events
 from voicefleet.cli.flags import app as flags_app
+from voicefleet.cli.keys import app as keys_app
 from voicefleet.config import DispatchSettings, KubernetesSettings, RuntimeKind, Settings
 from voicefleet.control.projects import check_data_dir, load_project
 from voicefleet.errors import CannotStart, VoicefleetError
@@ -26,6 +28,11 @@ app = typer.Typer(
 err = Console(stderr=True, soft_wrap=True)
 app.add_typer(agent_app, name="agent")
 app.add_typer(flags_app, name="flags")
+app.command()(events)
+# `vf server` runs the server; its subcommands (`vf server keys …`) work on its data dir.
+server_app = typer.Typer(no_args_is_help=False)
+server_app.add_typer(keys_app, name="keys")
+app.add_typer(server_app, name="server")
 
 
 def _version(value: bool) -> None:
@@ -43,8 +50,9 @@ def _root(
     pass
 
 
-@app.command()
+@server_app.callback(invoke_without_command=True)
 def server(
+    ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 7880,
     data_dir: Annotated[
@@ -153,6 +161,8 @@ def server(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the voicefleet server: LiveKit agent workers connect to it at ws://HOST:PORT."""
+    if ctx.invoked_subcommand is not None:
+        return
     from voicefleet.store.db import check_store
 
     logs.setup(log_level)

@@ -24,13 +24,15 @@ from voicefleet.build.local import LocalBuilder
 from voicefleet.control.sizing import Sizing
 from voicefleet.dispatch.jobs import new_id
 from voicefleet.dispatch.service import DispatchService
-from voicefleet.errors import BuildFailed, InvalidRequest, NotFound
+from voicefleet.errors import BuildFailed, Conflict, InvalidRequest, NotFound
 from voicefleet.fleet import LIVE, Instances, Lifecycle, Paths
 from voicefleet.rollout.model import RUNNING, SERVED, RolloutState
 from voicefleet.rollout.plans import Plan
 from voicefleet.rollout.rolling import Rolling
 from voicefleet.rollout.runner import Rollouts
 from voicefleet.store.models import (
+    SYSTEM,
+    Actor,
     AgentRow,
     DeploymentRow,
     EventRow,
@@ -45,26 +47,7 @@ from voicefleet.store.secrets import SecretBox
 log = logging.getLogger("voicefleet.control")
 
 DEFAULT_DEPLOYMENT = "production"
-SYSTEM = ""  # the actor of a change nobody asked for (the event log shows "-")
-API = "api"
 AGENT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
-
-
-def actor_of(api_key: str, where: str) -> str:
-    """Who made a change, as the event log records it: the key, and where it came from. The
-    API is the default place, written as the bare key (as events have always named it); any
-    other is named after it: "<key> (dashboard)"."""
-    return (api_key if where == API else f"{api_key} ({where})")[:100]
-
-
-def actor_parts(actor: str) -> tuple[str, str]:
-    """(key, where) of a recorded actor; ("", "") for the platform's own doing."""
-    if not actor:
-        return "", ""
-    key, sep, where = actor.rpartition(" (")
-    if sep and where.endswith(")") and key:
-        return key, where[:-1]
-    return actor, API
 
 
 class BuildLog:
@@ -152,7 +135,7 @@ class ControlPlane:
     # -- agents -------------------------------------------------------------------------------
 
     async def create_agent(
-        self, name: str, grace_period: float = 3600.0, actor: str = SYSTEM
+        self, name: str, grace_period: float = 3600.0, actor: Actor = SYSTEM
     ) -> AgentRow:
         if not name or set(name.lower()) - AGENT_NAME_CHARS or len(name) > 100:
             raise InvalidRequest(f"agent name '{name}' must be 1-100 letters, digits, '-' or '_'")
@@ -192,6 +175,14 @@ class ControlPlane:
     async def events(self, agent: AgentRow, limit: int = 100) -> list[EventRow]:
         return await self.repo.events(agent.id, limit)
 
+    async def event_log(self, agent_id: str | None, limit: int, **filters: Any) -> list[EventRow]:
+        """Events of one agent (by id: a deleted agent's too) or all, newest first; the
+        filters are `Repo.events`'."""
+        return await self.repo.events(agent_id, limit, **filters)
+
+    async def agent_names(self) -> dict[str, str]:
+        return {a.id: a.name for a in await self.repo.agents()}
+
     async def ensure_deployment(self, agent: AgentRow, name: str) -> DeploymentRow:
         """The agent's deployment of that name, created (serving nothing) if there is none."""
         dep = await self.repo.deployment(agent.id, name)
@@ -202,15 +193,39 @@ class ControlPlane:
             await self.repo.save(dep)
         return dep
 
-    async def configure(self, agent: AgentRow, *, grace_period: float | None = None) -> AgentRow:
+    async def configure(
+        self, agent: AgentRow, *, grace_period: float | None = None, actor: Actor = SYSTEM
+    ) -> AgentRow:
         if grace_period is not None:
             if grace_period < 0:
                 raise InvalidRequest("grace period must be >= 0 seconds")
             agent.grace_period = grace_period
-        await self.repo.save(agent)
+            await self.repo.save(agent)
+            await self.repo.event(
+                agent.id, "agent_configured", f"grace period {grace_period:g}s", actor
+            )
         return agent
 
-    async def delete_agent(self, agent: AgentRow, actor: str = SYSTEM) -> None:
+    async def set_routing(
+        self,
+        agent_name: str,
+        weights: dict[str, float] | None,
+        deployment: str = "",
+        actor: Actor = SYSTEM,
+    ) -> dict[str, float] | None:
+        """Route the sessions of an agent name voicefleet does not deploy (workers that sign
+        with version keys of their own) by version; None removes the entry."""
+        if await self.repo.agent(agent_name) is not None:
+            raise Conflict(f"{agent_name} is a deployed agent: its rollouts route it")
+        try:
+            self.dispatch.set_weights(agent_name, weights, deployment)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+        where = f"{agent_name}/{deployment}" if deployment else agent_name
+        await self.repo.event("", "routing_set", f"{where}: {weights or 'any version'}", actor)
+        return self.dispatch.weights(agent_name, deployment)
+
+    async def delete_agent(self, agent: AgentRow, actor: Actor = SYSTEM) -> None:
         """Stop routing to the agent and drain its instances; sessions in flight finish."""
         for dep in await self.repo.deployments(agent.id):
             self.dispatch.set_weights(agent.name, {}, dep.name)
@@ -227,7 +242,7 @@ class ControlPlane:
         bundle: Path,
         deployment: str,
         plan: Plan | None = None,
-        actor: str = SYSTEM,
+        actor: Actor = SYSTEM,
     ) -> tuple[VersionRow, str]:
         """Take a source bundle: a new immutable version, built in the background, then
         rolled out to `deployment`. Returns the version and the id its rollout will have once
@@ -277,7 +292,7 @@ class ControlPlane:
         deployment: str,
         plan: Plan,
         rollout_id: str,
-        actor: str = SYSTEM,
+        actor: Actor = SYSTEM,
     ) -> None:
         began = time.monotonic()
         with BuildLog(self.paths.build_log(agent.id, row.version)) as out:
@@ -344,7 +359,7 @@ class ControlPlane:
         kind: str = "deploy",
         plan: Plan | None = None,
         rollout_id: str | None = None,
-        actor: str = SYSTEM,
+        actor: Actor = SYSTEM,
     ) -> RolloutRow:
         """Start a rollout of `version` to `deployment`; `plan` picks the strategy (rolling by
         default)."""
@@ -415,7 +430,7 @@ class ControlPlane:
         agent: AgentRow,
         deployment: str,
         to_version: str | None = None,
-        actor: str = SYSTEM,
+        actor: Actor = SYSTEM,
     ) -> RolloutRow:
         """Back to `to_version`, or the version served before the current one. No rebuild."""
         dep = await self.ensure_deployment(agent, deployment)
@@ -432,7 +447,7 @@ class ControlPlane:
             raise InvalidRequest(f"{deployment} already serves {to_version}")
         return await self.roll_to(agent, deployment, to_version, kind="rollback", actor=actor)
 
-    async def restart(self, agent: AgentRow, deployment: str, actor: str = SYSTEM) -> RolloutRow:
+    async def restart(self, agent: AgentRow, deployment: str, actor: Actor = SYSTEM) -> RolloutRow:
         """New instances of the serving version replace the old ones, draining them."""
         dep = await self.ensure_deployment(agent, deployment)
         if not dep.version:
@@ -440,7 +455,7 @@ class ControlPlane:
         return await self.roll_to(agent, deployment, dep.version, kind="restart", actor=actor)
 
     async def promote(
-        self, agent: AgentRow, source: str, target: str, actor: str = SYSTEM
+        self, agent: AgentRow, source: str, target: str, actor: Actor = SYSTEM
     ) -> RolloutRow:
         """Roll the version `source` serves out to `target`. No rebuild."""
         dep = await self.ensure_deployment(agent, source)
@@ -454,7 +469,7 @@ class ControlPlane:
         deployment: str,
         replicas: int | None = None,
         autoscale: dict[str, Any] | None = None,
-        actor: str = SYSTEM,
+        actor: Actor = SYSTEM,
     ) -> DeploymentRow:
         """Set a fixed size (`replicas`, turning autoscaling off) or an autoscaling policy."""
         dep = await self.ensure_deployment(agent, deployment)
@@ -486,7 +501,7 @@ class ControlPlane:
         return dep
 
     async def rollout_command(
-        self, agent: AgentRow, deployment: str, command: str, actor: str = SYSTEM
+        self, agent: AgentRow, deployment: str, command: str, actor: Actor = SYSTEM
     ) -> RolloutRow:
         """pause, resume, promote or abort the canary running on `deployment`."""
         return await self.runner.command(agent, deployment, command, actor)
@@ -494,7 +509,7 @@ class ControlPlane:
     # -- secrets ------------------------------------------------------------------------------
 
     async def set_secrets(
-        self, agent: AgentRow, values: Mapping[str, str], actor: str = SYSTEM
+        self, agent: AgentRow, values: Mapping[str, str], actor: Actor = SYSTEM
     ) -> list[str]:
         for name in values:
             if not name or not (name.replace("_", "a").isalnum()) or name[0].isdigit():
@@ -517,7 +532,7 @@ class ControlPlane:
             {"name": s.name, "updated_at": s.updated_at} for s in await self.repo.secrets(agent.id)
         ]
 
-    async def unset_secrets(self, agent: AgentRow, names: list[str], actor: str = SYSTEM) -> int:
+    async def unset_secrets(self, agent: AgentRow, names: list[str], actor: Actor = SYSTEM) -> int:
         removed = await self.repo.unset_secrets(agent.id, names)
         await self.repo.event(
             agent.id, "secrets_unset", f"secrets removed: {', '.join(names)}", actor

@@ -16,6 +16,7 @@ from voicefleet.dashboard import web
 from voicefleet.dashboard.agent_page import ACTIONS, CANARY_COMMANDS
 from voicefleet.dashboard.flags_page import changed
 from voicefleet.errors import InvalidRequest, NotFound
+from voicefleet.store.models import Role
 
 log = logging.getLogger("voicefleet.dashboard")
 
@@ -30,13 +31,15 @@ async def agent_action(name: str, request: Request) -> Response:
     if isinstance(checked, Response):
         return checked
     session, form = checked
-    who = web.actor(session)
+    assert session.principal is not None  # a session is only handed out with one
+    who = web.actor(request, session)
     plane = web.control(request)
     agent = await plane.agent(name)
     action = form.get("command", "")
     deployment = form.get("deployment") or DEFAULT_DEPLOYMENT
     if action not in ACTIONS:
         raise InvalidRequest(f"unknown command '{action}' (one of {', '.join(ACTIONS)})")
+    session.principal.require(Role.DEPLOYER, f"{action} on {name}")
     rollout = ""
     if action in CANARY_COMMANDS:
         found = await plane.rollout_command(agent, deployment, action, who)
@@ -66,10 +69,12 @@ async def flag_action(name: str, request: Request, key: str = "") -> Response:
     if isinstance(checked, Response):
         return checked
     session, form = checked
-    who = web.actor(session)
+    assert session.principal is not None  # a session is only handed out with one
+    who = web.actor(request, session)
     plane, service = web.control(request), web.flags(request)
-    agent = await plane.agent(name)
     command = form.get("command", "")
+    session.principal.require(Role.DEPLOYER, f"changing the flags of {name}")
+    agent = await plane.agent(name)
     if command == "create":
         key = form.get("key", "").strip()
         try:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from voicefleet.control.service import DEFAULT_DEPLOYMENT, ControlPlane, actor_parts
+from voicefleet.control.service import DEFAULT_DEPLOYMENT, ControlPlane
 from voicefleet.control.status import Decisions, agent_status
 from voicefleet.dashboard.html import Html, badge, el, esc, join, table, when
 from voicefleet.dashboard.overview import instance_counts, problems, split_bar
 from voicefleet.rollout.model import RUNNING, RolloutState
-from voicefleet.store.models import AgentRow, VersionStatus
+from voicefleet.store.models import AgentRow, VersionStatus, actor_parts
 
 # The commands an operator may give from the page, and the question each asks first.
 CANARY_COMMANDS = {
@@ -22,14 +22,18 @@ CANARY_COMMANDS = {
 ACTIONS = (*CANARY_COMMANDS, "rollback", "scale")
 
 
-def who(actor: str) -> str:
-    """An event's actor as the pages show it: "<key> via dashboard"; "-" for the platform."""
+def who(actor: str, ip: str = "") -> str:
+    """An event's actor as the pages show it: "<key> via dashboard from <ip>"; "-" for the
+    platform."""
     key, where = actor_parts(actor)
-    return f"{key} via {where}" if key else "-"
+    return f"{key} via {where}{f' from {ip}' if ip else ''}" if key else "-"
 
 
 def scale_form(agent: str, csrf: str, deployment: str, replicas: int) -> Html:
-    """A fixed size for the deployment; the question names the number typed ({replicas})."""
+    """A fixed size for the deployment; the question names the number typed ({replicas}).
+    No form without a CSRF token (`csrf` ""): a viewer's page offers no commands."""
+    if not csrf:
+        return Html("")
     return el(
         "form",
         el("input", type="hidden", name="csrf", value=csrf),
@@ -55,6 +59,8 @@ def scale_form(agent: str, csrf: str, deployment: str, replicas: int) -> Html:
 
 
 def action_form(agent: str, csrf: str, action: str, question: str, **fields: str) -> Html:
+    if not csrf:  # a viewer's page: no commands
+        return Html("")
     hidden = [el("input", type="hidden", name=k, value=v) for k, v in fields.items()]
     return el(
         "form",
@@ -113,6 +119,7 @@ def _canary(r: dict[str, Any]) -> Html:
 async def render_agent(
     plane: ControlPlane, agent: AgentRow, decision: Decisions, csrf: str
 ) -> Html:
+    """The agent's page; `csrf` "" (a viewer) leaves every command out."""
     status = await agent_status(plane, agent, decision)
     versions = await plane.versions(agent)
     history = (await plane.rollouts(agent))[:20]
@@ -179,7 +186,7 @@ async def render_agent(
                 ),
                 split_bar(d["routing"]),
                 el("p", instance_counts(status["instances"], d["name"])),
-                el("div", *buttons, class_="actions") if buttons else "",
+                el("div", *buttons, class_="actions") if any(buttons) else "",
                 class_="card deployment",
                 id=f"deployment-{d['name']}",
             )
@@ -329,7 +336,7 @@ async def render_agent(
             el("h2", "Events"),
             table(
                 ["when", "kind", "message", "by"],
-                [[when(e.at), e.kind, e.message, who(e.actor)] for e in events],
+                [[when(e.at), e.kind, e.message, who(e.actor, e.ip)] for e in events],
             ),
             id="events",
         )

@@ -94,6 +94,8 @@ def _summary(flag: dict[str, Any]) -> Html:
 
 
 def _edit(agent: str, flag: dict[str, Any], csrf: str) -> Html:
+    if not csrf:  # a viewer's page: no commands
+        return Html("")
     key = flag["key"]
     rule = rollout_rule(flag["rules"])
     value = json.dumps(flag["value"]) if flag["type"] != "string" else flag["value"]
@@ -136,6 +138,8 @@ def _edit(agent: str, flag: dict[str, Any], csrf: str) -> Html:
 
 
 def _kill(agent: str, flag: dict[str, Any], csrf: str) -> Html:
+    if not csrf:  # a viewer's page: no commands
+        return Html("")
     key = flag["key"]
     return el(
         "form",
@@ -151,6 +155,8 @@ def _kill(agent: str, flag: dict[str, Any], csrf: str) -> Html:
 
 
 def _new(agent: str, csrf: str) -> Html:
+    if not csrf:  # a viewer's page: no commands
+        return Html("")
     return el(
         "form",
         el("input", type="hidden", name="csrf", value=csrf),
@@ -195,7 +201,10 @@ async def render_agent_flags(
         el("h3", "History"),
         table(
             ["when", "change", "what", "by"],
-            [[when(e.at), e.kind.removeprefix("flag_"), e.message, who(e.actor)] for e in history],
+            [
+                [when(e.at), e.kind.removeprefix("flag_"), e.message, who(e.actor, e.ip)]
+                for e in history
+            ],
         ),
         class_="flags",
         id=f"flags-{name}",

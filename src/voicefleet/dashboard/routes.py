@@ -13,6 +13,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
+from voicefleet.control.access import KEY_PREFIX, is_key_token
 from voicefleet.control.logs import log_files, tail
 from voicefleet.dashboard import actions, web
 from voicefleet.dashboard.agent_page import render_agent
@@ -28,7 +29,7 @@ from voicefleet.dashboard.instances import (
 from voicefleet.dashboard.overview import render_overview
 from voicefleet.dashboard.session import COOKIE, LIFETIME, Session
 from voicefleet.dashboard.sessions import Search, render_sessions, search_form
-from voicefleet.errors import NotFound
+from voicefleet.errors import AuthError, NotFound
 
 log = logging.getLogger("voicefleet.dashboard")
 
@@ -41,7 +42,7 @@ router.include_router(actions.router)
 
 @router.get("/")
 async def overview(request: Request) -> Response:
-    session = web.session(request)
+    session = await web.session(request)
     if session is None:
         return web.to_login(request)
     body = await _overview_body(request)
@@ -52,7 +53,7 @@ async def overview(request: Request) -> Response:
 
 @router.get("/dashboard/events")
 async def overview_events(request: Request) -> Response:
-    return web.stream(request, lambda: _overview_body(request))
+    return await web.stream(request, lambda: _overview_body(request))
 
 
 async def _overview_body(request: Request) -> Html:
@@ -69,7 +70,7 @@ def dashboard_root() -> Response:
 
 @router.get("/dashboard/agents/{name}")
 async def agent_page(name: str, request: Request) -> Response:
-    session = web.session(request)
+    session = await web.session(request)
     if session is None:
         return web.to_login(request)
     body = await _agent_body(request, name, session)
@@ -84,10 +85,10 @@ async def agent_page(name: str, request: Request) -> Response:
 
 @router.get("/dashboard/events/agents/{name}")
 async def agent_events(name: str, request: Request) -> Response:
-    session = web.session(request)
+    session = await web.session(request)
     if session is None:
         return web.refused()
-    return web.stream(request, lambda: _agent_body(request, name, session))
+    return await web.stream(request, lambda: _agent_body(request, name, session))
 
 
 async def _agent_body(request: Request, name: str, session: Session) -> Html:
@@ -95,12 +96,12 @@ async def _agent_body(request: Request, name: str, session: Session) -> Html:
     agent = await plane.find_agent(name)
     if agent is None:
         return el("p", f"There is no agent '{name}' (any more).", class_="gone")
-    return await render_agent(plane, agent, web.autoscaler(request).decision, session.csrf)
+    return await render_agent(plane, agent, web.autoscaler(request).decision, session.form_token)
 
 
 @router.get("/dashboard/sessions")
 async def sessions_page(request: Request) -> Response:
-    session = web.session(request)
+    session = await web.session(request)
     if session is None:
         return web.to_login(request)
     search = Search.of(dict(request.query_params))
@@ -118,12 +119,12 @@ async def sessions_page(request: Request) -> Response:
 @router.get("/dashboard/events/sessions")
 async def sessions_events(request: Request) -> Response:
     search = Search.of(dict(request.query_params))
-    return web.stream(request, lambda: render_sessions(web.recorder(request), search))
+    return await web.stream(request, lambda: render_sessions(web.recorder(request), search))
 
 
 @router.get("/dashboard/instances")
 async def instances_page(request: Request) -> Response:
-    session = web.session(request)
+    session = await web.session(request)
     if session is None:
         return web.to_login(request)
     return web.page(
@@ -137,7 +138,7 @@ async def instances_page(request: Request) -> Response:
 
 @router.get("/dashboard/events/instances")
 async def instances_events(request: Request) -> Response:
-    return web.stream(request, lambda: _instances_body(request))
+    return await web.stream(request, lambda: _instances_body(request))
 
 
 async def _instances_body(request: Request) -> Html:
@@ -148,7 +149,7 @@ async def _instances_body(request: Request) -> Html:
 
 @router.get("/dashboard/instances/{name}/{instance}")
 async def instance_page(name: str, instance: str, request: Request) -> Response:
-    session = web.session(request)
+    session = await web.session(request)
     if session is None:
         return web.to_login(request)
     where = f"{quote(name, safe='')}/{quote(instance, safe='')}"
@@ -164,7 +165,7 @@ async def instance_page(name: str, instance: str, request: Request) -> Response:
 
 @router.get("/dashboard/events/instances/{name}/{instance}")
 async def instance_events(name: str, instance: str, request: Request) -> Response:
-    return web.stream(request, lambda: _instance_body(request, name, instance))
+    return await web.stream(request, lambda: _instance_body(request, name, instance))
 
 
 async def _instance_body(request: Request, name: str, instance: str) -> Html:
@@ -181,8 +182,8 @@ async def _instance_body(request: Request, name: str, instance: str) -> Html:
 async def instance_log_events(name: str, instance: str, request: Request) -> Response:
     """The instance's log file as it grows: its last TAIL_BYTES, then each chunk appended
     (`log` events; `reset` first, so a reconnected page starts its text over)."""
-    known, cookie = web.sessions(request), request.cookies.get(COOKIE)
-    if known.read(cookie) is None:
+    cookie = request.cookies.get(COOKIE)
+    if await web.current(request, cookie) is None:
         return web.refused()
     plane, service = web.control(request), web.dispatch(request)
     agent = await plane.find_agent(name)
@@ -195,7 +196,7 @@ async def instance_log_events(name: str, instance: str, request: Request) -> Res
     start = max(0, path.stat().st_size - TAIL_BYTES)
 
     async def finished() -> bool:
-        return service.closing or known.read(cookie) is None
+        return service.closing or await web.current(request, cookie) is None
 
     async def events() -> AsyncIterator[str]:
         yield "retry: 3000\n\n"
@@ -214,7 +215,7 @@ async def instance_log_events(name: str, instance: str, request: Request) -> Res
 
 @router.get("/dashboard/flags")
 async def flags_page(request: Request) -> Response:
-    session = web.session(request)
+    session = await web.session(request)
     if session is None:
         return web.to_login(request)
     return web.page(
@@ -228,19 +229,19 @@ async def flags_page(request: Request) -> Response:
 
 @router.get("/dashboard/events/flags")
 async def flags_events(request: Request) -> Response:
-    session = web.session(request)
+    session = await web.session(request)
     if session is None:
         return web.refused()
-    return web.stream(request, lambda: _flags_body(request, session))
+    return await web.stream(request, lambda: _flags_body(request, session))
 
 
 async def _flags_body(request: Request, session: Session) -> Html:
-    return await render_flags(web.control(request), web.flags(request), session.csrf)
+    return await render_flags(web.control(request), web.flags(request), session.form_token)
 
 
 @router.get("/dashboard/autoscaling")
 async def autoscaling_page(request: Request) -> Response:
-    session = web.session(request)
+    session = await web.session(request)
     if session is None:
         return web.to_login(request)
     return web.page(
@@ -254,7 +255,7 @@ async def autoscaling_page(request: Request) -> Response:
 
 @router.get("/dashboard/events/autoscaling")
 async def autoscaling_events(request: Request) -> Response:
-    return web.stream(request, lambda: _autoscaling_body(request))
+    return await web.stream(request, lambda: _autoscaling_body(request))
 
 
 async def _autoscaling_body(request: Request) -> Html:
@@ -284,31 +285,53 @@ def login_form(request: Request) -> Response:
 
 @router.post("/dashboard/login")
 async def login(request: Request) -> Response:
+    """The project's key and secret, or a voicefleet API key: its token in the key field
+    (`vfk_<id>.<secret>`), or its id there and its secret in the secret field."""
     if not web.same_origin(request):
         return JSONResponse({"detail": "cross-origin login refused"}, 403)
     form = await web.form(request)
     sessions = web.sessions(request)
-    key, secret = form.get("api_key", "").strip(), form.get("api_secret", "")
+    key, secret = form.get("api_key", "").strip(), form.get("api_secret", "").strip()
     next_ = web.local(form.get("next", "/"))
-    if not sessions.credentials_ok(key, secret):
-        log.warning("dashboard login refused for key %r", key[:40])
+    shown = key.partition(".")[0]  # never the secret part of a token typed in the key field
+    if is_key_token(key) or key.startswith(KEY_PREFIX):
+        token = key if is_key_token(key) else f"{key}.{secret}"
+        try:
+            principal = await web.keys(request).authenticate(token)
+        except AuthError as e:
+            log.warning("dashboard login refused for key %r: %s", shown[:40], e)
+            return _login_page(f"{e}.", shown, next_, 401)
+        if principal.agent_id:
+            return _login_page(
+                f"Key {principal.key} is limited to agent {principal.agent_name}; the dashboard "
+                "shows every agent: log in with a key that is not limited to one.",
+                shown,
+                next_,
+                403,
+            )
+        who = principal.key
+    elif sessions.project_credentials(key, secret):
+        who = key
+    else:
+        log.warning("dashboard login refused for key %r", shown[:40])
         return _login_page(
-            "Wrong API key or secret: use the project's own (vf server prints them).",
-            key,
+            "Wrong API key or secret: use a voicefleet API key (vf server keys create), or "
+            "the project's own key and secret (vf server prints them).",
+            shown,
             next_,
             401,
         )
     response = RedirectResponse(next_, 303, headers=web.HEADERS)
     response.set_cookie(
         COOKIE,
-        sessions.issue(),
+        sessions.issue(who),
         max_age=int(LIFETIME),
         path="/",
         httponly=True,
         samesite="strict",
         secure=request.url.scheme == "https",
     )
-    log.info("dashboard login with key %s", key)
+    log.info("dashboard login with key %s", who)
     return response
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from functools import cache
 from importlib import resources
 from urllib.parse import parse_qs, quote, urlsplit
@@ -20,11 +21,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from starlette.responses import StreamingResponse
 
 from voicefleet.autoscale.loop import Autoscaler
-from voicefleet.control.service import ControlPlane, actor_of
+from voicefleet.control.access import Keys, Principal, project_principal
+from voicefleet.control.service import ControlPlane
 from voicefleet.dashboard.html import Html, el, join, render
 from voicefleet.dashboard.session import COOKIE, CSRF_FIELD, CSRF_HEADER, Session, Sessions
 from voicefleet.dispatch.service import DispatchService
+from voicefleet.errors import AuthError
 from voicefleet.flags.service import FlagService
+from voicefleet.store.models import Actor
 from voicefleet.store.records import Recorder
 
 TICK = 1.0  # seconds between two looks at a page's data while its stream is open
@@ -83,13 +87,41 @@ def sessions(request: Request) -> Sessions:
     return Sessions(dispatch(request).project)
 
 
-def session(request: Request) -> Session | None:
-    return sessions(request).read(request.cookies.get(COOKIE))
+def keys(request: Request) -> Keys:
+    found: Keys = request.app.state.keys
+    return found
 
 
-def actor(session: Session) -> str:
-    """Who gives a command from the dashboard, for the event log."""
-    return actor_of(session.api_key, "dashboard")
+async def principal_of(request: Request, api_key: str) -> Principal | None:
+    """Who a key is now, for the dashboard: the project's key is an admin; a voicefleet key
+    must still be valid (not revoked, not expired) and not limited to one agent."""
+    if api_key == dispatch(request).project.api_key:
+        return project_principal(api_key)
+    try:
+        principal = await keys(request).principal(api_key)
+    except AuthError:
+        return None
+    return None if principal.agent_id else principal
+
+
+async def current(request: Request, cookie: str | None) -> Session | None:
+    """The session a cookie carries, with its key's principal; None when either is gone."""
+    found = sessions(request).read(cookie)
+    if found is None:
+        return None
+    principal = await principal_of(request, found.api_key)
+    return None if principal is None else replace(found, principal=principal)
+
+
+async def session(request: Request) -> Session | None:
+    return await current(request, request.cookies.get(COOKIE))
+
+
+def actor(request: Request, session: Session) -> Actor:
+    """Who gives a command from the dashboard, from where, for the event log."""
+    return Actor(
+        key=session.api_key, via="dashboard", ip=request.client.host if request.client else ""
+    )
 
 
 def same_origin(request: Request) -> bool:
@@ -125,7 +157,7 @@ def local(path: str) -> str:
 
 async def guarded_post(request: Request) -> tuple[Session, dict[str, str]] | Response:
     """The session and form of a POST that passed the CSRF checks, or the refusal."""
-    found = session(request)
+    found = await session(request)
     if found is None:
         return refused()
     fields = await form(request)
@@ -176,7 +208,9 @@ def page(
         heading=title,
         nav=nav,
         csrf=session.csrf,
-        user=session.api_key,
+        user=f"{session.api_key} ({session.principal.role})"
+        if session.principal
+        else session.api_key,
         body=body,
         before=before,
         after=after,
@@ -194,19 +228,19 @@ def event(data: str, kind: str = "") -> str:
     return head + "".join(f"data: {line}\n" for line in data.split("\n")) + "\n"
 
 
-def stream(request: Request, body: Callable[[], Awaitable[Html]]) -> Response:
+async def stream(request: Request, body: Callable[[], Awaitable[Html]]) -> Response:
     """The page's live part whenever it changes (looked at every TICK), until the browser
-    goes, the session expires or the server stops."""
-    known, cookie = sessions(request), request.cookies.get(COOKIE)
-    if known.read(cookie) is None:
+    goes, the session expires (or its key is revoked) or the server stops."""
+    if await session(request) is None:
         return refused()
+    cookie = request.cookies.get(COOKIE)
     service = dispatch(request)
 
     async def events() -> AsyncIterator[str]:
         yield "retry: 3000\n\n"
         last, quiet = "", 0.0
         while not service.closing:
-            if known.read(cookie) is None:
+            if await current(request, cookie) is None:
                 yield event("/dashboard/login", "expired")
                 return
             fragment = await body()

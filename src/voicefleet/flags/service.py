@@ -14,7 +14,7 @@ from typing import Any
 
 from voicefleet.errors import InvalidRequest, NotFound
 from voicefleet.sdk.evaluate import Session, evaluate, validate
-from voicefleet.store.models import FlagRow
+from voicefleet.store.models import SYSTEM, Actor, FlagRow
 from voicefleet.store.repo import Repo
 
 
@@ -72,7 +72,7 @@ class FlagService:
     # -- changing -----------------------------------------------------------------------------
 
     async def set(
-        self, agent_id: str, definition: dict[str, Any], actor: str = ""
+        self, agent_id: str, definition: dict[str, Any], actor: Actor = SYSTEM
     ) -> dict[str, Any]:
         """Create or replace a flag (this also lifts a kill)."""
         try:
@@ -85,7 +85,7 @@ class FlagService:
             key=clean["key"],
             definition=clean,
             updated_at=time.time(),
-            updated_by=actor,
+            updated_by=actor.label,
         )
         await self.repo.save(row)  # in the store before any agent sees it
         what = "changed" if before else "created"
@@ -95,7 +95,7 @@ class FlagService:
         await self._publish(agent_id, clean["key"], self._public(row))
         return self.get(agent_id, clean["key"])
 
-    async def kill(self, agent_id: str, key: str, actor: str = "") -> dict[str, Any]:
+    async def kill(self, agent_id: str, key: str, actor: Actor = SYSTEM) -> dict[str, Any]:
         """The kill switch: every session gets the flag's `off` value until it is set again."""
         flag = {
             k: v
@@ -104,7 +104,11 @@ class FlagService:
         }
         flag["killed"] = True
         row = FlagRow(
-            agent_id=agent_id, key=key, definition=flag, updated_at=time.time(), updated_by=actor
+            agent_id=agent_id,
+            key=key,
+            definition=flag,
+            updated_at=time.time(),
+            updated_by=actor.label,
         )
         await self.repo.save(row)
         await self.repo.event(
@@ -114,7 +118,7 @@ class FlagService:
         await self._publish(agent_id, key, self._public(row))
         return self.get(agent_id, key)
 
-    async def delete(self, agent_id: str, key: str, actor: str = "") -> None:
+    async def delete(self, agent_id: str, key: str, actor: Actor = SYSTEM) -> None:
         self.get(agent_id, key)
         await self.repo.delete_flag(agent_id, key)
         await self.repo.event(agent_id, "flag_deleted", f"{key} deleted", actor=actor)

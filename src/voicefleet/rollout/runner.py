@@ -20,7 +20,7 @@ from voicefleet.rollout.canary import run_canary
 from voicefleet.rollout.model import RUNNING, Command, Fleet, RolloutState, Run
 from voicefleet.rollout.plans import parse_plan
 from voicefleet.rollout.rolling import run_rolling
-from voicefleet.store.models import AgentRow, RolloutRow
+from voicefleet.store.models import SYSTEM, Actor, AgentRow, RolloutRow
 from voicefleet.store.repo import Repo
 
 log = logging.getLogger("voicefleet.rollout")
@@ -109,7 +109,7 @@ class Rollouts:
         await self.fleet.retire_others(target, dep.version, serving, warm=True)
 
     async def command(
-        self, agent: AgentRow, deployment: str, command: str, actor: str = ""
+        self, agent: AgentRow, deployment: str, command: str, actor: Actor = SYSTEM
     ) -> RolloutRow:
         """pause, resume, promote or abort the canary running on `deployment`; `actor` is who
         asked (the event log's "by")."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -172,7 +173,8 @@ class FlagRow(Base):
 
 
 class EventRow(Base):
-    """The event log: who did what to which agent, and what the platform did in answer."""
+    """The event log: who did what to which agent (none: `agent_id` ""), from where, and what
+    the platform did in answer (`actor` "")."""
 
     __tablename__ = "events"
 
@@ -181,4 +183,70 @@ class EventRow(Base):
     kind: Mapped[str] = mapped_column(String(40))
     message: Mapped[str] = mapped_column(Text)
     actor: Mapped[str] = mapped_column(String(100), default="")
-    at: Mapped[float] = mapped_column(Float)
+    ip: Mapped[str] = mapped_column(String(64), default="")  # the caller's address; "" local
+    at: Mapped[float] = mapped_column(Float, index=True)
+
+
+API = "api"  # where most changes come from: recorded as the bare key
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who asks for a change, for the event log: the key (a voicefleet key's id, or the
+    project's LiveKit key), where the request came from (`via`: "api", "dashboard", "cli" for
+    the data dir itself) and the client's address. The default is the platform's own doing."""
+
+    key: str = ""
+    via: str = API
+    ip: str = ""
+
+    @property
+    def label(self) -> str:
+        """As `events.actor` (and a flag's `updated_by`) record it: the bare key through the
+        API (as events have always named it), else "<key> (<via>)"; "" for the platform."""
+        if not self.key:
+            return ""
+        return (self.key if self.via == API else f"{self.key} ({self.via})")[:100]
+
+
+SYSTEM = Actor()
+
+
+def actor_parts(actor: str) -> tuple[str, str]:
+    """(key, via) of a recorded `events.actor`; ("", "") for the platform's own doing."""
+    if not actor:
+        return "", ""
+    key, sep, via = actor.rpartition(" (")
+    if sep and via.endswith(")") and key:
+        return key, via[:-1]
+    return actor, API
+
+
+class Role(StrEnum):
+    """What a voicefleet API key may do; each role may do all the ones before it may."""
+
+    VIEWER = "viewer"  # read everything
+    DEPLOYER = "deployer"  # deploy, roll back, rollout commands, scale, flags
+    ADMIN = "admin"  # create and delete agents, their settings and secrets; API keys
+
+    @property
+    def rank(self) -> int:
+        return list(Role).index(self)
+
+
+class ApiKeyRow(Base):
+    """A voicefleet API key. Its secret is never stored: only `digest`, an HMAC-SHA256 of it
+    under a pepper kept in the data dir (voicefleet.control.access)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # vfk_…, shown and logged
+    name: Mapped[str] = mapped_column(String(100), default="")
+    role: Mapped[str] = mapped_column(String(16))  # a Role
+    agent_id: Mapped[str] = mapped_column(String(32), default="")  # "": every agent
+    digest: Mapped[str] = mapped_column(String(64))
+    created_by: Mapped[str] = mapped_column(String(100), default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float, default=0.0)  # 0: never
+    revoked_at: Mapped[float] = mapped_column(Float, default=0.0)  # 0: not revoked
+    last_used_at: Mapped[float] = mapped_column(Float, default=0.0)

@@ -10,7 +10,10 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from voicefleet.store.models import (
+    SYSTEM,
+    Actor,
     AgentRow,
+    ApiKeyRow,
     Base,
     DeploymentRow,
     EventRow,
@@ -172,15 +175,60 @@ class Repo:
             query = query.where(RolloutRow.state.in_(states))
         return await self._all(query)
 
-    async def event(self, agent_id: str, kind: str, message: str, actor: str = "") -> None:
+    async def event(self, agent_id: str, kind: str, message: str, actor: Actor = SYSTEM) -> None:
         await self.save(
-            EventRow(agent_id=agent_id, kind=kind, message=message, actor=actor, at=time.time())
+            EventRow(
+                agent_id=agent_id,
+                kind=kind,
+                message=message,
+                actor=actor.label,
+                ip=actor.ip,
+                at=time.time(),
+            )
         )
 
-    async def events(self, agent_id: str, limit: int = 100) -> list[EventRow]:
-        return await self._all(
-            select(EventRow)
-            .where(EventRow.agent_id == agent_id)
-            .order_by(EventRow.id.desc())
-            .limit(limit)
-        )
+    async def events(
+        self,
+        agent_id: str | None = None,
+        limit: int = 100,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        before: int | None = None,
+        kinds: Sequence[str] = (),
+        actor: str | None = None,
+        changes_only: bool = False,
+    ) -> list[EventRow]:
+        """Newest first; `before` (an event id) pages back from there. `actor` is a key: its
+        events from any place (API, dashboard). `changes_only`: those someone asked for."""
+        query = select(EventRow).order_by(EventRow.id.desc()).limit(limit)
+        if agent_id is not None:
+            query = query.where(EventRow.agent_id == agent_id)
+        if since is not None:
+            query = query.where(EventRow.at >= since)
+        if until is not None:
+            query = query.where(EventRow.at < until)
+        if before is not None:
+            query = query.where(EventRow.id < before)
+        if kinds:
+            query = query.where(EventRow.kind.in_(kinds))
+        if actor is not None:
+            query = query.where(
+                (EventRow.actor == actor) | EventRow.actor.startswith(f"{actor} (", autoescape=True)
+            )
+        if changes_only:
+            query = query.where(EventRow.actor != "")
+        return await self._all(query)
+
+    # -- API keys -----------------------------------------------------------------------------
+
+    async def api_key(self, key_id: str) -> ApiKeyRow | None:
+        row: ApiKeyRow | None = await self._one(select(ApiKeyRow).where(ApiKeyRow.id == key_id))
+        return row
+
+    async def api_keys(self) -> list[ApiKeyRow]:
+        return await self._all(select(ApiKeyRow).order_by(ApiKeyRow.created_at))
+
+    async def key_used(self, key_id: str, at: float) -> None:
+        async with self._session() as s, s.begin():
+            await s.execute(update(ApiKeyRow).where(ApiKeyRow.id == key_id).values(last_used_at=at))

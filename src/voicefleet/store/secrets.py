@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from pathlib import Path
 
@@ -14,6 +16,7 @@ KEY_FILE = "secrets.key"
 
 class SecretBox:
     def __init__(self, key: bytes) -> None:
+        self._key = key
         self._fernet = Fernet(key)
 
     @classmethod
@@ -25,6 +28,11 @@ class SecretBox:
             with os.fdopen(fd, "wb") as f:
                 f.write(Fernet.generate_key())
         return cls(path.read_bytes().strip())
+
+    def derive(self, purpose: str) -> bytes:
+        """A key of its own for `purpose` (HMAC-SHA256 of it under the file's key): kept, as
+        the file is, out of the database."""
+        return hmac.new(self._key, f"voicefleet {purpose}".encode(), hashlib.sha256).digest()
 
     def seal(self, value: str) -> bytes:
         return self._fernet.encrypt(value.encode())
