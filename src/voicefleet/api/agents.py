@@ -7,11 +7,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, Field
+from pydantic import Base64Bytes, BaseModel, Field
 
 from voicefleet.api.deps import ERROR_RESPONSES, PREFIX, Actor, Autoscale, Control, Flags
 from voicefleet.control.service import DEFAULT_DEPLOYMENT, actor_parts
-from voicefleet.control.status import agent_status
+from voicefleet.control.status import agent_list, agent_status
 from voicefleet.store.models import AgentRow
 
 router = APIRouter(prefix=PREFIX, responses=ERROR_RESPONSES)
@@ -34,7 +34,12 @@ class Scale(BaseModel):
 
 
 class Secrets(BaseModel):
-    secrets: dict[str, str]
+    """Environment variables by name; `files`: file secrets by file name, base64-encoded;
+    `overwrite`: these become the whole set (the others are removed), else they are merged."""
+
+    secrets: dict[str, str] = Field(default_factory=dict)
+    files: dict[str, Base64Bytes] = Field(default_factory=dict)
+    overwrite: bool = False
 
 
 def agent_dict(a: AgentRow) -> dict[str, Any]:
@@ -47,11 +52,13 @@ async def create_agent(body: CreateAgent, plane: Control, who: Actor) -> dict[st
 
 
 @router.get("/agents")
-async def list_agents(plane: Control) -> list[dict[str, Any]]:
-    return [
-        {**agent_dict(agent), "deployments": serving}
-        for agent, serving in await plane.agents_serving()
-    ]
+async def list_agents(
+    plane: Control, agent_id: Annotated[list[str] | None, Query(alias="id")] = None
+) -> list[dict[str, Any]]:
+    """Every agent (or those named by `id`, ids or names, repeatable): the version each
+    deployment serves (`deployments`), and per deployment its instances and live sessions."""
+    rows = [await plane.agent(a) for a in agent_id] if agent_id else None
+    return await agent_list(plane, rows)
 
 
 @router.get("/agents/{agent}")
@@ -104,8 +111,10 @@ async def list_secrets(agent: str, plane: Control) -> list[dict[str, Any]]:
 
 @router.put("/agents/{agent}/secrets")
 async def set_secrets(agent: str, body: Secrets, plane: Control, who: Actor) -> dict[str, Any]:
-    names = await plane.set_secrets(await plane.agent(agent), body.secrets, who)
-    return {"set": names}
+    names = await plane.set_secrets(
+        await plane.agent(agent), body.secrets, who, files=body.files, overwrite=body.overwrite
+    )
+    return {"set": names, "overwrite": body.overwrite}
 
 
 @router.delete("/agents/{agent}/secrets")

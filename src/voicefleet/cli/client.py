@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import tomllib
 from collections.abc import Iterator
@@ -19,7 +20,9 @@ from typing import Annotated, Any, NoReturn
 
 import httpx
 import typer
+import typer.core
 from rich.console import Console
+from rich.markup import escape
 
 from voicefleet.protocol import tokens
 
@@ -30,7 +33,12 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 def fail(message: str, code: int = FAILED) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}")
+    """Say what went wrong on stderr and exit with `code`. With --json, the error is JSON too,
+    one line: {"error": message, "exit_code": code}."""
+    if state.json:
+        print(json.dumps({"error": message, "exit_code": code}), file=sys.stderr)
+    else:
+        err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -130,7 +138,29 @@ def check(r: httpx.Response) -> None:
 Url = Annotated[str | None, typer.Option("--url", help="Server URL (env VF_URL).")]
 Key = Annotated[str | None, typer.Option("--api-key", help="API key (env VF_API_KEY).")]
 Secret = Annotated[str | None, typer.Option("--api-secret", help="API secret (env VF_API_SECRET).")]
-Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+Json = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        "-j",
+        help="Output as JSON (on every verb; also after it). Errors: one JSON line on stderr.",
+    ),
+]
+
+
+class JsonAnywhere(typer.core.TyperGroup):
+    """A command group whose --json may also come after the verb (`vf agent list --json`, as
+    `lk agent list --json`): it is moved in front, where the group's own option takes it."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        flags = [a for a in args[:end] if a in JSON_FLAGS]
+        if flags:
+            args = ["--json", *(a for a in args[:end] if a not in JSON_FLAGS), *args[end:]]
+        return super().parse_args(ctx, args)
+
+
+JSON_FLAGS = ("--json", "-j")
 
 
 class State:
@@ -144,8 +174,8 @@ state = State()
 
 
 def configure(url: str | None, api_key: str | None, api_secret: str | None, as_json: bool) -> None:
+    state.json = as_json  # first: an error resolving the server is JSON too
     state.client = Client(resolve(url, api_key, api_secret))
-    state.json = as_json
 
 
 def print_json(data: Any) -> None:

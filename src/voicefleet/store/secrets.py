@@ -26,12 +26,16 @@ class SecretBox:
                 f.write(Fernet.generate_key())
         return cls(path.read_bytes().strip())
 
-    def seal(self, value: str) -> bytes:
-        return self._fernet.encrypt(value.encode())
+    def seal(self, value: str | bytes) -> bytes:
+        return self._fernet.encrypt(value.encode() if isinstance(value, str) else value)
 
     def open_value(self, sealed: bytes) -> str:
+        return self.open_bytes(sealed).decode()
+
+    def open_bytes(self, sealed: bytes) -> bytes:
+        """A file secret's content: bytes, as it was uploaded."""
         try:
-            return self._fernet.decrypt(sealed).decode()
+            return self._fernet.decrypt(sealed)
         except InvalidToken:
             raise VoicefleetError(
                 f"a secret cannot be decrypted with {KEY_FILE}: was the key file replaced?"
