@@ -264,7 +264,10 @@ def dockerfile(
     except VoicefleetError as e:
         fail(str(e), USAGE)
     if print_only:
-        typer.echo(recipe.text, nl=False)
+        if state.json:
+            print_json({"kind": recipe.kind, "entry": recipe.entry, "text": recipe.text})
+        else:
+            typer.echo(recipe.text, nl=False)
         return
     if (folder / "Dockerfile").exists() and not force:
         fail(
