@@ -244,7 +244,7 @@ def test_update_secrets_merges_and_overwrite_replaces_the_set(
     out = as_json(
         server, folder, "update-secrets", "--secrets", "A=1,B=x,y", "--secret-mount", str(mounted)
     )
-    assert out == {"set": ["A", "B", "token.txt"], "overwrite": False}
+    assert out == {"set": ["A", "B", "token.txt"]}
     assert names() == {"A": "env", "B": "env", "KEEP": "env", "token.txt": "file"}
     text = ok(server, folder, "update-secrets", "--secrets", "C=3")
     assert "updated secrets C" in text

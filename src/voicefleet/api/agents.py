@@ -109,12 +109,20 @@ async def list_secrets(agent: str, plane: Control) -> list[dict[str, Any]]:
     return await plane.secret_names(await plane.agent(agent))
 
 
-@router.put("/agents/{agent}/secrets")
+# File secrets are up to 1 MiB each (base64 in the body): a request may carry several.
+MAX_SECRETS_BODY = 16 << 20
+
+
+@router.put(
+    "/agents/{agent}/secrets",
+    max_body_size=MAX_SECRETS_BODY,
+    responses={413: {"description": "Secrets over 16 MiB in one request"}},
+)
 async def set_secrets(agent: str, body: Secrets, plane: Control, who: Actor) -> dict[str, Any]:
     names = await plane.set_secrets(
         await plane.agent(agent), body.secrets, who, files=body.files, overwrite=body.overwrite
     )
-    return {"set": names, "overwrite": body.overwrite}
+    return {"set": names}
 
 
 @router.delete("/agents/{agent}/secrets")

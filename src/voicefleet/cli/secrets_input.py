@@ -24,6 +24,7 @@ IGNORED = ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 FILE_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
 MAX_FILE = 1024 * 1024
+MAX_FILES_TOTAL = 10 * MAX_FILE  # base64 in a request the server takes up to 16 MiB
 # A comma that starts another NAME=VALUE in one --secrets.
 _NEXT_PAIR = re.compile(r",(?=[A-Za-z_][A-Za-z0-9_]*=)")
 
@@ -146,6 +147,11 @@ def gather(
     for name in IGNORED:
         if out.env.pop(name, None) is not None:
             out.skipped.append(name)
+    total = sum(len(c) for c in out.files.values())
+    if total > MAX_FILES_TOTAL:
+        raise BadSecrets(
+            f"--secret-mount: {total} bytes of files in all; at most {MAX_FILES_TOTAL} at once"
+        )
     both = sorted(set(out.env) & set(out.files))
     if both:
         raise BadSecrets(f"{', '.join(both)}: given both as a value and as a file")
