@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -92,6 +94,26 @@ def _options(
     as_json: Json = False,
 ) -> None:
     configure(url, api_key, api_secret, as_json)
+
+
+def _quietly(into: dict[str, Any], key: str, step: Callable[[], None]) -> None:
+    """Run a verb whose JSON goes into `into[key]`; if it fails, what was done is printed
+    before its error ends the command."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            step()
+    except BaseException:
+        into[key] = json.loads(captured.getvalue() or "null")
+        print_json(into)
+        raise
+    into[key] = json.loads(captured.getvalue() or "null")
+
+
+def _agent_of(folder: Path) -> str:
+    made = livekit_toml.read(folder)
+    assert made is not None  # `create` wrote it
+    return made.agent_id
 
 
 def _agent(key: str | None) -> str:
@@ -223,11 +245,14 @@ def init(
         (folder / "package-lock.json").write_text(json.dumps(lock, indent=2) + "\n")
     if not state.json:
         out.print(f"Made [bold]{name}[/bold] ({lang}) from the example agent in {folder}")
-    if deploy_it:
+    if deploy_it and state.json:  # one JSON document: the project, the agent, its deploy
+        made_json: dict[str, Any] = {"name": name, "lang": lang, "folder": str(folder)}
+        _quietly(made_json, "agent", lambda: create(name=name, folder=folder))
+        _quietly(made_json, "deploy", lambda: deploy(agent=_agent_of(folder), folder=folder))
+        print_json(made_json)
+    elif deploy_it:
         create(name=name, folder=folder)
-        made = livekit_toml.read(folder)
-        assert made is not None  # create wrote it
-        deploy(agent=made.agent_id, folder=folder)
+        deploy(agent=_agent_of(folder), folder=folder)
     elif state.json:
         print_json({"name": name, "lang": lang, "folder": str(folder)})
     else:
