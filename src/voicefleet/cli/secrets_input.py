@@ -2,10 +2,11 @@
 checked before anything is sent: a bad line or a missing file stores nothing.
 
 As `lk agent`: `--secrets` takes KEY=VALUE (repeatable; also several in one, comma-separated:
-`A=1,B=2`, split only before a comma followed by NAME=, so a value may hold commas) and wins over
-`--secrets-file`; an empty value in the file is an error unless `--ignore-empty-secrets`;
-LIVEKIT_URL, LIVEKIT_API_KEY and LIVEKIT_API_SECRET are skipped (voicefleet sets them for each
-instance); a mounted file is named by its own file name and is at most 1 MiB.
+`A=1,B=2`, split only before a comma followed by NAME=, so a value may hold commas; one holding
+`,NAME=` goes in a file) and wins over `--secrets-file`; an empty value in the file is an error
+unless `--ignore-empty-secrets`; LIVEKIT_URL, LIVEKIT_API_KEY and LIVEKIT_API_SECRET are skipped
+(voicefleet sets them for each instance); a mounted file is named by its own file name and is at
+most 1 MiB.
 """
 
 from __future__ import annotations
