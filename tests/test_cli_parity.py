@@ -211,6 +211,9 @@ def test_build_logs_of_the_newest_and_of_an_older_version(deployed: Deployed) ->
     data = as_json(server, folder, "logs", "--log-type", "build", "--version", "v1")
     assert data["log_type"] == "build" and data["version"] == "v1"
     assert "\n".join(data["lines"]).strip() == v1.strip()
+    # Following a build that is over ends at once; with --json, one {"line": …} per line.
+    followed = ok(server, folder, "logs", "--log-type", "build", "-f", "--json", "--version", "v1")
+    assert [json.loads(x)["line"] for x in followed.splitlines()] == data["lines"]
     error = refused(server, folder, "logs", "--log-type", "build", "--version", "v9", code=4)
     assert "v9" in error["error"]
     refused(server, folder, "logs", "--log-type", "nonsense", code=2)
