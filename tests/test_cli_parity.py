@@ -163,6 +163,26 @@ def test_the_secret_file_is_gone_once_its_instance_stops(deployed: Deployed) -> 
     assert Path(fresh["secrets_dir"]).exists()
 
 
+def test_update_stores_secrets_and_restarts_so_the_instance_has_them(
+    deployed: Deployed, tmp_path: Path
+) -> None:
+    server, markers = deployed.server, deployed.markers
+    (old,) = serving_instances(server)
+    extra = tmp_path / "extra.txt"
+    extra.write_text("second file")
+    done = as_json(server, deployed.folder, "update", "--secret-mount", str(extra))
+    assert done["set"] == ["extra.txt"]
+    assert [(r["state"], r["deployment"]) for r in done["rollouts"]] == [("complete", "production")]
+    (new,) = serving_instances(server)
+    assert new != old
+    seen = wait_until(lambda: boot(markers, new), 60, "the new instance's boot marker")
+    assert {n: f["content"] for n, f in seen["files"].items()} == {
+        "google-credentials.json": CREDENTIALS,
+        "extra.txt": "second file",
+    }
+    ok(server, deployed.folder, "secrets", "unset", "extra.txt")
+
+
 def test_list_shows_every_agent_with_its_versions_instances_and_sessions(
     deployed: Deployed, tmp_path: Path
 ) -> None:

@@ -1062,6 +1062,38 @@ def update_secrets(
         out.print(f"{what} {', '.join(data['set'])}; new instances get them")
 
 
+@app.command()
+def update(
+    secrets: SecretsOpt = None,
+    secrets_file: SecretsFileOpt = None,
+    secret_mount: SecretMountOpt = None,
+    ignore_empty_secrets: IgnoreEmptyOpt = False,
+    agent: AgentOpt = None,
+) -> None:
+    """Update an agent's secrets and restart it.
+
+    `update-secrets` (merged), then a restart of each deployment that serves a version, so that
+    every instance runs with them; no session is cut (the old instances drain)."""
+    given = _gather(secrets, secrets_file, secret_mount, ignore_empty_secrets)
+    if not given:
+        fail("no secrets given (--secrets, --secrets-file or --secret-mount)", USAGE)
+    key = _agent(agent)
+    stored = _store_secrets(key, given)["set"]
+    if not state.json:
+        out.print(f"updated secrets {', '.join(stored)}")
+    rollouts = []
+    for d in state.client.request("GET", f"/agents/{key}")["deployments"]:
+        if d["version"]:
+            started = state.client.request(
+                "POST", f"/agents/{key}/restart", params={"deployment": d["name"]}
+            )
+            rollouts.append(_watch_rollout(key, started["to_version"], state.json, started["id"]))
+    if state.json:
+        print_json({"set": stored, "rollouts": rollouts})
+    for rollout in rollouts:
+        _report(rollout)
+
+
 secrets_app = typer.Typer(
     help="List secrets for an agent; set and unset them.",
     invoke_without_command=True,
