@@ -4,6 +4,7 @@ request. What needs running instances or a build is tested end to end (test_depl
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -64,6 +65,49 @@ async def test_secrets_are_listed_by_name_never_by_value(api: httpx.AsyncClient)
     assert [s["name"] for s in listed] == ["OPENAI_API_KEY"] and "sk-123" not in str(listed)
     r = await api.delete("/agents/keeper/secrets", params={"name": "OPENAI_API_KEY"})
     assert r.json() == {"removed": 1}
+
+
+async def test_file_secrets_are_checked_then_merged_or_replace_the_set(
+    api: httpx.AsyncClient,
+) -> None:
+    await api.post("/agents", json={"name": "filer"})
+    await api.put("/agents/filer/secrets", json={"secrets": {"KEEP": "1"}})
+    content = base64.b64encode(b"key material").decode()
+    for bad in ("../escape", "a/b", "..", "", "x" * 201):
+        r = await api.put("/agents/filer/secrets", json={"files": {bad: content}})
+        assert r.status_code == 400 and "secret file name" in r.json()["detail"], bad
+    r = await api.put("/agents/filer/secrets", json={"files": {"k.pem": "not base64!"}})
+    assert r.status_code == 422
+    too_big = base64.b64encode(b"x" * (1024 * 1024 + 1)).decode()
+    r = await api.put("/agents/filer/secrets", json={"files": {"big.bin": too_big}})
+    assert r.status_code == 400 and "the limit is 1048576" in r.json()["detail"]
+    r = await api.put(  # one bad name in the request: nothing of it is stored
+        "/agents/filer/secrets", json={"secrets": {"OK": "1", "1BAD": "x"}, "files": {}}
+    )
+    assert r.status_code == 400
+    assert [s["name"] for s in (await api.get("/agents/filer/secrets")).json()] == ["KEEP"]
+    r = await api.put("/agents/filer/secrets", json={"files": {"k.pem": content}})
+    assert r.json() == {"set": ["k.pem"]}
+    listed = (await api.get("/agents/filer/secrets")).json()
+    assert [(s["name"], s["kind"]) for s in listed] == [("KEEP", "env"), ("k.pem", "file")]
+    assert "key material" not in str(listed) and content not in str(listed)
+    r = await api.put("/agents/filer/secrets", json={"secrets": {"ONLY": "1"}, "overwrite": True})
+    assert r.json() == {"set": ["ONLY"]}
+    assert [s["name"] for s in (await api.get("/agents/filer/secrets")).json()] == ["ONLY"]
+
+
+async def test_agents_are_listed_by_id_or_name_with_what_they_serve(
+    api: httpx.AsyncClient,
+) -> None:
+    a = (await api.post("/agents", json={"name": "first"})).json()
+    await api.post("/agents", json={"name": "second"})
+    listed = (await api.get("/agents", params={"id": [a["id"], "second"]})).json()
+    assert [x["name"] for x in listed] == ["first", "second"]
+    assert listed[0]["serving"] == [
+        {"deployment": "production", "version": "", "instances": 0, "sessions": 0}
+    ]
+    r = await api.get("/agents", params={"id": "nobody"})
+    assert r.status_code == 404
 
 
 async def test_a_bad_plan_is_refused_at_the_edge_before_any_upload(api: httpx.AsyncClient) -> None:

@@ -11,8 +11,10 @@ Skipped when the binaries are not built (`scripts/peers kube`)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -42,6 +44,7 @@ RBAC = ROOT / "deploy" / "kubernetes" / "rbac.yaml"
 RBAC_GROUP = "rbac.authorization.k8s.io"
 IMAGE = "example.invalid/agent:v1"  # kwok runs nothing: never pulled
 SECRET_VALUE = "sk-not-in-any-pod-spec"
+FILE_SECRET = b"-----BEGIN KEY-----\nfile content\n"
 _namespaces = itertools.count()
 
 
@@ -91,7 +94,9 @@ async def runtime_for(
     return runtime, ns, kubeconfig
 
 
-def spec(tmp_path: Path, n: int, grace: float = 30.0) -> InstanceSpec:
+def spec(
+    tmp_path: Path, n: int, grace: float = 30.0, files: dict[str, bytes] | None = None
+) -> InstanceSpec:
     return InstanceSpec(
         instance_id=f"Bot_{n}-v1-0123456789ab",
         agent_id="CA_bot",
@@ -109,6 +114,7 @@ def spec(tmp_path: Path, n: int, grace: float = 30.0) -> InstanceSpec:
         grace_period=grace,
         deployment="production",
         image=IMAGE,
+        files=files or {},
     )
 
 
@@ -149,7 +155,8 @@ async def test_started_instances_are_ready_through_the_watch_as_pods_with_secret
     runtime, ns, _ = await runtime_for(kube)
     changes = Changes(runtime)
     try:
-        specs = [spec(tmp_path, 1, grace=45), spec(tmp_path, 2, grace=45)]
+        mounted = {"creds.json": FILE_SECRET}  # `--secret-mount`: the second instance's
+        specs = [spec(tmp_path, 1, grace=45), spec(tmp_path, 2, grace=45, files=mounted)]
         for s in specs:
             state = await runtime.start(s)
             assert state.status in (InstanceStatus.STARTING, InstanceStatus.READY)
@@ -192,6 +199,26 @@ async def test_started_instances_are_ready_through_the_watch_as_pods_with_secret
                 assert secret.metadata and secret.data and "OPENAI_API_KEY" in secret.data
                 (owner,) = secret.metadata.ownerReferences or []
                 assert (owner.kind, owner.name, owner.uid) == ("Pod", name, pod.metadata.uid)
+                if not s.files:
+                    assert not pod.spec.volumes and "VOICEFLEET_SECRETS_DIR" not in env
+                    continue
+                # A file secret: in the instance's Secret, mounted read-only, owner-only, at
+                # /etc/secrets (where LiveKit Cloud puts them), named by the variable.
+                assert base64.b64decode(secret.data["file.creds.json"]) == FILE_SECRET
+                assert env["VOICEFLEET_SECRETS_DIR"].value == "/etc/secrets"
+                (volume,) = pod.spec.volumes or []
+                assert volume.secret and volume.secret.secretName == name
+                assert volume.secret.defaultMode == 0o400
+                assert [(i.key, i.path) for i in volume.secret.items or []] == [
+                    ("file.creds.json", "creds.json")
+                ]
+                (mount,) = container.volumeMounts or []
+                assert (mount.name, mount.mountPath, mount.readOnly) == (
+                    volume.name,
+                    "/etc/secrets",
+                    True,
+                )
+                assert b"BEGIN KEY" not in json.dumps(pod.to_dict()).encode()
                 assert runtime.get(s.instance_id).status == InstanceStatus.READY  # type: ignore[union-attr]
     finally:
         await runtime.close(leave_running=False)

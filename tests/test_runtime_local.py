@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -119,6 +120,42 @@ async def test_crashing_instance_is_restarted_with_backoff(
     assert InstanceStatus.FAILED in changes
     assert state.log_path.read_text().count("--- voicefleet: starting") >= 3
     assert "boom at import" in state.log_path.read_text()
+
+
+READS_ITS_FILES = """
+import json, os, pathlib, sys
+folder = pathlib.Path(os.environ["VOICEFLEET_SECRETS_DIR"])
+seen = {p.name: [p.read_text(), p.stat().st_mode & 0o777] for p in folder.iterdir()}
+seen["."] = ["", folder.stat().st_mode & 0o777]
+pathlib.Path(sys.argv[0]).with_name("seen.json").write_text(json.dumps(seen))
+sys.exit("read them; now down, to be restarted")
+"""
+
+
+async def test_file_secrets_are_the_instances_own_and_go_when_it_stops(
+    server: Server, runtime: LocalRuntime, tmp_path: Path
+) -> None:
+    (tmp_path / "agent.py").write_text(READS_ITS_FILES)
+    folder = tmp_path / "data" / "secrets" / "inst"
+    folder.mkdir(parents=True, mode=0o755)
+    (folder / "stale.txt").write_text("a file secret unset since")  # from an earlier start
+    s = replace(spec(server, tmp_path, "filed"), files={"key.pem": b"PEM"}, secrets_dir=folder)
+    state = await runtime.start(s)
+    seen_at = tmp_path / "seen.json"
+    await wait_for(lambda: seen_at.exists() and state.restarts >= 1, 30, "a start and a crash")
+    # Only the current files, owner-only, rewritten at each start.
+    assert json.loads(seen_at.read_text()) == {"key.pem": ["PEM", 0o600], ".": ["", 0o700]}
+    await runtime.stop(s.instance_id)
+    assert not folder.exists()
+    # A server restarted after its instance ended removes what the instance left.
+    folder.mkdir()
+    (folder / "key.pem").write_text("PEM")
+    after_restart = LocalRuntime()
+    try:
+        assert await after_restart.adopt(s, 0, 0.0) is None
+    finally:
+        await after_restart.close(leave_running=True)
+    assert not folder.exists()
 
 
 async def test_drain_kills_only_after_the_grace_period(

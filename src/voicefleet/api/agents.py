@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, Field
+from pydantic import Base64Bytes, BaseModel, Field
 
 from voicefleet.api.deps import (
     ERROR_RESPONSES,
@@ -21,7 +21,7 @@ from voicefleet.api.deps import (
 )
 from voicefleet.api.events import event_dict
 from voicefleet.control.service import DEFAULT_DEPLOYMENT
-from voicefleet.control.status import agent_status
+from voicefleet.control.status import agent_list, agent_status
 from voicefleet.store.models import AgentRow
 
 router = APIRouter(prefix=PREFIX, responses=ERROR_RESPONSES)
@@ -44,7 +44,12 @@ class Scale(BaseModel):
 
 
 class Secrets(BaseModel):
-    secrets: dict[str, str]
+    """Environment variables by name; `files`: file secrets by file name, base64-encoded;
+    `overwrite`: these become the whole set (the others are removed), else they are merged."""
+
+    secrets: dict[str, str] = Field(default_factory=dict)
+    files: dict[str, Base64Bytes] = Field(default_factory=dict)
+    overwrite: bool = False
 
 
 def agent_dict(a: AgentRow) -> dict[str, Any]:
@@ -57,13 +62,16 @@ async def create_agent(body: CreateAgent, plane: Control, who: Who) -> dict[str,
 
 
 @router.get("/agents")
-async def list_agents(plane: Control, caller: Caller) -> list[dict[str, Any]]:
-    """Every agent; a key limited to one agent sees that one only."""
-    return [
-        {**agent_dict(agent), "deployments": serving}
-        for agent, serving in await plane.agents_serving()
-        if caller.covers(agent.id)
-    ]
+async def list_agents(
+    plane: Control,
+    caller: Caller,
+    agent_id: Annotated[list[str] | None, Query(alias="id")] = None,
+) -> list[dict[str, Any]]:
+    """Every agent (or those named by `id`, ids or names, repeatable): the version each
+    deployment serves (`deployments`), and per deployment its instances and live sessions. A
+    key limited to one agent sees that one only."""
+    rows = [await plane.agent(a) for a in agent_id] if agent_id else await plane.repo.agents()
+    return await agent_list(plane, [row for row in rows if caller.covers(row.id)])
 
 
 @router.get("/agents/{agent}")
@@ -115,9 +123,19 @@ async def list_secrets(agent: str, plane: Control) -> list[dict[str, Any]]:
     return await plane.secret_names(await plane.agent(agent))
 
 
-@router.put("/agents/{agent}/secrets")
+# File secrets are up to 1 MiB each (base64 in the body): a request may carry several.
+MAX_SECRETS_BODY = 16 << 20
+
+
+@router.put(
+    "/agents/{agent}/secrets",
+    max_body_size=MAX_SECRETS_BODY,
+    responses={413: {"description": "Secrets over 16 MiB in one request"}},
+)
 async def set_secrets(agent: str, body: Secrets, plane: Control, who: Who) -> dict[str, Any]:
-    names = await plane.set_secrets(await plane.agent(agent), body.secrets, who)
+    names = await plane.set_secrets(
+        await plane.agent(agent), body.secrets, who, files=body.files, overwrite=body.overwrite
+    )
     return {"set": names}
 
 

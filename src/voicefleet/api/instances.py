@@ -15,11 +15,19 @@ router = APIRouter(prefix=PREFIX, responses=ERROR_RESPONSES)
 
 @router.get("/agents/{agent}/logs", response_class=PlainTextResponse, responses=TEXT)
 async def instance_logs(
-    agent: str, plane: Control, instance: str | None = None, follow: bool = False
+    agent: str,
+    plane: Control,
+    instance: str | None = None,
+    follow: bool = False,
+    deployment: str | None = None,
 ) -> StreamingResponse:
-    """Instances' stdout/stderr (one instance, or all the agent's instances in turn)."""
+    """Instances' stdout/stderr (one instance, or all the agent's instances in turn; those of
+    one deployment with `deployment`)."""
     row = await plane.agent(agent)
     paths = log_files(plane.paths, row.id, instance)
+    if deployment is not None:
+        ids = {i.id for i in await plane.repo.instances(row.id) if i.deployment == deployment}
+        paths = [p for p in paths if p.stem in ids]
 
     async def never() -> bool:
         return False

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from dotenv import dotenv_values
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
@@ -24,18 +25,26 @@ from voicefleet.cli.client import (
     NOT_FOUND,
     USAGE,
     Json,
+    JsonAnywhere,
     Key,
     Secret,
     Url,
     ago,
     configure,
+    err,
     fail,
     print_json,
     state,
 )
+from voicefleet.cli.secrets_input import BadSecrets, SecretsInput, gather
 from voicefleet.errors import BuildFailed, VoicefleetError
 
-app = typer.Typer(help="Create, deploy and operate agents.", no_args_is_help=True)
+app = typer.Typer(
+    cls=JsonAnywhere,
+    help="Manage agents: create, deploy and operate them on a voicefleet server (the verbs of "
+    "`lk agent`; see docs/cli.md).",
+    no_args_is_help=True,
+)
 out = Console()
 
 
@@ -43,6 +52,38 @@ AgentOpt = Annotated[
     str | None, typer.Option("--id", help="Agent id or name (default: livekit.toml here).")
 ]
 Deployment = Annotated[str, typer.Option("--deployment", "-d", help="Named deployment.")]
+# Secrets as `lk agent create|deploy|update-secrets` take them (voicefleet.cli.secrets_input).
+SecretsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--secrets",
+        help="KEY=VALUE secrets, injected as environment variables (repeatable, or "
+        "comma-separated: A=1,B=2). These take precedence over --secrets-file.",
+    ),
+]
+SecretsFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--secrets-file",
+        help="FILE of KEY=VALUE secrets, one per line (.env syntax), injected as environment "
+        "variables. A line that is not KEY=VALUE stores nothing.",
+    ),
+]
+SecretMountOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--secret-mount",
+        help="Local path to a secret file, delivered to each instance as a file of that name "
+        "in $VOICEFLEET_SECRETS_DIR (repeatable; 1 MiB at most).",
+    ),
+]
+IgnoreEmptyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--ignore-empty-secrets",
+        help="Skip variables with empty values in --secrets-file instead of failing.",
+    ),
+]
 
 
 @app.callback()
@@ -53,6 +94,26 @@ def _options(
     as_json: Json = False,
 ) -> None:
     configure(url, api_key, api_secret, as_json)
+
+
+def _quietly(into: dict[str, Any], key: str, step: Callable[[], None]) -> None:
+    """Run a verb whose JSON goes into `into[key]`; if it fails, what was done is printed
+    before its error ends the command."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            step()
+    except BaseException:
+        into[key] = json.loads(captured.getvalue() or "null")
+        print_json(into)
+        raise
+    into[key] = json.loads(captured.getvalue() or "null")
+
+
+def _agent_of(folder: Path) -> str:
+    made = livekit_toml.read(folder)
+    assert made is not None  # `create` wrote it
+    return made.agent_id
 
 
 def _agent(key: str | None) -> str:
@@ -67,13 +128,48 @@ def _agent(key: str | None) -> str:
     return config.agent_id
 
 
+def _gather(
+    pairs: list[str] | None,
+    secrets_file: Path | None,
+    mounts: list[Path] | None,
+    ignore_empty: bool,
+    allow_empty: bool = False,
+) -> SecretsInput:
+    """The secrets given, read and checked before anything is sent (else a usage error)."""
+    try:
+        given = gather(pairs, secrets_file, mounts, ignore_empty, allow_empty)
+    except BadSecrets as e:
+        fail(str(e), USAGE)
+    if given.skipped:
+        err.print(
+            f"skipped {', '.join(given.skipped)} (voicefleet sets LIVEKIT_* for each instance; "
+            "empty values skipped with --ignore-empty-secrets)",
+            highlight=False,
+        )
+    return given
+
+
+def _store_secrets(key: str, given: SecretsInput, overwrite: bool = False) -> Any:
+    return state.client.request(
+        "PUT", f"/agents/{key}/secrets", json=given.body(overwrite=overwrite)
+    )
+
+
 @app.command()
 def create(
     name: Annotated[str | None, typer.Option(help="Agent name (default: the folder's).")] = None,
     grace_period: Annotated[float, typer.Option(help="Drain grace period, seconds.")] = 3600,
     folder: Annotated[Path, typer.Argument(help="The agent's folder.")] = Path("."),
+    secrets: SecretsOpt = None,
+    secrets_file: SecretsFileOpt = None,
+    secret_mount: SecretMountOpt = None,
+    ignore_empty_secrets: IgnoreEmptyOpt = False,
 ) -> None:
-    """Register the agent in FOLDER; write livekit.toml (and a Dockerfile if there is none)."""
+    """Create a new agent.
+
+    Registers the agent in FOLDER, writes livekit.toml (and a Dockerfile if there is none) and
+    stores the secrets given; `vf agent deploy` then deploys it."""
+    given = _gather(secrets, secrets_file, secret_mount, ignore_empty_secrets)
     folder = folder.resolve()
     if not any((folder / f).exists() for f in ("agent.py", "package.json", "Dockerfile")):
         fail(f"{folder} has no agent.py, package.json or Dockerfile: is it an agent folder?", USAGE)
@@ -101,11 +197,14 @@ def create(
             (folder / "Dockerfile").write_text(text)
             wrote.append("Dockerfile")
         except BuildFailed as e:  # e.g. package.json that cannot be read: said, not fatal
-            out.print(f"[yellow]no Dockerfile written:[/yellow] {e}")
+            err.print(f"[yellow]no Dockerfile written:[/yellow] {e}")
+    stored = _store_secrets(agent["id"], given)["set"] if given else []
     if state.json:
-        print_json(agent)
+        print_json({**agent, "secrets": stored})
     else:
         out.print(f"Created agent [bold]{name}[/bold] ({agent['id']}); wrote {', '.join(wrote)}")
+        if stored:
+            out.print(f"set secrets {', '.join(stored)}")
 
 
 @app.command()
@@ -120,7 +219,9 @@ def init(
         bool, typer.Option("--deploy", help="Then create the agent on the server and deploy it.")
     ] = False,
 ) -> None:
-    """Start a new agent project from voicefleet's example agent, ready to deploy as it is."""
+    """Initialize a new agent project.
+
+    From voicefleet's example agent (Python or Node.js), ready to deploy as it is."""
     from voicefleet.cli.examples import TEMPLATES, NoExample, example
 
     if lang not in TEMPLATES:
@@ -144,11 +245,14 @@ def init(
         (folder / "package-lock.json").write_text(json.dumps(lock, indent=2) + "\n")
     if not state.json:
         out.print(f"Made [bold]{name}[/bold] ({lang}) from the example agent in {folder}")
-    if deploy_it:
+    if deploy_it and state.json:  # one JSON document: the project, the agent, its deploy
+        made_json: dict[str, Any] = {"name": name, "lang": lang, "folder": str(folder)}
+        _quietly(made_json, "agent", lambda: create(name=name, folder=folder))
+        _quietly(made_json, "deploy", lambda: deploy(agent=_agent_of(folder), folder=folder))
+        print_json(made_json)
+    elif deploy_it:
         create(name=name, folder=folder)
-        made = livekit_toml.read(folder)
-        assert made is not None  # create wrote it
-        deploy(agent=made.agent_id, folder=folder)
+        deploy(agent=_agent_of(folder), folder=folder)
     elif state.json:
         print_json({"name": name, "lang": lang, "folder": str(folder)})
     else:
@@ -166,13 +270,16 @@ def dockerfile(
         str | None, typer.Option(help="The agent's file (default: agent.py, or package.json's).")
     ] = None,
     print_only: Annotated[bool, typer.Option("--print", help="Print it; write nothing.")] = False,
-    force: Annotated[bool, typer.Option(help="Replace the folder's Dockerfile.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", "--overwrite", help="Replace the folder's Dockerfile.")
+    ] = False,
 ) -> None:
-    """Write the Dockerfile voicefleet builds for FOLDER (and a .dockerignore if there is none).
+    """Generate Dockerfile and .dockerignore for your project.
 
-    Multi-stage, dependencies in a cached layer before the code, the agent's download-files
-    step in its own layer, bytecode compiled, a non-root user; Node.js (npm ci, the build
-    script) when the folder has package.json and a lockfile, Python otherwise."""
+    The Dockerfile voicefleet builds: multi-stage, dependencies in a cached layer before the
+    code, the agent's download-files step in its own layer, bytecode compiled, a non-root
+    user; Node.js (npm ci, the build script) when the folder has package.json and a lockfile,
+    Python otherwise."""
 
     folder = folder.resolve()
     if not folder.is_dir():
@@ -182,7 +289,10 @@ def dockerfile(
     except VoicefleetError as e:
         fail(str(e), USAGE)
     if print_only:
-        typer.echo(recipe.text, nl=False)
+        if state.json:
+            print_json({"kind": recipe.kind, "entry": recipe.entry, "text": recipe.text})
+        else:
+            typer.echo(recipe.text, nl=False)
         return
     if (folder / "Dockerfile").exists() and not force:
         fail(
@@ -205,7 +315,9 @@ def config(
     agent: AgentOpt = None,
     grace_period: Annotated[float | None, typer.Option(help="Drain grace, seconds.")] = None,
 ) -> None:
-    """Show or change an agent's settings."""
+    """Show or change an agent's settings.
+
+    Its drain grace period (livekit.toml is written by `vf agent create`)."""
     key = _agent(agent)
     if grace_period is not None:
         state.client.request("PATCH", f"/agents/{key}", json={"grace_period": grace_period})
@@ -290,8 +402,16 @@ def deploy(
         int | None,
         typer.Option(help="Blue-green: ERROR lines the synthetic sessions may log (default 0)."),
     ] = None,
+    secrets: SecretsOpt = None,
+    secrets_file: SecretsFileOpt = None,
+    secret_mount: SecretMountOpt = None,
+    ignore_empty_secrets: IgnoreEmptyOpt = False,
 ) -> None:
-    """Upload FOLDER as a new version, build it, and roll it out without dropping a session.
+    """Deploy a new version of the agent.
+
+    Uploads FOLDER, builds it, and rolls it out without dropping a session. Secrets given
+    (--secrets, --secrets-file, --secret-mount) are stored first, merged into the agent's, so
+    that the new version's instances start with them.
 
     Rolling by default; --canary 10 or --steps 10,25,50,100 --interval 5m for a canary that is
     compared with stable and aborted automatically when worse; --strategy bluegreen for green
@@ -299,6 +419,7 @@ def deploy(
     key = _agent(agent)
     client = state.client
     quiet = state.json
+    given = _gather(secrets, secrets_file, secret_mount, ignore_empty_secrets)
     if strategy is None:
         strategy = "canary" if canary is not None or steps is not None else "rolling"
     plan: dict[str, Any] = {"strategy": strategy}
@@ -333,6 +454,10 @@ def deploy(
             plan["smoke"]["max_error_lines"] = smoke_max_error_lines
     elif strategy != "rolling":
         fail(f"unknown strategy '{strategy}' (rolling, canary or bluegreen)", USAGE)
+    if given:  # before the version exists: its instances start with them
+        stored = _store_secrets(key, given)["set"]
+        if not quiet:
+            out.print(f"set secrets {', '.join(stored)}")
     if version is not None:
         started = client.request(
             "POST",
@@ -475,9 +600,40 @@ def _watch_rollout(
             time.sleep(0.25)
 
 
+@app.command("list")
+def list_agents(
+    ids: Annotated[
+        list[str] | None,
+        typer.Option("--id", help="IDs (or names) of agent(s): repeatable, or comma-separated."),
+    ] = None,
+) -> None:
+    """List all agents.
+
+    Each one's deployments with the version they serve, their instances and live sessions."""
+    wanted = [i for given in ids or [] for i in given.split(",") if i]
+    data = state.client.request("GET", "/agents", params={"id": wanted} if wanted else None)
+    if state.json:
+        print_json(data)
+        return
+    if not data:
+        out.print("No agents found")
+        return
+    t = Table(title="agents")
+    for col in ("id", "name", "deployments", "instances", "sessions"):
+        t.add_column(col)
+    for a in data:
+        serving = ", ".join(
+            f"{d['deployment']}: {d['version'] or '(nothing deployed)'}" for d in a["serving"]
+        )
+        t.add_row(a["id"], a["name"], serving, str(a["instances"]), str(a["sessions"]))
+    out.print(t)
+
+
 @app.command()
 def status(agent: AgentOpt = None) -> None:
-    """Deployments, instances (with their live sessions) and recent rollouts."""
+    """Get the status of an agent.
+
+    Deployments, instances (with their live sessions) and recent rollouts."""
     data = state.client.request("GET", f"/agents/{_agent(agent)}")
     if state.json:
         print_json(data)
@@ -530,7 +686,9 @@ def status(agent: AgentOpt = None) -> None:
 
 @app.command()
 def versions(agent: AgentOpt = None) -> None:
-    """Every version of the agent, newest first, and which deployment serves it."""
+    """List versions of an agent.
+
+    Newest first, and which deployment serves each."""
     data = state.client.request("GET", f"/agents/{_agent(agent)}/versions")
     if state.json:
         print_json(data)
@@ -556,21 +714,73 @@ def _one_line(error: str) -> str:
     return next((line for line in lines if line.startswith("error:")), lines[0] if lines else "")
 
 
+LogType = Annotated[
+    str,
+    typer.Option(
+        "--log-type",
+        help="Type of logs to retrieve: 'deploy' (the instances' output) or 'build' (a "
+        "version's build log, kept after the build).",
+    ),
+]
+
+
 @app.command()
 def logs(
     agent: AgentOpt = None,
+    log_type: LogType = "deploy",
+    deployment: Annotated[
+        str | None,
+        typer.Option("--deployment", "-d", help="Deploy logs of this deployment's instances."),
+    ] = None,
+    version: Annotated[
+        str | None,
+        typer.Option("--version", help="Build logs of this version (default: the newest)."),
+    ] = None,
     instance: Annotated[str | None, typer.Option(help="One instance's logs.")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing.")] = False,
 ) -> None:
-    """The instances' output."""
+    """Tail logs from agent (alias: tail).
+
+    Its instances' output (--log-type deploy), or a version's build log (--log-type build).
+    With --json: {"log_type", "version", "lines": [...]}; with --follow, one {"line": ...} per
+    line as it comes (JSON Lines)."""
+    key = _agent(agent)
     params: dict[str, Any] = {"follow": str(follow).lower()}
-    if instance:
-        params["instance"] = instance
+    if log_type == "build":
+        if instance or deployment:
+            fail("--instance and --deployment are for --log-type deploy", USAGE)
+        if version is None:
+            known = state.client.request("GET", f"/agents/{key}/versions")
+            if not known:
+                fail(f"agent {key} has no version yet: nothing was built", NOT_FOUND)
+            version = known[0]["version"]  # newest first
+        path = f"/agents/{key}/versions/{version}/log"
+    elif log_type == "deploy":
+        if version is not None:
+            fail("--version is for --log-type build", USAGE)
+        if instance:
+            params["instance"] = instance
+        if deployment:
+            params["deployment"] = deployment
+        path = f"/agents/{key}/logs"
+    else:
+        fail(f"unknown --log-type '{log_type}' (deploy or build)", USAGE)
+    lines: list[str] = []
     try:
-        for line in state.client.lines(f"/agents/{_agent(agent)}/logs", **params):
-            print(line)
+        for line in state.client.lines(path, **params):
+            if not state.json:
+                print(line, flush=follow)
+            elif follow:
+                print(json.dumps({"line": line}), flush=True)
+            else:
+                lines.append(line)
     except KeyboardInterrupt:
         pass
+    if state.json and not follow:
+        print_json({"log_type": log_type, "version": version, "lines": lines})
+
+
+app.command("tail", hidden=True, help="Tail logs from agent (alias of `vf agent logs`).")(logs)
 
 
 @app.command()
@@ -581,7 +791,9 @@ def rollback(
         str | None, typer.Option(help="Version (default: the previous one).")
     ] = None,
 ) -> None:
-    """Go back to the previous (or a named) version: the stored build, no rebuild."""
+    """Rollback an agent to a previous version.
+
+    The previous one, or --version: from the stored build, no rebuild."""
     key = _agent(agent)
     started = state.client.request(
         "POST", f"/agents/{key}/rollback", json={"deployment": deployment, "version": version}
@@ -591,7 +803,9 @@ def rollback(
 
 @app.command()
 def restart(agent: AgentOpt = None, deployment: Deployment = "production") -> None:
-    """Replace the instances of the serving version, draining the old ones."""
+    """Restart an agent.
+
+    New instances of the serving version; the old ones drain."""
     key = _agent(agent)
     _finish(
         key,
@@ -605,7 +819,9 @@ def promote(
     source: Annotated[str, typer.Option("--from", help="Deployment to copy.")] = "staging",
     target: Annotated[str, typer.Option("--to", help="Deployment to update.")] = "production",
 ) -> None:
-    """Roll the version serving one deployment out to another."""
+    """Promote an agent to a new deployment.
+
+    Rolls the version serving --from out to --to."""
     key = _agent(agent)
     _finish(
         key,
@@ -737,7 +953,9 @@ def scale(
         int | None, typer.Option(help="Spare instances kept warm on top of the load's need.")
     ] = None,
 ) -> None:
-    """Set a fixed number of instances, or an autoscaling policy (any policy option turns
+    """Set the number of instances, or autoscale.
+
+    A fixed number of instances, or an autoscaling policy (any policy option turns
     autoscaling on; `vf agent scale N` turns it off). Scaling down drains idle instances first
     and never cuts a session."""
     durations = {
@@ -793,18 +1011,100 @@ def delete(
     agent: AgentOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:
-    """Delete the agent: its instances drain (sessions finish), then it is gone."""
+    """Delete an agent (alias: destroy).
+
+    Its instances drain (their sessions finish), then it is gone."""
     key = _agent(agent)
+    if not yes and state.json:
+        fail("--json asks nothing: add --yes to delete", USAGE)
     if not yes and not typer.confirm(f"Delete agent {key} and drain its instances?"):
         raise typer.Exit(FAILED)
     state.client.request("DELETE", f"/agents/{key}")
     out.print(f"deleted {key}") if not state.json else print_json({"deleted": key})
 
 
+app.command("destroy", hidden=True, help="Delete an agent (alias of `vf agent delete`).")(delete)
+
+
+@app.command("update-secrets")
+def update_secrets(
+    secrets: SecretsOpt = None,
+    secrets_file: SecretsFileOpt = None,
+    secret_mount: SecretMountOpt = None,
+    ignore_empty_secrets: IgnoreEmptyOpt = False,
+    agent: AgentOpt = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace all of the agent's secrets with these (else merged)."
+        ),
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask (--overwrite).")] = False,
+) -> None:
+    """Update secrets for an agent.
+
+    Merged into its secrets, or all replaced (--overwrite). Instances started from now on get
+    them; `vf agent restart` renews the running ones."""
+    given = _gather(secrets, secrets_file, secret_mount, ignore_empty_secrets)
+    if not given:
+        fail("no secrets given (--secrets, --secrets-file or --secret-mount)", USAGE)
+    key = _agent(agent)
+    if overwrite and not yes:
+        if state.json:
+            fail("--json asks nothing: add --yes to replace every secret", USAGE)
+        if not typer.confirm(f"This removes every other secret of agent {key}. Go on?"):
+            raise typer.Exit(FAILED)
+    data = _store_secrets(key, given, overwrite=overwrite)
+    if state.json:
+        print_json(data)
+    else:
+        what = "replaced the agent's secrets with" if overwrite else "updated secrets"
+        out.print(f"{what} {', '.join(data['set'])}; new instances get them")
+
+
+@app.command()
+def update(
+    secrets: SecretsOpt = None,
+    secrets_file: SecretsFileOpt = None,
+    secret_mount: SecretMountOpt = None,
+    ignore_empty_secrets: IgnoreEmptyOpt = False,
+    agent: AgentOpt = None,
+) -> None:
+    """Update an agent's secrets and restart it.
+
+    `update-secrets` (merged), then a restart of each deployment that serves a version, so that
+    every instance runs with them; no session is cut (the old instances drain)."""
+    given = _gather(secrets, secrets_file, secret_mount, ignore_empty_secrets)
+    if not given:
+        fail("no secrets given (--secrets, --secrets-file or --secret-mount)", USAGE)
+    key = _agent(agent)
+    stored = _store_secrets(key, given)["set"]
+    if not state.json:
+        out.print(f"updated secrets {', '.join(stored)}")
+    rollouts = []
+    for d in state.client.request("GET", f"/agents/{key}")["deployments"]:
+        if d["version"]:
+            started = state.client.request(
+                "POST", f"/agents/{key}/restart", params={"deployment": d["name"]}
+            )
+            rollouts.append(_watch_rollout(key, started["to_version"], state.json, started["id"]))
+    if state.json:
+        print_json({"set": stored, "rollouts": rollouts})
+    for rollout in rollouts:
+        _report(rollout)
+
+
 secrets_app = typer.Typer(
-    help="Secrets the agent gets as environment variables.", no_args_is_help=True
+    help="List secrets for an agent; set and unset them.",
+    invoke_without_command=True,
 )
 app.add_typer(secrets_app, name="secrets")
+
+
+@secrets_app.callback()
+def _secrets(ctx: typer.Context, agent: AgentOpt = None) -> None:
+    if ctx.invoked_subcommand is None:  # `vf agent secrets`, as `lk agent secrets`: the list
+        secrets_list(agent)
 
 
 @secrets_app.command("set")
@@ -814,34 +1114,27 @@ def secrets_set(
     agent: AgentOpt = None,
 ) -> None:
     """Set secrets (values are never printed back). New instances see them."""
-    values: dict[str, str] = {}
-    if secrets_file is not None:
-        if not secrets_file.exists():
-            fail(f"no secrets file {secrets_file}", USAGE)
-        values.update({k: v or "" for k, v in dotenv_values(secrets_file).items()})
-    for pair in pairs or []:
-        name, sep, value = pair.partition("=")
-        if not sep:
-            fail(f"'{name}' is not NAME=VALUE", USAGE)
-        values[name] = value
-    if not values:
+    given = _gather(pairs, secrets_file, None, ignore_empty=False, allow_empty=True)
+    if not given:
         fail("no secrets given (NAME=VALUE or --secrets-file)", USAGE)
-    data = state.client.request("PUT", f"/agents/{_agent(agent)}/secrets", json={"secrets": values})
+    data = _store_secrets(_agent(agent), given)
     print_json(data) if state.json else out.print(f"set {', '.join(data['set'])}")
 
 
 @secrets_app.command("list")
 def secrets_list(agent: AgentOpt = None) -> None:
-    """Secret names and when they changed (never their values)."""
+    """Secret names, kinds (env or file) and when they changed (never their values)."""
     data = state.client.request("GET", f"/agents/{_agent(agent)}/secrets")
     if state.json:
         print_json(data)
         return
     t = Table(title="secrets")
     t.add_column("name")
+    t.add_column("kind")
     t.add_column("updated")
     for s in data:
-        t.add_row(s["name"], ago(s["updated_at"]))
+        kind = "file" if s.get("kind") == "file" else "env"
+        t.add_row(s["name"], kind, ago(s["updated_at"]))
     out.print(t)
 
 

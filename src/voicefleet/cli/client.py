@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import tomllib
 from collections.abc import Iterator
@@ -23,7 +24,9 @@ from typing import Annotated, Any, NoReturn
 
 import httpx
 import typer
+import typer.core
 from rich.console import Console
+from rich.markup import escape
 
 from voicefleet.control.access import is_key_token
 from voicefleet.protocol import tokens
@@ -35,7 +38,12 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 def fail(message: str, code: int = FAILED) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}")
+    """Say what went wrong on stderr and exit with `code`. With --json, the error is JSON too,
+    one line: {"error": message, "exit_code": code}."""
+    if state.json:
+        print(json.dumps({"error": message, "exit_code": code}), file=sys.stderr)
+    else:
+        err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -147,7 +155,29 @@ Key = Annotated[
     ),
 ]
 Secret = Annotated[str | None, typer.Option("--api-secret", help="API secret (env VF_API_SECRET).")]
-Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+Json = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        "-j",
+        help="Output as JSON (on every verb; also after it). Errors: one JSON line on stderr.",
+    ),
+]
+
+
+class JsonAnywhere(typer.core.TyperGroup):
+    """A command group whose --json may also come after the verb (`vf agent list --json`, as
+    `lk agent list --json`): it is moved in front, where the group's own option takes it."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        flags = [a for a in args[:end] if a in JSON_FLAGS]
+        if flags:
+            args = ["--json", *(a for a in args[:end] if a not in JSON_FLAGS), *args[end:]]
+        return super().parse_args(ctx, args)
+
+
+JSON_FLAGS = ("--json", "-j")
 
 
 class State:
@@ -161,8 +191,8 @@ state = State()
 
 
 def configure(url: str | None, api_key: str | None, api_secret: str | None, as_json: bool) -> None:
+    state.json = as_json  # first: an error resolving the server is JSON too
     state.client = Client(resolve(url, api_key, api_secret))
-    state.json = as_json
 
 
 def print_json(data: Any) -> None:

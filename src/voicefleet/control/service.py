@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -43,6 +44,13 @@ from voicefleet.store.models import (
 )
 from voicefleet.store.repo import Repo
 from voicefleet.store.secrets import SecretBox
+
+# A secret given as an environment variable: a name a shell would take.
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A secret given as a file (`--secret-mount`): the file's own name, nothing that leaves the
+# instance's secrets directory.
+FILE_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
+MAX_SECRET_FILE = 1024 * 1024  # bytes; as LiveKit Cloud's
 
 log = logging.getLogger("voicefleet.control")
 
@@ -509,27 +517,61 @@ class ControlPlane:
     # -- secrets ------------------------------------------------------------------------------
 
     async def set_secrets(
-        self, agent: AgentRow, values: Mapping[str, str], actor: Actor = SYSTEM
+        self,
+        agent: AgentRow,
+        values: Mapping[str, str],
+        actor: Actor = SYSTEM,
+        files: Mapping[str, bytes] | None = None,
+        overwrite: bool = False,
     ) -> list[str]:
+        """Store secrets: `values` as environment variables, `files` as files of that name in
+        each instance's secrets directory. Merged into the agent's set, or with `overwrite`
+        the whole set becomes these. Everything is checked first: one bad name stores nothing.
+        Instances started from now on see them."""
+        files = files or {}
         for name in values:
-            if not name or not (name.replace("_", "a").isalnum()) or name[0].isdigit():
+            if not ENV_NAME.fullmatch(name):
                 raise InvalidRequest(f"secret name '{name}' must be a valid environment variable")
             if "\x00" in values[name]:
                 raise InvalidRequest(f"secret {name}: an environment variable cannot hold a NUL")
+        for name, content in files.items():
+            if not FILE_NAME.fullmatch(name) or name in (".", ".."):
+                raise InvalidRequest(
+                    f"secret file name '{name}' must be 1-200 letters, digits, '.', '-' or '_'"
+                )
+            if len(content) > MAX_SECRET_FILE:
+                raise InvalidRequest(
+                    f"secret file {name} is {len(content)} bytes: the limit is {MAX_SECRET_FILE}"
+                )
+            if name in values:
+                raise InvalidRequest(f"secret {name} given both as a value and as a file")
+        if not values and not files and not overwrite:
+            raise InvalidRequest("no secrets given")
         now = time.time()
-        await self.repo.save(
-            *(
-                SecretRow(agent_id=agent.id, name=n, value=self.box.seal(v), updated_at=now)
-                for n, v in values.items()
+        rows = [
+            SecretRow(agent_id=agent.id, name=n, value=self.box.seal(v), updated_at=now, kind="env")
+            for n, v in values.items()
+        ] + [
+            SecretRow(
+                agent_id=agent.id, name=n, value=self.box.seal(c), updated_at=now, kind="file"
             )
+            for n, c in files.items()
+        ]
+        if overwrite:
+            await self.repo.replace_secrets(agent.id, rows)
+        else:
+            await self.repo.save(*rows)
+        names = sorted([*values, *files])
+        what = "secrets replaced by" if overwrite else "secrets set:"
+        await self.repo.event(
+            agent.id, "secrets_set", f"{what} {', '.join(names) or '(none)'}", actor
         )
-        names = sorted(values)
-        await self.repo.event(agent.id, "secrets_set", f"secrets set: {', '.join(names)}", actor)
         return names
 
     async def secret_names(self, agent: AgentRow) -> list[dict[str, Any]]:
         return [
-            {"name": s.name, "updated_at": s.updated_at} for s in await self.repo.secrets(agent.id)
+            {"name": s.name, "kind": s.kind, "updated_at": s.updated_at}
+            for s in await self.repo.secrets(agent.id)
         ]
 
     async def unset_secrets(self, agent: AgentRow, names: list[str], actor: Actor = SYSTEM) -> int:

@@ -24,6 +24,41 @@ Decisions = Callable[[str, str], dict[str, object] | None]
 RECENT = 3600.0
 
 
+async def agent_list(
+    plane: ControlPlane, agents: list[AgentRow] | None = None
+) -> list[dict[str, Any]]:
+    """`vf agent list`: each agent with, per deployment, the version it serves, its instances
+    that are up (not stopped) and their live sessions."""
+    views = plane.dispatch.instances()
+    out = []
+    for agent in agents if agents is not None else await plane.repo.agents():
+        rows = [r for r in await plane.repo.instances(agent.id) if r.status != Lifecycle.STOPPED]
+        serving: list[dict[str, Any]] = []
+        for d in await plane.repo.deployments(agent.id):
+            mine = [r for r in rows if r.deployment == d.name]
+            serving.append(
+                {
+                    "deployment": d.name,
+                    "version": d.version,
+                    "instances": len(mine),
+                    "sessions": sum((views.get(r.id) or InstanceView()).sessions for r in mine),
+                }
+            )
+        out.append(
+            {
+                "id": agent.id,
+                "name": agent.name,
+                "grace_period": agent.grace_period,
+                "created_at": agent.created_at,
+                "deployments": {s["deployment"]: s["version"] for s in serving},
+                "serving": serving,
+                "instances": sum(s["instances"] for s in serving),
+                "sessions": sum(s["sessions"] for s in serving),
+            }
+        )
+    return out
+
+
 async def agent_status(plane: ControlPlane, agent: AgentRow, decision: Decisions) -> dict[str, Any]:
     instances: list[dict[str, Any]] = []
     views = plane.dispatch.instances()  # one pass over the workers, not one per instance

@@ -218,7 +218,9 @@ class Instances:
         project = self.dispatch.project
         identity = WorkerIdentity(agent=agent_id, version=row.version, instance=instance_id)
         key, secret = instance_credentials(project.api_secret, identity)
-        env = {s.name: self.box.open_value(s.value) for s in await self.repo.secrets(agent_id)}
+        stored = await self.repo.secrets(agent_id)
+        env = {s.name: self.box.open_value(s.value) for s in stored if s.kind != "file"}
+        files = {s.name: self.box.open_bytes(s.value) for s in stored if s.kind == "file"}
         env.update(
             LIVEKIT_URL=self.worker_url(),
             VOICEFLEET_URL=self.http_url(),
@@ -248,6 +250,8 @@ class Instances:
             grace_period=target.grace_period,
             deployment=target.deployment,
             command=command,
+            files=files,
+            secrets_dir=self.paths.instance_secrets(instance_id),
         )
 
     # -- retiring, draining, stopping ---------------------------------------------------------

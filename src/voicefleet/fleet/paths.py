@@ -40,5 +40,9 @@ class Paths:
         """The agent's instances' copy of its flags, for when the server is unreachable."""
         return self.data_dir / "agents" / agent_id / "flags-cache.json"
 
+    def instance_secrets(self, instance_id: str) -> Path:
+        """An instance's file secrets while it runs (the local runtime; 0700, files 0600)."""
+        return self.data_dir / "secrets" / instance_id
+
     def instance_logs(self, agent_id: str) -> Path:
         return self.data_dir / "logs" / agent_id

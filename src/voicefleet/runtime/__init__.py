@@ -18,6 +18,10 @@ class InstanceStatus(StrEnum):
     FAILED = "failed"
 
 
+SECRETS_ENV = "VOICEFLEET_SECRETS_DIR"
+SECRETS_MOUNT = "/etc/secrets"  # in a pod; where LiveKit Cloud puts mounted secrets too
+
+
 @dataclass(frozen=True)
 class InstanceSpec:
     instance_id: str
@@ -35,6 +39,12 @@ class InstanceSpec:
     # A Node.js agent's command, `(node, entry, "start")`, run in place of the Python launcher
     # (the local runtime adds the health port); None for a Python agent.
     command: tuple[str, ...] | None = None
+    # File secrets (`--secret-mount`): file name -> content. The local runtime writes them into
+    # `secrets_dir` (0700, files 0600) before the process starts and removes it once the
+    # instance stops; the Kubernetes runtime mounts them at SECRETS_MOUNT. Either way the
+    # instance finds the directory in $VOICEFLEET_SECRETS_DIR.
+    files: dict[str, bytes] = field(default_factory=dict, repr=False)
+    secrets_dir: Path | None = None
 
 
 @dataclass

@@ -18,6 +18,7 @@ its pod so that Kubernetes removes it with the pod.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import logging
@@ -38,17 +39,28 @@ from lightkube.models.core_v1 import (
     EnvVar,
     EnvVarSource,
     HTTPGetAction,
+    KeyToPath,
     PodSpec,
     Probe,
     ResourceRequirements,
     SecretKeySelector,
+    SecretVolumeSource,
+    Volume,
+    VolumeMount,
 )
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.authorization_v1 import SelfSubjectAccessReview
 from lightkube.resources.core_v1 import Pod, Secret
 
 from voicefleet.errors import VoicefleetError
-from voicefleet.runtime import ChangeListener, InstanceSpec, InstanceState, InstanceStatus
+from voicefleet.runtime import (
+    SECRETS_ENV,
+    SECRETS_MOUNT,
+    ChangeListener,
+    InstanceSpec,
+    InstanceState,
+    InstanceStatus,
+)
 
 log = logging.getLogger("voicefleet.runtime")
 
@@ -61,6 +73,8 @@ CONTAINER = "agent"
 # livekit-agents' health server (`python agent.py start`: port 8081, all interfaces). Each pod
 # has a network of its own, so the port the local runtime must move is free here.
 HEALTH_PORT = 8081
+# File secrets live in the instance's Secret beside its variables, under keys of their own.
+FILE_KEY = "file.{name}"
 DEFAULT_COMMAND = ("python", "{entry}", "start")
 # Set by voicefleet for every instance and secret to nobody: inline in the pod spec. Any other
 # variable (the agent's secrets, the worker's key and secret) goes into the instance's Secret.
@@ -392,17 +406,27 @@ class KubernetesRuntime:
     async def _create(self, inst: _Instance, again: bool = False) -> None:
         spec = inst.state.spec
         public, hidden = split_env(spec.env)
+        if spec.files:
+            public[SECRETS_ENV] = SECRETS_MOUNT
         try:
             if again:  # the earlier pod's Secret, if Kubernetes has not removed it yet
                 with contextlib.suppress(ApiError):
                     await self.client.delete(Secret, inst.pod, namespace=self.namespace)
-            if hidden:
-                secret = Secret(metadata=self._meta(inst), stringData=hidden, type="Opaque")
+            if hidden or spec.files:
+                secret = Secret(
+                    metadata=self._meta(inst),
+                    stringData=hidden,
+                    data={
+                        FILE_KEY.format(name=n): base64.b64encode(c).decode()
+                        for n, c in spec.files.items()
+                    },
+                    type="Opaque",
+                )
                 await self.client.create(secret)
             try:
                 pod = await self.client.create(self._pod(inst, public, hidden))
             except BaseException:
-                if hidden:
+                if hidden or spec.files:
                     with contextlib.suppress(ApiError, httpx2.HTTPError):
                         await self.client.delete(Secret, inst.pod, namespace=self.namespace)
                 raise
@@ -421,7 +445,7 @@ class KubernetesRuntime:
         cached = self._pods.get(inst.pod)
         if cached is not None and cached.metadata and cached.metadata.uid == inst.uid:
             self._observed(inst, cached, cached)
-        if hidden:
+        if hidden or spec.files:
             await self._own_secret(inst)
         log.info("pod created", extra={"instance": spec.instance_id, "pod": inst.pod})
 
@@ -494,10 +518,26 @@ class KubernetesRuntime:
             ),
             resources=self.resources,
         )
+        volumes = []
+        if spec.files:  # read-only, owner-only files, gone with the pod
+            volumes.append(
+                Volume(
+                    name="secrets",
+                    secret=SecretVolumeSource(
+                        secretName=inst.pod,
+                        defaultMode=0o400,
+                        items=[KeyToPath(key=FILE_KEY.format(name=n), path=n) for n in spec.files],
+                    ),
+                )
+            )
+            container.volumeMounts = [
+                VolumeMount(name="secrets", mountPath=SECRETS_MOUNT, readOnly=True)
+            ]
         return Pod(
             metadata=self._meta(inst),
             spec=PodSpec(
                 containers=[container],
+                volumes=volumes or None,
                 restartPolicy="Always",
                 terminationGracePeriodSeconds=_seconds(spec.grace_period),
                 automountServiceAccountToken=False,  # agents have no business with the API

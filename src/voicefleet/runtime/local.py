@@ -31,7 +31,13 @@ from pathlib import Path
 import httpx
 import psutil
 
-from voicefleet.runtime import ChangeListener, InstanceSpec, InstanceState, InstanceStatus
+from voicefleet.runtime import (
+    SECRETS_ENV,
+    ChangeListener,
+    InstanceSpec,
+    InstanceState,
+    InstanceStatus,
+)
 
 log = logging.getLogger("voicefleet.runtime")
 
@@ -106,6 +112,31 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
+def write_secret_files(spec: InstanceSpec) -> dict[str, str]:
+    """The instance's file secrets, in its own directory (0700; files 0600, owner only): the
+    variable that names it, or nothing when the agent has no file secrets."""
+    folder = spec.secrets_dir
+    if folder is None or not spec.files:
+        return {}
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)  # were it there already, with other modes
+    for old in folder.iterdir():  # a restart after `secrets unset`: only the current ones
+        if old.name not in spec.files:
+            old.unlink(missing_ok=True)
+    for name, content in spec.files.items():
+        path = folder / name
+        path.unlink(missing_ok=True)  # a fresh file: no other owner's, no link followed
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+    return {SECRETS_ENV: str(folder)}
+
+
+def remove_secret_files(spec: InstanceSpec) -> None:
+    if spec.secrets_dir is not None:
+        shutil.rmtree(spec.secrets_dir, ignore_errors=True)
+
+
 @dataclass(eq=False)
 class _Instance:
     state: InstanceState
@@ -166,6 +197,7 @@ class LocalRuntime:
         spec = inst.state.spec
         port = _free_port()
         spec.log_dir.mkdir(parents=True, exist_ok=True)
+        files_env = write_secret_files(spec)
         with open(inst.state.log_path, "ab") as out:
             out.write(f"--- voicefleet: starting {spec.instance_id} ({spec.version})\n".encode())
             out.flush()
@@ -177,7 +209,12 @@ class LocalRuntime:
             inst.proc = await asyncio.create_subprocess_exec(
                 *argv,
                 cwd=spec.workdir,
-                env={**spec.env, "PATH": os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"},
+                env={
+                    **spec.env,
+                    **files_env,
+                    "PATH": os.environ.get("PATH", ""),
+                    "PYTHONUNBUFFERED": "1",
+                },
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
@@ -197,14 +234,17 @@ class LocalRuntime:
     async def adopt(self, spec: InstanceSpec, pid: int, started_at: float) -> InstanceState | None:
         """Take back an instance a previous server started, if that very process still runs."""
         if pid <= 0:
+            remove_secret_files(spec)
             return None  # none was recorded (it never started)
         try:
             proc = psutil.Process(pid)
             # A pid can be reused: the start time tells our process from a newer one.
             if abs(proc.create_time() - started_at) > 1.0 or not _alive(pid):
+                remove_secret_files(spec)  # it ended while the server was down
                 return None
             port = _health_port(proc.cmdline())
         except (psutil.Error, ValueError, IndexError):
+            remove_secret_files(spec)
             return None
         state = InstanceState(spec=spec, pid=pid, started_at=started_at, health_port=port)
         inst = _Instance(state)
@@ -242,6 +282,7 @@ class LocalRuntime:
                 inst.killer.cancel()
             _signal_group(inst.state.pid, signal.SIGKILL)  # leftovers of its group, if any
             if inst.draining or inst.stopping:
+                remove_secret_files(inst.state.spec)
                 if inst.draining and code != 0 and not inst.killed_at_grace:
                     self._set(inst, InstanceStatus.FAILED)  # died mid-drain: not our doing
                 self._set(inst, InstanceStatus.STOPPED)
@@ -255,6 +296,7 @@ class LocalRuntime:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.backoff_max)
             if inst.draining or inst.stopping:
+                remove_secret_files(inst.state.spec)
                 self._set(inst, InstanceStatus.STOPPED)
                 return
             try:
@@ -343,6 +385,7 @@ class LocalRuntime:
                 await asyncio.wait_for(inst.exited.wait(), self.stop_timeout)
             except TimeoutError:
                 _signal_group(inst.state.pid, signal.SIGKILL)
+        remove_secret_files(inst.state.spec)
         self._set(inst, InstanceStatus.STOPPED)
 
     async def close(self, leave_running: bool) -> None:

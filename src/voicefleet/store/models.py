@@ -127,7 +127,9 @@ class InstanceRow(Base):
 
 
 class SecretRow(Base):
-    """An agent's secret, encrypted at rest (Fernet); never returned by the API."""
+    """An agent's secret, encrypted at rest (Fernet); never returned by the API. Its kind:
+    "env", an environment variable of every instance, or "file", a file of that name in each
+    instance's own secrets directory (`--secret-mount`)."""
 
     __tablename__ = "secrets"
 
@@ -135,6 +137,7 @@ class SecretRow(Base):
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     value: Mapped[bytes] = mapped_column(LargeBinary)
     updated_at: Mapped[float] = mapped_column(Float)
+    kind: Mapped[str] = mapped_column(String(8), default="env", server_default="env")
 
 
 class RolloutRow(Base):

@@ -135,6 +135,13 @@ class Repo:
             select(SecretRow).where(SecretRow.agent_id == agent_id).order_by(SecretRow.name)
         )
 
+    async def replace_secrets(self, agent_id: str, rows: Sequence[SecretRow]) -> None:
+        """The agent's secrets become exactly `rows`, in one transaction."""
+        async with self._session() as s, s.begin():
+            await s.execute(delete(SecretRow).where(SecretRow.agent_id == agent_id))
+            for row in rows:
+                await s.merge(row)
+
     async def unset_secrets(self, agent_id: str, names: Sequence[str]) -> int:
         async with self._session() as s, s.begin():
             result = await s.execute(

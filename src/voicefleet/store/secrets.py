@@ -34,12 +34,16 @@ class SecretBox:
         the file is, out of the database."""
         return hmac.new(self._key, f"voicefleet {purpose}".encode(), hashlib.sha256).digest()
 
-    def seal(self, value: str) -> bytes:
-        return self._fernet.encrypt(value.encode())
+    def seal(self, value: str | bytes) -> bytes:
+        return self._fernet.encrypt(value.encode() if isinstance(value, str) else value)
 
     def open_value(self, sealed: bytes) -> str:
+        return self.open_bytes(sealed).decode()
+
+    def open_bytes(self, sealed: bytes) -> bytes:
+        """A file secret's content: bytes, as it was uploaded."""
         try:
-            return self._fernet.decrypt(sealed).decode()
+            return self._fernet.decrypt(sealed)
         except InvalidToken:
             raise VoicefleetError(
                 f"a secret cannot be decrypted with {KEY_FILE}: was the key file replaced?"

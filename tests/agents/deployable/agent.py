@@ -2,7 +2,9 @@
 
 Its settings come the way a user's secrets do, as environment variables: MARKER_DIR (where
 `<job id>.started` / `.done` go) and VF_TEST_SECRET (copied into the marker to prove secrets
-arrive). The job's metadata may be {"hold": seconds} and {"until_released": true} (then it ends
+arrive). At start each instance writes `boot-<instance id>.json` there: the secret it sees and
+its file secrets (`--secret-mount`), as read from $VOICEFLEET_SECRETS_DIR.
+The job's metadata may be {"hold": seconds} and {"until_released": true} (then it ends
 once the test writes `<job id>.release`). Files next to it change it per version:
 CRASH makes it fail to start (so does the variable CRASH_AT_START, per instance), FAIL makes
 every session's process die (after `.started`), THREADS runs jobs in threads instead of
@@ -87,7 +89,22 @@ async def entrypoint(ctx: JobContext) -> None:
     ctx.shutdown("done")
 
 
+def boot_marker() -> None:
+    """What this instance was given, as it sees it, before it serves anything."""
+    markers, folder = os.environ.get("MARKER_DIR"), os.environ.get("VOICEFLEET_SECRETS_DIR")
+    if not markers:
+        return
+    files = {}
+    for path in sorted(Path(folder).iterdir()) if folder else []:
+        files[path.name] = {"content": path.read_text(), "mode": path.stat().st_mode & 0o777}
+    instance = os.environ.get("VOICEFLEET_INSTANCE_ID", "")
+    seen = {"instance": instance, "secret": os.environ.get("VF_TEST_SECRET", "")}
+    seen.update(secrets_dir=folder, files=files)
+    Path(markers, f"boot-{instance}.json").write_text(json.dumps(seen))
+
+
 if __name__ == "__main__":
+    boot_marker()
     executor = JobExecutorType.THREAD if HERE.joinpath("THREADS").exists() else None
     cli.run_app(
         WorkerOptions(
