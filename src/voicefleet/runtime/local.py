@@ -203,6 +203,10 @@ class LocalRuntime:
             # A pid can be reused: the start time tells our process from a newer one.
             if abs(proc.create_time() - started_at) > 1.0 or not _alive(pid):
                 return None
+            # ... and its folder tells this data dir's instance from one of another data dir
+            # holding the same records (a restored backup, a copy): that one is not ours.
+            if os.path.realpath(proc.cwd()) != os.path.realpath(spec.workdir):
+                return None
             port = _health_port(proc.cmdline())
         except (psutil.Error, ValueError, IndexError):
             return None
