@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from voicefleet import __version__, logs
+from voicefleet.cli import backup
 from voicefleet.cli.agent import app as agent_app
 from voicefleet.cli.flags import app as flags_app
 from voicefleet.config import DispatchSettings, KubernetesSettings, RuntimeKind, Settings
@@ -26,6 +27,14 @@ app = typer.Typer(
 err = Console(stderr=True, soft_wrap=True)
 app.add_typer(agent_app, name="agent")
 app.add_typer(flags_app, name="flags")
+# `vf server` runs the server; its subcommands (backup, restore) act on a data dir.
+server_app = typer.Typer(
+    help="Run the voicefleet server, or act on its data dir (backup, restore).",
+    no_args_is_help=False,
+)
+app.add_typer(server_app, name="server")
+server_app.command()(backup.backup)
+server_app.command()(backup.restore)
 
 
 def _version(value: bool) -> None:
@@ -43,8 +52,9 @@ def _root(
     pass
 
 
-@app.command()
+@server_app.callback(invoke_without_command=True)
 def server(
+    ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 7880,
     data_dir: Annotated[
@@ -153,7 +163,10 @@ def server(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the voicefleet server: LiveKit agent workers connect to it at ws://HOST:PORT."""
+    if ctx.invoked_subcommand is not None:
+        return
     from voicefleet.store.db import check_store
+    from voicefleet.store.secrets import check_secrets_key
 
     logs.setup(log_level)
     settings = Settings(
@@ -193,6 +206,7 @@ def server(
     try:
         check_data_dir(settings.data_dir)
         asyncio.run(check_store(settings.database_url))
+        asyncio.run(check_secrets_key(settings.database_url, settings.data_dir))
         if settings.runtime == RuntimeKind.KUBERNETES:
             asyncio.run(_check_kubernetes(settings.kubernetes))
         project, created = load_project(settings)
