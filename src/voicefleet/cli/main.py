@@ -161,10 +161,24 @@ def server(
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    ssl_certfile: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="VF_SSL_CERTFILE",
+            help="PEM certificate chain to serve TLS with: workers connect with wss://, "
+            "clients with https:// (needs --ssl-keyfile).",
+        ),
+    ] = None,
+    ssl_keyfile: Annotated[
+        Path | None,
+        typer.Option(envvar="VF_SSL_KEYFILE", help="The certificate's PEM private key."),
+    ] = None,
 ) -> None:
-    """Run the voicefleet server: LiveKit agent workers connect to it at ws://HOST:PORT."""
+    """Run the voicefleet server: LiveKit agent workers connect to it at ws://HOST:PORT
+    (wss:// with --ssl-certfile/--ssl-keyfile)."""
     if ctx.invoked_subcommand is not None:
         return
+    from voicefleet.control.tls import check_tls
     from voicefleet.store.db import check_store
     from voicefleet.store.secrets import check_secrets_key
 
@@ -182,6 +196,8 @@ def server(
         keep_instances=keep_instances,
         keep_warm=keep_warm,
         database=database_url,
+        ssl_certfile=_absolute(ssl_certfile) if ssl_certfile else None,
+        ssl_keyfile=_absolute(ssl_keyfile) if ssl_keyfile else None,
         livekit_url=livekit_url,
         livekit_api_key=livekit_api_key,
         livekit_api_secret=livekit_api_secret,
@@ -205,6 +221,7 @@ def server(
     # from uvicorn; here it is one line saying where, and a hint.
     try:
         check_data_dir(settings.data_dir)
+        check_tls(settings.ssl_certfile, settings.ssl_keyfile)
         asyncio.run(check_store(settings.database_url))
         asyncio.run(check_secrets_key(settings.database_url, settings.data_dir))
         if settings.runtime == RuntimeKind.KUBERNETES:
