@@ -21,6 +21,7 @@ from livekit import api
 
 from tests.support import DEV_KEY, DEV_SECRET, Server, release, started, wait_for
 from tests.test_deploy import AGENT_SRC, SECRET, api_get, dispatch, job_state, vf, vf_env
+from tests.test_store import _pg_bindir, postgres  # noqa: F401 (a fixture)
 from voicefleet.control.backup import backup
 from voicefleet.control.restore import OPEN_AT_BACKUP, restore
 from voicefleet.errors import BackupRejected, VoicefleetError
@@ -418,3 +419,74 @@ def test_a_restore_checks_free_space_before_writing_anything(
     with pytest.raises(BackupRejected, match="MB free"):
         _unpack(good_archive, stage, free=10)
     assert list(stage.iterdir()) == []
+
+
+# -- PostgreSQL: pg_dump and the data dir's bundles, as docs/operations.md says -----------------
+
+
+@pytest.mark.timeout(900)
+async def test_postgresql_backed_up_with_pg_dump_and_the_bundles_restores_as_documented(
+    request: pytest.FixtureRequest,
+    start_server: Callable[..., Server],
+    agent_dir: Path,
+    tmp_path: Path,
+) -> None:
+    pg_url: str = request.getfixturevalue("postgres")  # tests/test_store.py's server
+    bindir = _pg_bindir()
+    assert bindir is not None  # the postgres fixture skips without it
+    server = start_server("--database-url", pg_url)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    vf(server, agent_dir, "create")
+    vf(server, agent_dir, "secrets", "set", f"MARKER_DIR={markers}", f"VF_TEST_SECRET={SECRET}")
+    vf(server, agent_dir, "deploy")
+    flag = subprocess.run(
+        [sys.executable, "-m", "voicefleet", "flags", "set", "my-agent", "greeting", "pg"],
+        env=vf_env(server),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert flag.returncode == 0, flag.stderr
+
+    libpq = pg_url.replace("+asyncpg", "")  # pg_dump's URL: no driver
+    dump, files = tmp_path / "vf.dump", tmp_path / "vf-files.tar.gz"
+    subprocess.run(
+        [str(bindir / "pg_dump"), "--format=custom", f"--file={dump}", libpq], check=True
+    )
+    subprocess.run(
+        ["bash", "-c", f"cd {server.data_dir} && tar -czf {files} "
+         "agents/*/v*/bundle.tar.gz agents/*/v*/build.log"],
+        check=True,
+    )  # fmt: skip
+    host, port = libpq.split("@")[1].split("/")[0].split(":")
+    subprocess.run(
+        [str(bindir / "createdb"), "-h", host, "-p", port, "-U", "vf", "voicefleet_new"],
+        check=True,
+    )
+    new_libpq = libpq.rsplit("/", 1)[0] + "/voicefleet_new"
+    subprocess.run(
+        [str(bindir / "pg_restore"), "--no-owner", f"--dbname={new_libpq}", str(dump)],
+        check=True,
+    )
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    subprocess.run(["tar", "-xzf", str(files), "-C", str(restored)], check=True)
+    shutil.copy2(server.data_dir / "secrets.key", restored / "secrets.key")
+    server.stop()  # the old one is gone; its instances with it
+
+    new_url = pg_url.rsplit("/", 1)[0] + "/voicefleet_new"
+    again = start_server("--database-url", new_url, data_dir=restored)
+    listed = vf(again, agent_dir, "secrets", "list").stdout
+    assert "MARKER_DIR" in listed and "VF_TEST_SECRET" in listed
+    assert api_get(again, "/agents/my-agent/flags/greeting")["value"] == "pg"
+    assert len(list(restored.glob("agents/*/v1/src/agent.py"))) == 1  # from its bundle
+    lk = api.LiveKitAPI(again.url, DEV_KEY, DEV_SECRET)
+    try:
+        call = await dispatch(lk, "after-pg-restore")
+        await wait_for(job_state(again, call, "succeeded", "failed"), 120, "a call after restore")
+        seen = started(markers, call)
+        assert seen is not None
+        assert (seen["version"], seen["secret"], seen["greeting"]) == ("v1", SECRET, "pg")
+    finally:
+        await lk.aclose()
