@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -29,6 +31,9 @@ def backup(
     sources to FILE. The secrets key is NOT in it: keep a copy of it apart."""
     from voicefleet.control.backup import backup as run
 
+    # Compressing takes a core for a while: the server's own work goes first.
+    with contextlib.suppress(OSError):
+        os.nice(10)
     data_dir = data_dir.expanduser().resolve()
     try:
         report = run(data_dir, file.expanduser())

@@ -132,7 +132,10 @@ def backup(data_dir: Path, out: Path) -> BackupReport:
         }
         tmp = Path(work) / "backup.tar.gz"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it holds the store
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
+        with (
+            os.fdopen(fd, "wb") as raw,
+            tarfile.open(fileobj=raw, mode="w:gz", compresslevel=6) as tar,
+        ):
             data = json.dumps(manifest, indent=2).encode()
             tar.addfile(_info(MANIFEST, len(data)), io.BytesIO(data))
             for name, path in files:
