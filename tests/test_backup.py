@@ -332,6 +332,17 @@ HOSTILE: dict[str, tuple[Callable[[Path], list[tuple[tarfile.TarInfo, bytes | No
         lambda a: [_manifest({"voicefleet.db": {"size": 1 << 50, "sha256": "0"}})],
         "entry of 'voicefleet.db' is invalid or too big",
     ),
+    "manifest of the wrong types": (
+        lambda a: [
+            _file(
+                "manifest.json",
+                json.dumps(
+                    {"format": "voicefleet-backup", "format_version": 1, "created_at": "then"}
+                ).encode(),
+            )
+        ],
+        "the archive's manifest is invalid",
+    ),
     "not a backup": (
         lambda a: [_file("agent.py", b"print('hi')\n")],
         "not a voicefleet backup: it starts with 'agent.py'",

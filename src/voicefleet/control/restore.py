@@ -121,7 +121,7 @@ def restore(
         missing=[
             name
             for name in manifest.get("kept_apart", [])
-            if name in KEPT_APART and not (data_dir / name).exists()
+            if isinstance(name, str) and name in KEPT_APART and not (data_dir / name).exists()
         ],
         key_opens=key_opens,
     )
@@ -183,6 +183,12 @@ def _read_manifest(data: bytes) -> dict[str, Any]:
             f"{manifest.get('voicefleet')}); this voicefleet ({__version__}) restores format "
             f"{FORMAT_VERSION}"
         )
+    if not (
+        isinstance(manifest.get("created_at", 0), int | float)
+        and isinstance(manifest.get("data_dir", ""), str)
+        and isinstance(manifest.get("kept_apart", []), list)
+    ):
+        raise BackupRejected("the archive's manifest is invalid (created_at, data_dir, kept_apart)")
     files = manifest.get("files")
     if not isinstance(files, dict) or DB_FILE not in files:
         raise BackupRejected("the archive's manifest lists no store")
@@ -271,6 +277,9 @@ def _check_schema(conn: Connection) -> None:
     except Exception as e:  # not SQLite, not voicefleet's: the driver says which
         cause = getattr(e, "orig", None) or e
         raise BackupRejected(f"the backup's store is not a voicefleet database ({cause})") from None
+    check = conn.exec_driver_sql("PRAGMA quick_check").scalar()
+    if check != "ok":
+        raise BackupRejected(f"the backup's store is damaged (SQLite's check: {check})")
     known = {s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
     if revision not in known:
         raise BackupRejected(
