@@ -27,8 +27,12 @@ def backup(
     file: Annotated[Path, typer.Argument(help="The backup to write (a .tar.gz; replaced).")],
     data_dir: DataDir = Path(".voicefleet"),
 ) -> None:
-    """Back up a data dir's SQLite store (consistent while the server runs) and the versions'
-    sources to FILE. The secrets key is NOT in it: keep a copy of it apart."""
+    """Back up a data dir: its SQLite store and every version's sources, in one file.
+
+    The store is copied consistently while the server runs and writes.
+
+    NOT in the backup: secrets.key (and credentials.json). Keep a copy of them apart.
+    """
     from voicefleet.control.backup import backup as run
 
     # Compressing takes a core for a while: the server's own work goes first.
@@ -82,8 +86,12 @@ def restore(
         ),
     ] = False,
 ) -> None:
-    """Restore a backup into a data dir; start `vf server --data-dir` there once its
-    secrets.key is copied in. Environments are built again at that first start."""
+    """Restore a backup into a new (or empty) data dir.
+
+    Then copy in the secrets.key of the data dir the backup was taken of.
+
+    Start `vf server --data-dir` there: its first start builds the environments again.
+    """
     from voicefleet.control.restore import restore as run
 
     target = data_dir.expanduser().resolve()

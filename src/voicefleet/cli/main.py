@@ -29,7 +29,8 @@ app.add_typer(agent_app, name="agent")
 app.add_typer(flags_app, name="flags")
 # `vf server` runs the server; its subcommands (backup, restore) act on a data dir.
 server_app = typer.Typer(
-    help="Run the voicefleet server, or act on its data dir (backup, restore).",
+    help="Run the voicefleet server (workers connect at ws://HOST:PORT; wss:// with "
+    "--ssl-certfile/--ssl-keyfile), or back up and restore its data dir.",
     no_args_is_help=False,
 )
 app.add_typer(server_app, name="server")
