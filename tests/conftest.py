@@ -43,8 +43,8 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 
     def start(*args: str, data_dir: Path | None = None, dev: bool = True, port: int = 0) -> Server:
         srv = Server(data_dir or tmp_path / f"server{len(servers)}", *args, dev=dev, port=port)
+        servers.append(srv)  # first: one that fails to get ready is stopped all the same
         srv.start()
-        servers.append(srv)
         return srv
 
     yield start

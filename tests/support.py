@@ -107,7 +107,7 @@ class Server:
 
     @property
     def ws_url(self) -> str:
-        return self.url.replace("http://", "ws://")
+        return "ws" + self.url.removeprefix("http")  # https:// -> wss://
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

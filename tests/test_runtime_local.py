@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -177,7 +178,7 @@ async def test_drain_kills_only_after_the_grace_period(
     assert job["state"] == "pending", job
 
 
-async def test_adoption_takes_back_the_same_process_and_refuses_a_reused_pid(
+async def test_adoption_takes_back_the_same_process_and_refuses_a_reused_pid_or_another_folder(
     server: Server, runtime: LocalRuntime, tmp_path: Path
 ) -> None:
     (tmp_path / "agent.py").write_text(PLAIN_AGENT)
@@ -188,6 +189,11 @@ async def test_adoption_takes_back_the_same_process_and_refuses_a_reused_pid(
     after_restart = LocalRuntime(tick=0.1)
     try:
         assert await after_restart.adopt(s, state.pid, state.started_at - 100) is None
+        # The same records in another data dir (a restored backup): the process is not its.
+        elsewhere = tmp_path / "restored" / "src"
+        elsewhere.mkdir(parents=True)
+        copy = dataclasses.replace(s, workdir=elsewhere)
+        assert await after_restart.adopt(copy, state.pid, state.started_at) is None
         adopted = await after_restart.adopt(s, state.pid, state.started_at)
         assert adopted is not None and adopted.health_port == state.health_port
         await wait_for(lambda: adopted.status == InstanceStatus.READY, 30, "adopted health")

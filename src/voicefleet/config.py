@@ -134,6 +134,14 @@ class Settings:
     database: str = ""
     # Built environments (one per dependency digest); None: envs/ in the data directory.
     env_cache: Path | None = None
+    # TLS (voicefleet.control.tls): the PEM certificate chain and key uvicorn serves; None:
+    # plain HTTP. Workers connect with wss://, API clients with https://.
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.ssl_certfile is not None
 
     @property
     def database_url(self) -> str:

@@ -65,6 +65,11 @@ class BundleRejected(InvalidRequest):
     """An uploaded source bundle is unsafe or too big: path traversal, links out, size limits."""
 
 
+class BackupRejected(VoicefleetError):
+    """A backup archive `vf server restore` will not restore: not a voicefleet backup, damaged,
+    unsafe (paths out of the data dir, links, members too big) or too big for the disk."""
+
+
 class BuildFailed(VoicefleetError):
     """Building a version's environment failed; the log says why. The serving version is kept."""
 

@@ -28,6 +28,7 @@ from voicefleet.control.access import PEPPER_PURPOSE, Keys
 from voicefleet.control.service import ControlPlane
 from voicefleet.control.sizing import Sizing
 from voicefleet.control.telemetry import Telemetry
+from voicefleet.control.tls import TRUST_VARIABLES, instance_host
 from voicefleet.dashboard import router as dashboard
 from voicefleet.dispatch.endpoint import worker_endpoint
 from voicefleet.dispatch.service import DispatchService
@@ -77,6 +78,8 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
             paths,
             worker_url=lambda: str(app.state.worker_url),
             keep_warm=settings.keep_warm,
+            # The CA bundle the server was told to trust: the instances verify its certificate.
+            trust={k: os.environ[k] for k in TRUST_VARIABLES if os.environ.get(k)},
         )
         rollouts = Rollouts(repo, service, fleet)
         sizing = Sizing(repo, service, fleet, rollouts)
@@ -249,6 +252,8 @@ async def serve(settings: Settings, project: Project) -> None:
         ws_ping_timeout=settings.ws_ping_timeout,
         ws_max_size=1 << 20,
         access_log=False,
+        ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
+        ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
         # Longer than clients' own keep-alive (aiohttp, which livekit-api uses: 15 s), so a
         # client never reuses a connection the server is closing at that moment.
         timeout_keep_alive=75,
@@ -273,11 +278,14 @@ class _Server(uvicorn.Server):
         gc.freeze()
         if self.started:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
-            app = self.app
-            app.state.worker_url = f"ws://{host}:{port}"
+            app, tls = self.app, self.settings.tls
+            # What the instances started here connect to: an address the certificate names.
+            instances = instance_host(host, self.settings.ssl_certfile)
+            app.state.worker_url = f"{'wss' if tls else 'ws'}://{instances}:{port}"
             # Instances need the server's address, known only now (port 0): take them back now.
             await app.state.take_back()
-            _announce(f"http://{host}:{port}", self.settings)
+            shown = f"[{host}]" if ":" in host else host
+            _announce(f"{'https' if tls else 'http'}://{shown}:{port}", self.settings)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.app.state.dispatch.closing = True
@@ -289,7 +297,7 @@ def _announce(url: str, settings: Settings) -> None:
         "voicefleet %s serving on %s (workers: LIVEKIT_URL=%s)",
         __version__,
         url,
-        url.replace("http://", "ws://"),
+        "ws" + url.removeprefix("http"),
     )
     if settings.ready_file is not None:
         tmp = settings.ready_file.with_suffix(".tmp")

@@ -101,16 +101,24 @@ class Client:
         try:
             r = self.http.request(method, path, **kwargs)
         except httpx.TransportError as e:
-            fail(f"cannot reach the voicefleet server at {self.target.url}: {e}", UNREACHABLE)
+            self.unreachable(e)
         check(r)
         return r.json() if r.content else None
+
+    def unreachable(self, e: httpx.TransportError, what: str = "cannot reach") -> NoReturn:
+        url = self.target.url
+        hint = ""
+        if url.startswith("http://") and isinstance(e, httpx.RemoteProtocolError):
+            # What plain HTTP to a TLS port looks like from here: closed without an answer.
+            hint = f" (does it serve TLS? try {'https://' + url.removeprefix('http://')})"
+        fail(f"{what} the voicefleet server at {url}: {e}{hint}", UNREACHABLE)
 
     def get_if_found(self, path: str, **kwargs: Any) -> Any:
         """GET `path`; None when the server answers 404 (not there, or not yet)."""
         try:
             r = self.http.request("GET", path, **kwargs)
         except httpx.TransportError as e:
-            fail(f"cannot reach the voicefleet server at {self.target.url}: {e}", UNREACHABLE)
+            self.unreachable(e)
         if r.status_code == 404:
             return None
         check(r)
@@ -125,7 +133,7 @@ class Client:
                     check(r)
                 yield from r.iter_lines()
         except httpx.TransportError as e:
-            fail(f"lost the voicefleet server at {self.target.url}: {e}", UNREACHABLE)
+            self.unreachable(e, "lost")
 
 
 def check(r: httpx.Response) -> None:

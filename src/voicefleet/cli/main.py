@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from voicefleet import __version__, logs
+from voicefleet.cli import backup
 from voicefleet.cli.agent import app as agent_app
 from voicefleet.cli.events import events
 from voicefleet.cli.flags import app as flags_app
@@ -29,10 +30,16 @@ err = Console(stderr=True, soft_wrap=True)
 app.add_typer(agent_app, name="agent")
 app.add_typer(flags_app, name="flags")
 app.command()(events)
-# `vf server` runs the server; its subcommands (`vf server keys …`) work on its data dir.
-server_app = typer.Typer(no_args_is_help=False)
+# `vf server` runs the server; its subcommands (keys, backup, restore) act on its data dir.
+server_app = typer.Typer(
+    help="Run the voicefleet server (workers connect at ws://HOST:PORT; wss:// with "
+    "--ssl-certfile/--ssl-keyfile), manage its API keys, or back up and restore its data dir.",
+    no_args_is_help=False,
+)
 server_app.add_typer(keys_app, name="keys")
 app.add_typer(server_app, name="server")
+server_app.command()(backup.backup)
+server_app.command()(backup.restore)
 
 
 def _version(value: bool) -> None:
@@ -159,11 +166,26 @@ def server(
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    ssl_certfile: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="VF_SSL_CERTFILE",
+            help="PEM certificate chain to serve TLS with: workers connect with wss://, "
+            "clients with https:// (needs --ssl-keyfile).",
+        ),
+    ] = None,
+    ssl_keyfile: Annotated[
+        Path | None,
+        typer.Option(envvar="VF_SSL_KEYFILE", help="The certificate's PEM private key."),
+    ] = None,
 ) -> None:
-    """Run the voicefleet server: LiveKit agent workers connect to it at ws://HOST:PORT."""
+    """Run the voicefleet server: LiveKit agent workers connect to it at ws://HOST:PORT
+    (wss:// with --ssl-certfile/--ssl-keyfile)."""
     if ctx.invoked_subcommand is not None:
         return
+    from voicefleet.control.tls import check_tls
     from voicefleet.store.db import check_store
+    from voicefleet.store.secrets import check_secrets_key
 
     logs.setup(log_level)
     settings = Settings(
@@ -179,6 +201,8 @@ def server(
         keep_instances=keep_instances,
         keep_warm=keep_warm,
         database=database_url,
+        ssl_certfile=_absolute(ssl_certfile) if ssl_certfile else None,
+        ssl_keyfile=_absolute(ssl_keyfile) if ssl_keyfile else None,
         livekit_url=livekit_url,
         livekit_api_key=livekit_api_key,
         livekit_api_secret=livekit_api_secret,
@@ -202,7 +226,9 @@ def server(
     # from uvicorn; here it is one line saying where, and a hint.
     try:
         check_data_dir(settings.data_dir)
+        check_tls(settings.ssl_certfile, settings.ssl_keyfile)
         asyncio.run(check_store(settings.database_url))
+        asyncio.run(check_secrets_key(settings.database_url, settings.data_dir))
         if settings.runtime == RuntimeKind.KUBERNETES:
             asyncio.run(_check_kubernetes(settings.kubernetes))
         project, created = load_project(settings)

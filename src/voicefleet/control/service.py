@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from voicefleet.autoscale.policy import Policy
+from voicefleet.build import node
 from voicefleet.build.bundle import extract_bundle
 from voicefleet.build.local import LocalBuilder
 from voicefleet.control.sizing import Sizing
 from voicefleet.dispatch.jobs import new_id
 from voicefleet.dispatch.service import DispatchService
-from voicefleet.errors import BuildFailed, Conflict, InvalidRequest, NotFound
+from voicefleet.errors import BuildFailed, BundleRejected, Conflict, InvalidRequest, NotFound
 from voicefleet.fleet import LIVE, Instances, Lifecycle, Paths
 from voicefleet.rollout.model import RUNNING, SERVED, RolloutState
 from voicefleet.rollout.plans import Plan
@@ -122,7 +123,9 @@ class ControlPlane:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def restore(self) -> None:
-        """Take back what the last run left: routes as recorded; builds it was running failed."""
+        """Take back what the last run left: routes as recorded; builds it was running failed;
+        ready versions whose environment is not here (a restored backup, an emptied env cache)
+        built again from their sources, before any instance of them starts."""
         for dep in await self.repo.deployments():
             agent = await self.repo.agent(dep.agent_id)
             if agent is not None and dep.version:
@@ -133,6 +136,58 @@ class ControlPlane:
                     v.status = VersionStatus.FAILED
                     v.error = "the server restarted during the build"
                     await self.repo.save(v)
+                elif v.status == VersionStatus.READY and self._environment_missing(agent, v):
+                    await self._rebuild(agent, v)
+
+    def _environment_missing(self, agent: AgentRow, row: VersionRow) -> bool:
+        source = self.paths.source(agent.id, row.version)
+        if not source.is_dir():
+            return True  # a data dir put back by hand: bundles copied, sources not unpacked
+        if node.is_node_agent(source):
+            return not (source / "node_modules").exists()  # a link into the cache
+        python = Path(row.python)
+        # In this server's cache: one of another data dir (a backup's origin) is not ours.
+        return not (python.exists() and python.is_relative_to(self.builder.cache_dir))
+
+    async def _rebuild(self, agent: AgentRow, row: VersionRow) -> None:
+        """The environment of a version that was built once, from its sources and lockfile: the
+        same dependencies (the digest says so), no new version. Sources missing (a data dir
+        put back by hand, bundles only) are unpacked from the bundle; with no bundle either,
+        or one that is refused, the version fails: it cannot run."""
+        source = self.paths.source(agent.id, row.version)
+        bundle = self.paths.bundle(agent.id, row.version)
+        where = {"agent": agent.id, "version": row.version}
+        if not source.is_dir() and bundle.is_file():
+            with contextlib.suppress(BundleRejected):  # then it has no sources: failed below
+                await asyncio.to_thread(extract_bundle, bundle, source)
+        if not source.is_dir():
+            row.status = VersionStatus.FAILED
+            row.error = "its sources are not in the data dir (restored without its bundle?)"
+            await self.repo.save(row)
+            log.error("version without sources or bundle: failed", extra=where)
+            return
+        log.info("environment missing: building it again", extra=where)
+        with BuildLog(self.paths.build_log(agent.id, row.version)) as out:
+            out.write("--- environment missing at start (a restored data dir?): built again")
+            try:
+                artifact = await self.builder.build(source, out.write)
+            except Exception as e:  # the version stays ready: the next start tries again
+                out.write(f"build failed: {e}")
+                log.error("environment not rebuilt: %s", e, extra=where)
+                row.error = f"its environment could not be built again: {e}"
+                await self.repo.save(row)
+                return
+        if artifact.dependency_digest != row.dependency_digest:
+            log.warning("rebuilt with another digest (another Python?)", extra=where)
+        row.python, row.dependency_digest, row.error = (
+            str(artifact.python),
+            artifact.dependency_digest,
+            "",
+        )
+        await self.repo.save(row)
+        await self.repo.event(
+            agent.id, "environment_rebuilt", f"{row.version}: environment built again at start"
+        )
 
     async def close(self) -> None:
         """Stop the builds under way (their versions are failed at the next start)."""

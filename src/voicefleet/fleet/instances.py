@@ -83,6 +83,7 @@ class Instances:
         worker_url: Callable[[], str],
         serving_timeout: float = 180.0,
         keep_warm: float = 60.0,
+        trust: dict[str, str] | None = None,
     ) -> None:
         self.repo = repo
         self.dispatch = dispatch
@@ -92,6 +93,9 @@ class Instances:
         self.worker_url = worker_url
         self.serving_timeout = serving_timeout
         self.keep_warm = keep_warm
+        # Variables every instance gets (the CA bundle that verifies the server's certificate);
+        # the agent's own secrets may set them otherwise.
+        self.trust = dict(trust or {})
         # Status changes being written to the store (the runtime reports them synchronously).
         self._writes: set[asyncio.Task[None]] = set()
         # What each session logged at ERROR, for the per-version stats that judge versions.
@@ -107,7 +111,7 @@ class Instances:
 
     def http_url(self) -> str:
         """The server's own address for instances' HTTP calls (flags, smoke commands)."""
-        return self.worker_url().replace("ws", "http", 1)
+        return "http" + self.worker_url().removeprefix("ws")  # wss:// -> https://
 
     # -- what the dispatcher sees -------------------------------------------------------------
 
@@ -219,7 +223,8 @@ class Instances:
         identity = WorkerIdentity(agent=agent_id, version=row.version, instance=instance_id)
         key, secret = instance_credentials(project.api_secret, identity)
         stored = await self.repo.secrets(agent_id)
-        env = {s.name: self.box.open_value(s.value) for s in stored if s.kind != "file"}
+        env = dict(self.trust)
+        env.update((s.name, self.box.open_value(s.value)) for s in stored if s.kind != "file")
         files = {s.name: self.box.open_bytes(s.value) for s in stored if s.kind == "file"}
         env.update(
             LIVEKIT_URL=self.worker_url(),

@@ -242,6 +242,10 @@ class LocalRuntime:
             if abs(proc.create_time() - started_at) > 1.0 or not _alive(pid):
                 remove_secret_files(spec)  # it ended while the server was down
                 return None
+            # ... and its folder tells this data dir's instance from one of another data dir
+            # holding the same records (a restored backup, a copy): that one is not ours.
+            if os.path.realpath(proc.cwd()) != os.path.realpath(spec.workdir):
+                return None
             port = _health_port(proc.cmdline())
         except (psutil.Error, ValueError, IndexError):
             remove_secret_files(spec)
