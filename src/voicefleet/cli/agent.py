@@ -185,6 +185,14 @@ def deploy(
         str | None,
         typer.Option("--version", help="Roll out this built version again (no upload, no build)."),
     ] = None,
+    image: Annotated[
+        str | None,
+        typer.Option(
+            "--image",
+            help="Deploy this prebuilt image (registry/name:tag, or @sha256:… to pin its bytes) "
+            "as a new version: no upload, no build. Kubernetes runtime only.",
+        ),
+    ] = None,
     strategy: Annotated[
         str | None, typer.Option(help="rolling (default), canary or bluegreen.")
     ] = None,
@@ -245,6 +253,9 @@ def deploy(
 ) -> None:
     """Upload FOLDER as a new version, build it, and roll it out without dropping a session.
 
+    On a server with the Kubernetes runtime the build is an image (buildah), pushed to the
+    server's --registry; --image REF deploys a prebuilt image instead.
+
     Rolling by default; --canary 10 or --steps 10,25,50,100 --interval 5m for a canary that is
     compared with stable and aborted automatically when worse; --strategy bluegreen for green
     beside blue, smoke-tested, then switched."""
@@ -285,6 +296,24 @@ def deploy(
             plan["smoke"]["max_error_lines"] = smoke_max_error_lines
     elif strategy != "rolling":
         fail(f"unknown strategy '{strategy}' (rolling, canary or bluegreen)", USAGE)
+    if version is not None and image is not None:
+        fail("--version rolls out a version there is, --image makes a new one: give one", USAGE)
+    if image is not None:
+        made = client.request(
+            "POST",
+            f"/agents/{key}/images",
+            json={"image": image, "deployment": deployment, "plan": plan},
+        )
+        v = made["version"]
+        if not quiet:
+            out.print(f"[bold]{v}[/bold] runs the prebuilt image {image} (no build)")
+        rollout = _watch_rollout(key, v, quiet, made["rollout"])
+        if quiet:
+            print_json(
+                {"version": {k: x for k, x in made.items() if k != "rollout"}, "rollout": rollout}
+            )
+        _report(rollout)
+        return
     if version is not None:
         started = client.request(
             "POST",

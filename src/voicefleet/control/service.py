@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import shutil
 import time
@@ -20,7 +21,8 @@ from typing import Any, TextIO
 
 from voicefleet.autoscale.policy import Policy
 from voicefleet.build.bundle import extract_bundle
-from voicefleet.build.local import LocalBuilder
+from voicefleet.build.image import check_reference
+from voicefleet.control.builds import VersionBuilder
 from voicefleet.control.sizing import Sizing
 from voicefleet.dispatch.jobs import new_id
 from voicefleet.dispatch.service import DispatchService
@@ -110,16 +112,22 @@ class ControlPlane:
         fleet: Instances,
         rollouts: Rollouts,
         sizing: Sizing,
-        builder: LocalBuilder,
+        builds: VersionBuilder | None,
         box: SecretBox,
         paths: Paths,
+        *,
+        runs_images: bool = False,
     ) -> None:
+        """`builds`: how an upload becomes a version (None: this server cannot build one, only
+        take a prebuilt image). `runs_images`: the runtime runs container images (Kubernetes),
+        so a version may be a prebuilt image (`deploy_image`)."""
         self.repo = repo
         self.dispatch = dispatch
         self.fleet = fleet
         self.runner = rollouts
         self.sizing = sizing
-        self.builder = builder
+        self.builds = builds
+        self.runs_images = runs_images
         self.box = box
         self.paths = paths
         self._builds: set[asyncio.Task[None]] = set()
@@ -231,6 +239,11 @@ class ControlPlane:
         rolled out to `deployment`. Returns the version and the id its rollout will have once
         it is built. A failed build leaves the serving version untouched."""
         plan = plan or Rolling()
+        if self.builds is None:
+            raise InvalidRequest(
+                "this server runs images and has no registry to push builds to: start it with "
+                "--registry HOST[:PORT][/PREFIX], or deploy a prebuilt image with --image REF"
+            )
         await self._refuse_if_rolling(agent, deployment)  # ...and so does a rollout under way
         async with self._recording.setdefault(agent.id, asyncio.Lock()):
             number = await self.repo.next_version_number(agent.id)
@@ -268,6 +281,66 @@ class ControlPlane:
         task.add_done_callback(self._builds.discard)
         return row, rollout_id
 
+    async def deploy_image(
+        self,
+        agent: AgentRow,
+        image: str,
+        deployment: str,
+        plan: Plan | None = None,
+        actor: str = SYSTEM,
+    ) -> tuple[VersionRow, str]:
+        """A prebuilt image as a new version: nothing to build, so it is ready at once and
+        rolled out to `deployment`. Returns the version and its rollout's id. The version's
+        source digest is the digest of the reference (there is no source)."""
+        if not self.runs_images:
+            raise InvalidRequest(
+                "--image needs the Kubernetes runtime: this server runs versions as local "
+                "processes built from their source (vf server --runtime kubernetes)"
+            )
+        try:
+            check_reference(image)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+        plan = plan or Rolling()
+        await self._refuse_if_rolling(agent, deployment)
+        async with self._recording.setdefault(agent.id, asyncio.Lock()):
+            number = await self.repo.next_version_number(agent.id)
+            version = f"v{number}"
+            vdir = self.paths.version_dir(agent.id, version)
+            shutil.rmtree(vdir, ignore_errors=True)  # as upload(): a leftover of a stopped server
+            vdir.mkdir(parents=True)
+            now = time.time()
+            _, _, pinned = image.partition("@")
+            row = VersionRow(
+                agent_id=agent.id,
+                version=version,
+                number=number,
+                status=VersionStatus.READY,
+                source_digest=hashlib.sha256(image.encode()).hexdigest(),
+                image=image,
+                image_digest=pinned,
+                created_at=now,
+                built_at=now,
+            )
+            await self.repo.save(row)
+        with BuildLog(self.paths.build_log(agent.id, version)) as out:
+            out.write(f"prebuilt image {image}: nothing to build")
+            out.write(f"version {version} is ready")
+        await self.repo.event(
+            agent.id, "version_uploaded", f"{version} (image {image}) for {deployment}", actor
+        )
+        rollout_id = new_id("RO_")
+        try:
+            await self.roll_to(
+                agent, deployment, version, plan=plan, rollout_id=rollout_id, actor=actor
+            )
+        except InvalidRequest as e:
+            row.error = f"not rolled out: {e}"
+            await self.repo.save(row)
+            await self.repo.event(agent.id, "rollout_refused", f"{version}: {e}")
+            raise
+        return row, rollout_id
+
     async def _build_and_roll(
         self,
         agent: AgentRow,
@@ -277,10 +350,11 @@ class ControlPlane:
         rollout_id: str,
         actor: str = SYSTEM,
     ) -> None:
+        assert self.builds is not None  # upload() refuses otherwise
         with BuildLog(self.paths.build_log(agent.id, row.version)) as out:
             try:
-                artifact = await self.builder.build(
-                    self.paths.source(agent.id, row.version), out.write
+                done = await self.builds.build(
+                    agent, row, self.paths.source(agent.id, row.version), out.write
                 )
             except BuildFailed as e:
                 out.write(f"build failed: {e}")
@@ -294,10 +368,7 @@ class ControlPlane:
                 row.status, row.error = VersionStatus.FAILED, f"build crashed: {e}"
                 await self.repo.save(row)
                 return
-            reuse = "reused cached environment" if artifact.cached else "built environment"
-            out.write(f"{reuse} {artifact.env_dir}")
             row.status, row.built_at = VersionStatus.READY, time.time()
-            row.dependency_digest, row.python = artifact.dependency_digest, str(artifact.python)
             await self.repo.save(row)
             out.write(f"version {row.version} is ready")
         if out.error:
@@ -306,7 +377,7 @@ class ControlPlane:
                 out.error,
                 extra={"agent": agent.id, "version": row.version},
             )
-        await self.repo.event(agent.id, "version_built", f"{row.version} built ({reuse})")
+        await self.repo.event(agent.id, "version_built", f"{row.version} built ({done})")
         try:
             # The deploy's rollout is the uploader's doing, though it starts after the build.
             await self.roll_to(

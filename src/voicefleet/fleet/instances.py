@@ -247,6 +247,7 @@ class Instances:
             log_dir=self.paths.instance_logs(agent_id),
             grace_period=target.grace_period,
             deployment=target.deployment,
+            image=row.image,
             command=command,
         )
 
