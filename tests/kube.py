@@ -439,6 +439,8 @@ def kube_cluster(dir: Path, nodes: int = 2) -> Iterator[Cluster]:
             f"--tls-cert-file={api_crt}", f"--tls-private-key-file={api_key}",
             f"--client-ca-file={ca_crt}",
             "--authorization-mode=Node,RBAC", "--anonymous-auth=false",
+            # As kubeadm, kind and k3s: deploy/kubernetes/server.yaml's builder is privileged.
+            "--allow-privileged=true",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={pki / 'sa.pub'}",

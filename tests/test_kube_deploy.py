@@ -37,7 +37,14 @@ from livekit import api
 from typer.testing import CliRunner
 
 from tests import images
-from tests.kube import Cluster, admin, kube_cluster, make_namespace, require_binaries
+from tests.kube import (
+    Cluster,
+    admin,
+    free_ports,
+    kube_cluster,
+    make_namespace,
+    require_binaries,
+)
 from tests.pods import PodPlayer
 from tests.support import DEV_KEY, DEV_SECRET, MARKER_AGENT, Server, admin_token
 from voicefleet.cli.main import app as cli
@@ -317,6 +324,33 @@ def test_deploy_image_runs_the_given_reference_with_no_build(setup: Setup) -> No
     bad = setup.vf("deploy", "--image", "Not A Reference", ok=False)
     assert bad.returncode == 1 and "is not an image reference" in bad.stderr
     assert setup.serving() == "v4"
+
+
+def test_a_registry_that_refuses_the_push_fails_the_version(setup: Setup, tmp_path: Path) -> None:
+    """Proves: a push that fails (nothing listens at the registry's address) fails the
+    version with the push's reason, after a build that succeeded; no pod is created."""
+    user = "voicefleet-no-registry"
+    namespace = asyncio.run(make_namespace(setup.kube, user))
+    (closed,) = free_ports(1)
+    server = Server(
+        tmp_path / "server",
+        "--runtime", "kubernetes", f"--kubeconfig={setup.kube.kubeconfig_for(user)}",
+        f"--kube-namespace={namespace}", f"--registry=127.0.0.1:{closed}/vf",
+        "--registry-insecure", f"--image-base={images.base_image()}",
+    )  # fmt: skip
+    server.start()
+    try:
+        other = Setup(setup.kube, namespace, "", server, setup.agent, setup.markers, setup.player)
+        other.vf("create", "--name", AGENT)
+        failed = other.vf("deploy", ok=False)
+        assert failed.returncode == 1, failed.stdout + failed.stderr
+        v1 = other.versions()["v1"]
+        assert v1["status"] == "failed" and v1["image"] == ""
+        assert v1["error"].startswith("the push failed"), v1["error"]
+        assert f"127.0.0.1:{closed}" in v1["error"]
+        assert other.pods() == []
+    finally:
+        server.stop()
 
 
 # -- bad settings, refused before anything runs ------------------------------------------------
