@@ -517,17 +517,26 @@ def versions(agent: AgentOpt = None) -> None:
         print_json(data)
         return
     t = Table(title="versions")
-    for col in ("version", "status", "serving", "created", "source", "dependencies"):
-        t.add_column(col)
+    images = any(v.get("image") for v in data)  # the Kubernetes runtime's versions
+    columns = ("version", "status", "serving", "created", "source")
+    for col in (*columns, "image" if images else "dependencies"):
+        t.add_column(col, overflow="fold")
     for v in data:
+        last = _short_image(v.get("image", "")) if images else v["dependency_digest"][:12]
         t.add_row(v["version"], v["status"], v["deployment"], ago(v["created_at"]),
-                  v["source_digest"][:12], v["dependency_digest"][:12])  # fmt: skip
+                  v["source_digest"][:12], last)  # fmt: skip
     out.print(t)
     for v in data:
         if v["error"]:
             out.print(f"{v['version']}: {_one_line(v['error'])}", highlight=False, overflow="fold")
     if any(v["error"] for v in data):
         out.print("[dim](the whole of each: vf agent versions --json)[/dim]")
+
+
+def _short_image(ref: str) -> str:
+    """An image reference with its digest cut to 12 hex digits (the whole: --json)."""
+    name, at, digest = ref.partition("@sha256:")
+    return f"{name}{at}{digest[:12]}" if at else ref
 
 
 def _one_line(error: str) -> str:
