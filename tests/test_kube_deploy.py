@@ -339,15 +339,18 @@ def test_a_registry_that_refuses_the_push_fails_the_version(setup: Setup, tmp_pa
         "--registry-insecure", f"--image-base={images.base_image()}",
     )  # fmt: skip
     server.start()
+    agent = tmp_path / "agent"  # the same files (built from cache), not yet an agent
+    shutil.copytree(setup.agent, agent, ignore=shutil.ignore_patterns("livekit.toml"))
     try:
-        other = Setup(setup.kube, namespace, "", server, setup.agent, setup.markers, setup.player)
+        other = Setup(setup.kube, namespace, "", server, agent, setup.markers, setup.player)
         other.vf("create", "--name", AGENT)
         failed = other.vf("deploy", ok=False)
         assert failed.returncode == 1, failed.stdout + failed.stderr
         v1 = other.versions()["v1"]
         assert v1["status"] == "failed" and v1["image"] == ""
-        assert v1["error"].startswith("the push failed"), v1["error"]
-        assert f"127.0.0.1:{closed}" in v1["error"]
+        reason = v1["error"].splitlines()[0]  # buildah's own reason, then its log's tail
+        assert reason.startswith("the push failed: pushing image"), v1["error"]
+        assert f"127.0.0.1:{closed}" in reason and "connection refused" in reason
         assert other.pods() == []
     finally:
         server.stop()

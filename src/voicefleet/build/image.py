@@ -231,7 +231,8 @@ class ImageBuilder:
                 line = raw.decode(errors="replace").rstrip()
                 if not line.startswith("--> Using cache"):  # the tail is for what went wrong
                     tail.append(line)
-                if "building at STEP" in line or line.startswith("error building"):
+                # buildah's own last word: the step that failed, or why a push did.
+                if "building at STEP" in line or line.startswith(("error building", "Error: ")):
                     failed_step = line
                 write_line(line)
             code = await proc.wait()
