@@ -262,7 +262,12 @@ def test_a_rollback_runs_the_kept_image_again_without_a_build(setup: Setup) -> N
     v1, v2 = versions["v1"], versions["v2"]
     assert v2["image"] != v1["image"] and v2["image_digest"] != v1["image_digest"]
     assert setup.serving() == "v2"
-    assert {p.spec.containers[0].image for p in setup.pods() if p.spec} == {v2["image"]}
+    assert {p.image for p in setup.player.seen(version="v2")} == {v2["image"]}
+
+    def v1_drained() -> bool:  # retired (none kept warm), then deleted by the reaper
+        return {p.spec.containers[0].image for p in setup.pods() if p.spec} == {v2["image"]}
+
+    until(v1_drained, "v1's pods to be drained")
     tags_before = images.tags(setup.registry, REPOSITORY)
     assert tags_before == sorted([v1["source_digest"], v2["source_digest"]])
     v1_pods_before = {p.uid for p in setup.player.seen(version="v1")}
@@ -280,6 +285,15 @@ def test_a_rollback_runs_the_kept_image_again_without_a_build(setup: Setup) -> N
     assert setup.session("kd-room-2")["version"] == "v1"
 
 
+def v1_pods(setup: Setup) -> set[str]:
+    """The uids of v1's pods, as the API server has them now."""
+    return {
+        p.metadata.uid or ""
+        for p in setup.pods()
+        if p.metadata and (p.metadata.labels or {}).get("voicefleet.io/version") == "v1"
+    }
+
+
 def test_a_failed_build_fails_the_version_starts_no_pod_and_v1_keeps_serving(
     setup: Setup,
 ) -> None:
@@ -287,7 +301,7 @@ def test_a_failed_build_fails_the_version_starts_no_pod_and_v1_keeps_serving(
     ever created for it; the serving version's pods are untouched and keep serving."""
     good = (setup.agent / "Dockerfile").read_text()
     (setup.agent / "Dockerfile").write_text(good + "RUN echo no-such-step && exit 3\n")
-    pods_before = {p.metadata.uid for p in setup.pods() if p.metadata}
+    pods_before = v1_pods(setup)
     try:
         failed = setup.vf("deploy", ok=False)
     finally:
@@ -300,7 +314,7 @@ def test_a_failed_build_fails_the_version_starts_no_pod_and_v1_keeps_serving(
     assert "the image build failed" in v3["error"]
     assert setup.player.seen(version="v3") == []
     assert setup.serving() == "v1"
-    assert {p.metadata.uid for p in setup.pods() if p.metadata} == pods_before
+    assert v1_pods(setup) == pods_before
     assert setup.session("kd-room-3")["version"] == "v1"
 
 
@@ -352,6 +366,39 @@ def test_a_registry_that_refuses_the_push_fails_the_version(setup: Setup, tmp_pa
         assert reason.startswith("the push failed: pushing image"), v1["error"]
         assert f"127.0.0.1:{closed}" in reason and "connection refused" in reason
         assert other.pods() == []
+    finally:
+        server.stop()
+
+
+def test_without_a_registry_an_upload_is_refused_and_images_still_deploy(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """Proves: a Kubernetes server with no --registry refuses an upload at once, saying what to
+    do, and keeps nothing of it; a prebuilt image deploys there."""
+    user = "voicefleet-images-only"
+    namespace = asyncio.run(make_namespace(setup.kube, user))
+    server = Server(
+        tmp_path / "server",
+        "--runtime", "kubernetes", f"--kubeconfig={setup.kube.kubeconfig_for(user)}",
+        f"--kube-namespace={namespace}",
+    )  # fmt: skip
+    server.start()
+    agent = tmp_path / "agent"
+    shutil.copytree(setup.agent, agent, ignore=shutil.ignore_patterns("livekit.toml"))
+    player = PodPlayer(setup.kube, namespace, agent, tmp_path / "pod-logs")
+    try:
+        with playing(player):
+            other = Setup(setup.kube, namespace, "", server, agent, setup.markers, player)
+            other.vf("create", "--name", AGENT)
+            refused = other.vf("deploy", ok=False)
+            assert refused.returncode == 1
+            assert "has no registry to push builds to" in refused.stderr
+            assert "--registry" in refused.stderr and "--image" in refused.stderr
+            assert other.versions() == {}
+            other.vf("secrets", "set", f"MARKER_DIR={setup.markers}")
+            other.vf("deploy", "--image", PREBUILT)
+            assert other.versions()["v1"]["image"] == PREBUILT
+            assert {p.image for p in player.seen(version="v1")} == {PREBUILT}
     finally:
         server.stop()
 

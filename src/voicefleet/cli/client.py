@@ -20,6 +20,7 @@ from typing import Annotated, Any, NoReturn
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from voicefleet.protocol import tokens
 
@@ -30,7 +31,9 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 def fail(message: str, code: int = FAILED) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}")
+    # The message is text (often the server's, e.g. "--registry HOST[:PORT][/PREFIX]"): its
+    # brackets are not markup.
+    err.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(code)
 
 
