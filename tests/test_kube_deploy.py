@@ -429,6 +429,14 @@ def test_deploy_image_on_the_local_runtime_is_refused_clearly(
     assert versions == []
 
 
+def test_vf_server_help_lists_the_image_options() -> None:
+    out = CliRunner().invoke(cli, ["server", "--help"], env={"COLUMNS": "250"})
+    assert out.exit_code == 0, out.output
+    for option in ("--registry", "--registry-insecure", "--registry-authfile", "--image-base",
+                   "--image-build-ca", "--instance-url"):  # fmt: skip
+        assert option in out.output
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [

@@ -162,8 +162,8 @@ def server(
         typer.Option(
             envvar="VF_REGISTRY",
             help="--runtime kubernetes: where `vf agent deploy` pushes the images it builds, "
-            "HOST[:PORT][/PREFIX] (e.g. registry.example.com/voicefleet); the cluster's nodes "
-            "pull from there. None: only prebuilt images (deploy --image).",
+            "HOST:PORT/PREFIX, port and prefix optional (e.g. registry.example.com/voicefleet); "
+            "the cluster's nodes pull from there. None: only prebuilt images (deploy --image).",
         ),
     ] = "",
     registry_insecure: Annotated[
