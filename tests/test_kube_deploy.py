@@ -214,6 +214,19 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         finally:
             server.stop()
             print(f"vf server log: {server.log_path}")
+            remove_local_images(f"localhost/{AGENT}")
+
+
+def remove_local_images(repository: str) -> None:
+    """The images the servers built here, from buildah's storage (their layers stay cached
+    until pruned): tagged `repository:<source digest>`."""
+    listed = subprocess.run(
+        ["buildah", "images", "--format", "{{.Name}}:{{.Tag}}"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    mine = [ref for ref in listed.stdout.split() if ref.startswith(f"{repository}:")]
+    if mine:
+        subprocess.run(["buildah", "rmi", *mine], capture_output=True)
 
 
 def test_a_deploy_builds_the_image_pushes_it_by_digest_and_runs_its_pods(setup: Setup) -> None:
