@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
+import itertools
 import json
 import os
 import signal
@@ -33,7 +34,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +43,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from lightkube import KubeConfig
+from lightkube import ApiError, AsyncClient, KubeConfig, codecs
+from lightkube.models.core_v1 import NamespaceSpec
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.models.rbac_v1 import Subject
+from lightkube.resources.core_v1 import Namespace, ServiceAccount
+from lightkube.resources.rbac_authorization_v1 import RoleBinding
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "scripts" / "peers"
@@ -433,6 +439,8 @@ def kube_cluster(dir: Path, nodes: int = 2) -> Iterator[Cluster]:
             f"--tls-cert-file={api_crt}", f"--tls-private-key-file={api_key}",
             f"--client-ca-file={ca_crt}",
             "--authorization-mode=Node,RBAC", "--anonymous-auth=false",
+            # As kubeadm, kind and k3s: deploy/kubernetes/server.yaml's builder is privileged.
+            "--allow-privileged=true",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={pki / 'sa.pub'}",
@@ -503,3 +511,38 @@ def kube_cluster(dir: Path, nodes: int = 2) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+# --- namespaces for voicefleet -----------------------------------------------------------------
+
+RBAC = ROOT / "deploy" / "kubernetes" / "rbac.yaml"
+_namespaces = itertools.count()
+
+
+@contextlib.asynccontextmanager
+async def admin(kube: Cluster, namespace: str | None = None) -> AsyncIterator[AsyncClient]:
+    """An async client as the cluster's admin."""
+    client = AsyncClient(kube.config(), namespace=namespace, field_manager="voicefleet-test")
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def make_namespace(kube: Cluster, user: str | None = None) -> str:
+    """A fresh namespace, with its `default` service account (made here, not waited for), and
+    deploy/kubernetes/rbac.yaml's Role in it, bound to `user` too."""
+    ns = f"vf-{os.getpid()}-{next(_namespaces)}"
+    async with admin(kube, ns) as client:
+        await client.create(Namespace(metadata=ObjectMeta(name=ns), spec=NamespaceSpec()))
+        with contextlib.suppress(ApiError):  # the controller manager may have been first
+            await client.create(ServiceAccount(metadata=ObjectMeta(name="default")))
+        text = RBAC.read_text().replace("namespace: voicefleet\n", f"namespace: {ns}\n")
+        for obj in codecs.load_all_yaml(text):
+            if isinstance(obj, RoleBinding) and user is not None:
+                obj.subjects = [
+                    *(obj.subjects or []),
+                    Subject(kind="User", name=user, apiGroup="rbac.authorization.k8s.io"),
+                ]
+            await client.create(obj)
+    return ns

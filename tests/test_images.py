@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,6 +23,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from tests import images
 from voicefleet.build.dockerfile import python_dockerfile, render
 from voicefleet.build.image import ImageArtifact, ImageBuilder, host_ca_bundle, split_ref
 from voicefleet.cli.main import app
@@ -33,9 +31,7 @@ from voicefleet.errors import BuildFailed
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "voice_agent"
-BASE_SCRIPT = ROOT / "scripts" / "base-image"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+OCI_MANIFEST, DOCKER_MANIFEST = images.OCI_MANIFEST, images.DOCKER_MANIFEST
 
 
 # -- the recipes (no builder needed) ---------------------------------------------------------
@@ -133,71 +129,17 @@ def test_split_ref() -> None:
 # -- real builds --------------------------------------------------------------------------------
 
 
-def _require(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
-    if missing:
-        pytest.skip(
-            f"{', '.join(missing)} not installed (Debian packages buildah, debootstrap, "
-            "docker-registry: .ci/run installs them)"
-        )
-    if os.geteuid() != 0:
-        pytest.skip("image builds here run as root (debootstrap, buildah's storage)")
-
-
 @pytest.fixture(scope="module")
 def base_image() -> str:
     """The local base (scripts/base-image: built once, then cached)."""
-    _require("buildah", "debootstrap")
-    started = time.monotonic()
-    done = subprocess.run([str(BASE_SCRIPT)], capture_output=True, text=True, timeout=1200)
-    if done.returncode != 0:
-        pytest.fail(f"scripts/base-image failed:\n{done.stderr[-3000:]}")
-    print(f"\nbase image ready in {time.monotonic() - started:.1f} s")
-    return done.stdout.strip().splitlines()[-1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return images.base_image()
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Debian's docker-registry on 127.0.0.1 (plain HTTP), its storage in a temporary folder."""
-    _require("docker-registry")
-    folder = tmp_path_factory.mktemp("registry")
-    port = _free_port()
-    config = folder / "config.yml"
-    config.write_text(
-        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
-        f"    rootdirectory: {folder / 'data'}\nhttp:\n  addr: 127.0.0.1:{port}\n"
-    )
-    with open(folder / "registry.log", "wb") as log:
-        proc = subprocess.Popen(
-            ["docker-registry", "serve", str(config)], stdout=log, stderr=subprocess.STDOUT
-        )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(
-                    f"docker-registry did not start: {(folder / 'registry.log').read_text()}"
-                )
-            time.sleep(0.1)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with images.registry(tmp_path_factory.mktemp("registry")) as address:
+        yield address
 
 
 def _inspect(ref: str) -> dict[str, object]:

@@ -12,22 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import itertools
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lightkube import ApiError, AsyncClient, codecs
-from lightkube.models.core_v1 import NamespaceSpec
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.models.rbac_v1 import PolicyRule, RoleRef, Subject
-from lightkube.resources.core_v1 import Namespace, Pod, PodStatus, Secret, ServiceAccount
+from lightkube.resources.core_v1 import Pod, PodStatus, Secret
 from lightkube.resources.rbac_authorization_v1 import ClusterRole, RoleBinding
 from typer.testing import CliRunner
 
-from tests.kube import Cluster, free_ports, kube_cluster, require_binaries
+from tests.kube import Cluster, admin, free_ports, kube_cluster, make_namespace, require_binaries
 from voicefleet.cli.main import app as cli
 from voicefleet.runtime import InstanceSpec, InstanceStatus
 from voicefleet.runtime.kubernetes import (
@@ -40,12 +37,12 @@ from voicefleet.runtime.kubernetes import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-RBAC = ROOT / "deploy" / "kubernetes" / "rbac.yaml"
 RBAC_GROUP = "rbac.authorization.k8s.io"
 IMAGE = "example.invalid/agent:v1"  # kwok runs nothing: never pulled
 SECRET_VALUE = "sk-not-in-any-pod-spec"
 FILE_SECRET = b"-----BEGIN KEY-----\nfile content\n"
 _namespaces = itertools.count()
+_users = itertools.count()
 
 
 @pytest.fixture(scope="module")
@@ -55,39 +52,11 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield cluster
 
 
-@contextlib.asynccontextmanager
-async def admin(kube: Cluster, namespace: str | None = None) -> AsyncIterator[AsyncClient]:
-    client = AsyncClient(kube.config(), namespace=namespace, field_manager="voicefleet-test")
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
-async def make_namespace(kube: Cluster, user: str | None = None) -> str:
-    """A fresh namespace, with its `default` service account (made here, not waited for), and
-    the manifest's Role bound to `user` too."""
-    ns = f"vf-{next(_namespaces)}"
-    async with admin(kube, ns) as client:
-        await client.create(Namespace(metadata=ObjectMeta(name=ns), spec=NamespaceSpec()))
-        with contextlib.suppress(ApiError):  # the controller manager may have been first
-            await client.create(ServiceAccount(metadata=ObjectMeta(name="default")))
-        text = RBAC.read_text().replace("namespace: voicefleet\n", f"namespace: {ns}\n")
-        for obj in codecs.load_all_yaml(text):
-            if isinstance(obj, RoleBinding) and user is not None:
-                obj.subjects = [
-                    *(obj.subjects or []),
-                    Subject(kind="User", name=user, apiGroup=RBAC_GROUP),
-                ]
-            await client.create(obj)
-    return ns
-
-
 async def runtime_for(
     kube: Cluster, backoff_initial: float = 1.0
 ) -> tuple[KubernetesRuntime, str, Path]:
     """A runtime as a user bound only to the manifest's Role, in a namespace of its own."""
-    user = f"voicefleet-{next(_namespaces)}"
+    user = f"voicefleet-{next(_users)}"
     ns = await make_namespace(kube, user)
     kubeconfig = kube.kubeconfig_for(user)
     runtime = KubernetesRuntime(connect(kubeconfig, ns), backoff_initial=backoff_initial)

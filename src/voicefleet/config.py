@@ -106,6 +106,24 @@ class KubernetesSettings:
 
 
 @dataclass(frozen=True)
+class ImageSettings:
+    """How the Kubernetes runtime gets a version's image: built from the uploaded folder with
+    buildah, tagged by the version's source digest and pushed to `registry`."""
+
+    # host[:port][/prefix], e.g. registry.example.com/voicefleet; empty: no builds (only
+    # `vf agent deploy --image`).
+    registry: str = ""
+    # Push over plain HTTP, or HTTPS without verifying the registry's certificate.
+    insecure: bool = False
+    # Credentials for the push (containers-auth.json, or Docker's config.json).
+    authfile: Path | None = None
+    # The BASE_IMAGE build argument (voicefleet's Dockerfiles' FROM); None: their default.
+    base: str | None = None
+    # A CA bundle mounted over the system's in every RUN step (a TLS-inspecting proxy).
+    build_ca: Path | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path
     host: str = "127.0.0.1"
@@ -129,6 +147,10 @@ class Settings:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     runtime: RuntimeKind = RuntimeKind.LOCAL
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
+    images: ImageSettings = field(default_factory=ImageSettings)
+    # Where instances reach this server (ws://…): LIVEKIT_URL of every instance. Empty: the
+    # address it listens on, which pods in a cluster cannot use when it is a loopback one.
+    instance_url: str = ""
 
     # SQLAlchemy URL of the store; empty: SQLite in the data directory.
     database: str = ""

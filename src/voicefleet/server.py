@@ -22,9 +22,11 @@ from starlette.types import Receive, Scope, Send
 from voicefleet import __version__, logs
 from voicefleet.api import ROUTERS, UPLOADS_AT_ONCE, Guard
 from voicefleet.autoscale.loop import Autoscaler
+from voicefleet.build.image import ImageBuilder
 from voicefleet.build.local import LocalBuilder
 from voicefleet.config import Project, RuntimeKind, Settings
 from voicefleet.control.access import PEPPER_PURPOSE, Keys
+from voicefleet.control.builds import EnvironmentBuilds, ImageBuilds, VersionBuilder
 from voicefleet.control.service import ControlPlane
 from voicefleet.control.sizing import Sizing
 from voicefleet.control.telemetry import Telemetry
@@ -76,22 +78,24 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
             _runtime(settings),
             SecretBox.open(settings.data_dir),
             paths,
-            worker_url=lambda: str(app.state.worker_url),
+            worker_url=lambda: settings.instance_url or str(app.state.worker_url),
             keep_warm=settings.keep_warm,
             # The CA bundle the server was told to trust: the instances verify its certificate.
             trust={k: os.environ[k] for k in TRUST_VARIABLES if os.environ.get(k)},
         )
         rollouts = Rollouts(repo, service, fleet)
         sizing = Sizing(repo, service, fleet, rollouts)
+        runs_images = settings.runtime == RuntimeKind.KUBERNETES
         plane = ControlPlane(
             repo,
             service,
             fleet,
             rollouts,
             sizing,
-            LocalBuilder(settings.env_cache or paths.envs),
+            _builds(settings, paths),
             fleet.box,
             paths,
+            runs_images=runs_images,
         )
         keys = Keys(repo, fleet.box.derive(PEPPER_PURPOSE))
         autoscaler = Autoscaler(service, repo, sizing)
@@ -211,11 +215,27 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
 
 def _runtime(settings: Settings) -> Runtime:
     if settings.runtime == RuntimeKind.KUBERNETES:
-        from voicefleet.runtime.kubernetes import KubernetesRuntime
+        from voicefleet.runtime.kubernetes import KubernetesRuntime, connect
 
         kube = settings.kubernetes
-        return KubernetesRuntime.from_config(kube.kubeconfig, kube.namespace)
+        # Pods run their image's own command: voicefleet's Dockerfiles end in the agent's
+        # `start` (Python or Node.js), and a prebuilt image knows its own.
+        return KubernetesRuntime(connect(kube.kubeconfig, kube.namespace), command=None)
     return LocalRuntime()
+
+
+def _builds(settings: Settings, paths: Paths) -> VersionBuilder | None:
+    """How uploads are built: environments here (local runtime), or images pushed to the
+    registry (Kubernetes runtime; None without a registry: prebuilt images only)."""
+    if settings.runtime != RuntimeKind.KUBERNETES:
+        return EnvironmentBuilds(LocalBuilder(settings.env_cache or paths.envs))
+    images = settings.images
+    if not images.registry:
+        return None
+    builder = ImageBuilder(images.base, work_dir=paths.image_builds, ca_bundle=images.build_ca)
+    return ImageBuilds(
+        builder, images.registry, tls_verify=not images.insecure, authfile=images.authfile
+    )
 
 
 TWIRP_PREFIX = "/twirp/livekit.AgentDispatchService/"

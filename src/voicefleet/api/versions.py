@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, Field
 
 from voicefleet.api.deps import ERROR_RESPONSES, PREFIX, TEXT, Control, Who
 from voicefleet.build.bundle import MAX_COMPRESSED_BYTES
@@ -33,6 +34,8 @@ def version_dict(v: VersionRow) -> dict[str, Any]:
         "status": v.status,
         "source_digest": v.source_digest,
         "dependency_digest": v.dependency_digest,
+        "image": v.image,
+        "image_digest": v.image_digest,
         "error": v.error,
         "created_at": v.created_at,
         "built_at": v.built_at,
@@ -82,6 +85,23 @@ async def upload_version(
             version, rollout_id = await plane.upload(row, path, deployment, rollout_plan, who)
         finally:
             path.unlink(missing_ok=True)
+    return {**version_dict(version), "rollout": rollout_id}
+
+
+class ImageDeploy(BaseModel):
+    image: str = Field(description="The image's reference, e.g. registry/agent@sha256:…")
+    deployment: str = DEFAULT_DEPLOYMENT
+    plan: dict[str, Any] | None = None
+
+
+@router.post("/agents/{agent}/images", status_code=201)
+async def deploy_image(agent: str, body: ImageDeploy, plane: Control, who: Who) -> dict[str, Any]:
+    """Deploy a prebuilt container image (the Kubernetes runtime): a new version, ready at
+    once (no build), rolled out to `deployment` by `plan` (as an upload's). Follow the rollout
+    at .../rollouts/{rollout}."""
+    row = await plane.agent(agent)
+    plan = parse_plan(body.plan) if body.plan else None
+    version, rollout_id = await plane.deploy_image(row, body.image, body.deployment, plan, who)
     return {**version_dict(version), "rollout": rollout_id}
 
 

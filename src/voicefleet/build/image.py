@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -59,6 +60,35 @@ def host_ca_bundle() -> Path | None:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     return None
+
+
+# A reference as the distribution registry's grammar has it (docker/distribution reference):
+# [host[:port]/]path[:tag][@sha256:hex], the path's parts lowercase with single separators.
+_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_HOST = (
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*|\[[0-9a-fA-F:]+\])"
+    r"(?::[0-9]+)?"
+)
+REFERENCE = re.compile(
+    rf"^(?:{_HOST}/)?{_PART}(?:/{_PART})*(?::[\w][\w.-]{{0,127}})?(?:@sha256:[0-9a-f]{{64}})?$"
+)
+
+
+def check_reference(ref: str) -> str:
+    """`ref` if it is an image reference a container runtime accepts; else ValueError."""
+    if len(ref) > 512 or not REFERENCE.match(ref):
+        raise ValueError(
+            f"'{ref}' is not an image reference like registry.example.com/team/agent:v1 "
+            "or …/agent@sha256:<64 hex>"
+        )
+    return ref
+
+
+def repository_name(name: str) -> str:
+    """An agent's name as one part of a repository path (lowercase, single separators)."""
+    cleaned = re.sub(r"[^a-z0-9._-]+", "-", name.lower())
+    cleaned = re.sub(r"[._-]{2,}", "-", cleaned).strip("._-")
+    return cleaned or "agent"
 
 
 def split_ref(ref: str) -> tuple[str, str]:
@@ -152,9 +182,12 @@ class ImageBuilder:
         write_line: Log | None = None,
         *,
         tls_verify: bool = True,
+        authfile: Path | None = None,
     ) -> ImageArtifact:
         """Push the local image `ref` to `registry` (host[:port][/prefix]) under the same
-        repository name and tag; the artifact's ref is by digest: registry/name@sha256:…."""
+        repository name and tag; the artifact's ref is by digest: registry/name@sha256:….
+        `tls_verify` False: plain HTTP, or TLS unverified; `authfile`: the registry's
+        credentials (containers-auth.json, or Docker's config.json)."""
         buildah = self.buildah or find_buildah()
         name, tag = split_ref(ref)
         dest = f"{registry.rstrip('/')}/{name}"
@@ -162,8 +195,11 @@ class ImageBuilder:
             digestfile = Path(tmp) / "digest"
             cmd = [
                 buildah, *self.global_args, "push", f"--tls-verify={str(tls_verify).lower()}",
-                "--digestfile", str(digestfile), ref, f"docker://{dest}:{tag}",
+                "--digestfile", str(digestfile),
             ]  # fmt: skip
+            if authfile is not None:
+                cmd += ["--authfile", str(authfile)]
+            cmd += [ref, f"docker://{dest}:{tag}"]
             await self._run(cmd, write_line or (lambda line: None), "the push")
             digest = digestfile.read_text().strip()
         _, size = await self.inspect(ref)
@@ -195,7 +231,8 @@ class ImageBuilder:
                 line = raw.decode(errors="replace").rstrip()
                 if not line.startswith("--> Using cache"):  # the tail is for what went wrong
                     tail.append(line)
-                if "building at STEP" in line or line.startswith("error building"):
+                # buildah's own last word: the step that failed, or why a push did.
+                if "building at STEP" in line or line.startswith(("error building", "Error: ")):
                     failed_step = line
                 write_line(line)
             code = await proc.wait()

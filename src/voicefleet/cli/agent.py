@@ -345,6 +345,14 @@ def deploy(
         str | None,
         typer.Option("--version", help="Roll out this built version again (no upload, no build)."),
     ] = None,
+    image: Annotated[
+        str | None,
+        typer.Option(
+            "--image",
+            help="Deploy this prebuilt image (registry/name:tag, or @sha256:… to pin its bytes) "
+            "as a new version: no upload, no build. Kubernetes runtime only.",
+        ),
+    ] = None,
     strategy: Annotated[
         str | None, typer.Option(help="rolling (default), canary or bluegreen.")
     ] = None,
@@ -413,6 +421,9 @@ def deploy(
     (--secrets, --secrets-file, --secret-mount) are stored first, merged into the agent's, so
     that the new version's instances start with them.
 
+    On a server with the Kubernetes runtime the build is an image (buildah), pushed to the
+    server's --registry; --image REF deploys a prebuilt image instead.
+
     Rolling by default; --canary 10 or --steps 10,25,50,100 --interval 5m for a canary that is
     compared with stable and aborted automatically when worse; --strategy bluegreen for green
     beside blue, smoke-tested, then switched."""
@@ -454,10 +465,28 @@ def deploy(
             plan["smoke"]["max_error_lines"] = smoke_max_error_lines
     elif strategy != "rolling":
         fail(f"unknown strategy '{strategy}' (rolling, canary or bluegreen)", USAGE)
+    if version is not None and image is not None:
+        fail("--version rolls out a version there is, --image makes a new one: give one", USAGE)
     if given:  # before the version exists: its instances start with them
         stored = _store_secrets(key, given)["set"]
         if not quiet:
             out.print(f"set secrets {', '.join(stored)}")
+    if image is not None:
+        made = client.request(
+            "POST",
+            f"/agents/{key}/images",
+            json={"image": image, "deployment": deployment, "plan": plan},
+        )
+        v = made["version"]
+        if not quiet:
+            out.print(f"[bold]{v}[/bold] runs the prebuilt image {image} (no build)")
+        rollout = _watch_rollout(key, v, quiet, made["rollout"])
+        if quiet:
+            print_json(
+                {"version": {k: x for k, x in made.items() if k != "rollout"}, "rollout": rollout}
+            )
+        _report(rollout)
+        return
     if version is not None:
         started = client.request(
             "POST",
@@ -694,17 +723,26 @@ def versions(agent: AgentOpt = None) -> None:
         print_json(data)
         return
     t = Table(title="versions")
-    for col in ("version", "status", "serving", "created", "source", "dependencies"):
-        t.add_column(col)
+    images = any(v.get("image") for v in data)  # the Kubernetes runtime's versions
+    columns = ("version", "status", "serving", "created", "source")
+    for col in (*columns, "image" if images else "dependencies"):
+        t.add_column(col, overflow="fold")
     for v in data:
+        last = _short_image(v.get("image", "")) if images else v["dependency_digest"][:12]
         t.add_row(v["version"], v["status"], v["deployment"], ago(v["created_at"]),
-                  v["source_digest"][:12], v["dependency_digest"][:12])  # fmt: skip
+                  v["source_digest"][:12], last)  # fmt: skip
     out.print(t)
     for v in data:
         if v["error"]:
             out.print(f"{v['version']}: {_one_line(v['error'])}", highlight=False, overflow="fold")
     if any(v["error"] for v in data):
         out.print("[dim](the whole of each: vf agent versions --json)[/dim]")
+
+
+def _short_image(ref: str) -> str:
+    """An image reference with its digest cut to 12 hex digits (the whole: --json)."""
+    name, at, digest = ref.partition("@sha256:")
+    return f"{name}{at}{digest[:12]}" if at else ref
 
 
 def _one_line(error: str) -> str:

@@ -11,12 +11,19 @@ from rich.console import Console
 from rich.markup import escape
 
 from voicefleet import __version__, logs
+from voicefleet.build.image import check_reference
 from voicefleet.cli import backup
 from voicefleet.cli.agent import app as agent_app
 from voicefleet.cli.events import events
 from voicefleet.cli.flags import app as flags_app
 from voicefleet.cli.keys import app as keys_app
-from voicefleet.config import DispatchSettings, KubernetesSettings, RuntimeKind, Settings
+from voicefleet.config import (
+    DispatchSettings,
+    ImageSettings,
+    KubernetesSettings,
+    RuntimeKind,
+    Settings,
+)
 from voicefleet.control.projects import check_data_dir, load_project
 from voicefleet.errors import CannotStart, VoicefleetError
 
@@ -165,6 +172,54 @@ def server(
             "else $KUBECONFIG or ~/.kube/config).",
         ),
     ] = None,
+    registry: Annotated[
+        str,
+        typer.Option(
+            envvar="VF_REGISTRY",
+            help="--runtime kubernetes: where `vf agent deploy` pushes the images it builds, "
+            "HOST:PORT/PREFIX, port and prefix optional (e.g. registry.example.com/voicefleet); "
+            "the cluster's nodes pull from there. None: only prebuilt images (deploy --image).",
+        ),
+    ] = "",
+    registry_insecure: Annotated[
+        bool,
+        typer.Option(
+            envvar="VF_REGISTRY_INSECURE",
+            help="Push over plain HTTP, or HTTPS without verifying the registry's certificate.",
+        ),
+    ] = False,
+    registry_authfile: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="VF_REGISTRY_AUTHFILE",
+            help="The registry's credentials for pushes (containers-auth.json or Docker's "
+            "config.json, as `buildah login --authfile` writes it).",
+        ),
+    ] = None,
+    image_base: Annotated[
+        str | None,
+        typer.Option(
+            envvar="VF_IMAGE_BASE",
+            help="Base image of the images built (the BASE_IMAGE build argument of voicefleet's "
+            "Dockerfiles; default python:3.11-slim, node:20-slim).",
+        ),
+    ] = None,
+    image_build_ca: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="VF_IMAGE_BUILD_CA",
+            help="A CA bundle the image builds' RUN steps trust in place of the system's (a "
+            "TLS-inspecting proxy on the way to PyPI or npm); in no layer of the image.",
+        ),
+    ] = None,
+    instance_url: Annotated[
+        str,
+        typer.Option(
+            envvar="VF_INSTANCE_URL",
+            help="Where instances reach this server, ws://HOST:PORT (their LIVEKIT_URL); in a "
+            "cluster, its Service's name. Default: the address it listens on.",
+        ),
+    ] = "",
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     ssl_certfile: Annotated[
         Path | None,
@@ -210,6 +265,14 @@ def server(
         kubernetes=KubernetesSettings(
             kubeconfig=_absolute(kubeconfig) if kubeconfig else None, namespace=kube_namespace
         ),
+        images=ImageSettings(
+            registry=registry.rstrip("/"),
+            insecure=registry_insecure,
+            authfile=_absolute(registry_authfile) if registry_authfile else None,
+            base=image_base or None,
+            build_ca=_absolute(image_build_ca) if image_build_ca else None,
+        ),
+        instance_url=instance_url.rstrip("/"),
         dispatch=DispatchSettings(
             availability_timeout=availability_timeout,
             start_timeout=start_timeout,
@@ -225,6 +288,7 @@ def server(
     # Checked before serving: a failure inside the server's start-up is a page of traceback
     # from uvicorn; here it is one line saying where, and a hint.
     try:
+        _check_images(settings)
         check_data_dir(settings.data_dir)
         check_tls(settings.ssl_certfile, settings.ssl_keyfile)
         asyncio.run(check_store(settings.database_url))
@@ -258,6 +322,42 @@ async def _check_kubernetes(kube: KubernetesSettings) -> None:
         await check_access(client)
     finally:
         await client.close()
+
+
+def _check_images(settings: Settings) -> None:
+    images = settings.images
+    if settings.runtime != RuntimeKind.KUBERNETES:
+        if images.registry:
+            raise CannotStart(
+                "--registry is for images, which only the Kubernetes runtime runs",
+                "--runtime local",
+                "add --runtime kubernetes, or leave --registry out",
+            )
+        return
+    if images.registry:
+        host, _, _ = images.registry.partition("/")
+        try:
+            check_reference(f"{images.registry}/agent")
+        except ValueError:
+            host = ""
+        if not ("." in host or ":" in host or host == "localhost"):
+            raise CannotStart(
+                f"--registry '{images.registry}' does not start with a registry's host",
+                "--registry",
+                "give HOST[:PORT][/PREFIX], e.g. registry.example.com/voicefleet or localhost:5001",
+            )
+    for flag, path in (
+        ("--registry-authfile", images.authfile),
+        ("--image-build-ca", images.build_ca),
+    ):
+        if path is not None and not path.is_file():
+            raise CannotStart(f"{flag} {path} is not a file", flag, "give a readable file")
+    if settings.instance_url and not settings.instance_url.startswith(("ws://", "wss://")):
+        raise CannotStart(
+            f"--instance-url '{settings.instance_url}' is not a ws:// or wss:// URL",
+            "--instance-url",
+            "e.g. ws://voicefleet.voicefleet.svc.cluster.local:7880",
+        )
 
 
 def _absolute(path: Path) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import re
 import shutil
@@ -22,7 +23,9 @@ from typing import Any, TextIO
 from voicefleet.autoscale.policy import Policy
 from voicefleet.build import node
 from voicefleet.build.bundle import extract_bundle
+from voicefleet.build.image import check_reference
 from voicefleet.build.local import LocalBuilder
+from voicefleet.control.builds import CACHED, EnvironmentBuilds, VersionBuilder
 from voicefleet.control.sizing import Sizing
 from voicefleet.dispatch.jobs import new_id
 from voicefleet.dispatch.service import DispatchService
@@ -102,16 +105,22 @@ class ControlPlane:
         fleet: Instances,
         rollouts: Rollouts,
         sizing: Sizing,
-        builder: LocalBuilder,
+        builds: VersionBuilder | None,
         box: SecretBox,
         paths: Paths,
+        *,
+        runs_images: bool = False,
     ) -> None:
+        """`builds`: how an upload becomes a version (None: this server cannot build one, only
+        take a prebuilt image). `runs_images`: the runtime runs container images (Kubernetes),
+        so a version may be a prebuilt image (`deploy_image`)."""
         self.repo = repo
         self.dispatch = dispatch
         self.fleet = fleet
         self.runner = rollouts
         self.sizing = sizing
-        self.builder = builder
+        self.builds = builds
+        self.runs_images = runs_images
         self.box = box
         self.paths = paths
         self._builds: set[asyncio.Task[None]] = set()
@@ -130,16 +139,22 @@ class ControlPlane:
             agent = await self.repo.agent(dep.agent_id)
             if agent is not None and dep.version:
                 self.dispatch.set_weights(agent.name, {dep.version: 100}, dep.name)
+        # Environments are this machine's (the local runtime); images live in a registry.
+        builder = self.builds.builder if isinstance(self.builds, EnvironmentBuilds) else None
         for agent in await self.repo.agents():
             for v in await self.repo.versions(agent.id):
                 if v.status == VersionStatus.BUILDING:
                     v.status = VersionStatus.FAILED
                     v.error = "the server restarted during the build"
                     await self.repo.save(v)
-                elif v.status == VersionStatus.READY and self._environment_missing(agent, v):
-                    await self._rebuild(agent, v)
+                elif (
+                    builder is not None
+                    and v.status == VersionStatus.READY
+                    and self._environment_missing(builder, agent, v)
+                ):
+                    await self._rebuild(builder, agent, v)
 
-    def _environment_missing(self, agent: AgentRow, row: VersionRow) -> bool:
+    def _environment_missing(self, builder: LocalBuilder, agent: AgentRow, row: VersionRow) -> bool:
         source = self.paths.source(agent.id, row.version)
         if not source.is_dir():
             return True  # a data dir put back by hand: bundles copied, sources not unpacked
@@ -147,9 +162,9 @@ class ControlPlane:
             return not (source / "node_modules").exists()  # a link into the cache
         python = Path(row.python)
         # In this server's cache: one of another data dir (a backup's origin) is not ours.
-        return not (python.exists() and python.is_relative_to(self.builder.cache_dir))
+        return not (python.exists() and python.is_relative_to(builder.cache_dir))
 
-    async def _rebuild(self, agent: AgentRow, row: VersionRow) -> None:
+    async def _rebuild(self, builder: LocalBuilder, agent: AgentRow, row: VersionRow) -> None:
         """The environment of a version that was built once, from its sources and lockfile: the
         same dependencies (the digest says so), no new version. Sources missing (a data dir
         put back by hand, bundles only) are unpacked from the bundle; with no bundle either,
@@ -170,7 +185,7 @@ class ControlPlane:
         with BuildLog(self.paths.build_log(agent.id, row.version)) as out:
             out.write("--- environment missing at start (a restored data dir?): built again")
             try:
-                artifact = await self.builder.build(source, out.write)
+                artifact = await builder.build(source, out.write)
             except Exception as e:  # the version stays ready: the next start tries again
                 out.write(f"build failed: {e}")
                 log.error("environment not rebuilt: %s", e, extra=where)
@@ -311,6 +326,11 @@ class ControlPlane:
         rolled out to `deployment`. Returns the version and the id its rollout will have once
         it is built. A failed build leaves the serving version untouched."""
         plan = plan or Rolling()
+        if self.builds is None:
+            raise InvalidRequest(
+                "this server runs images and has no registry to push builds to: start it with "
+                "--registry HOST[:PORT][/PREFIX], or deploy a prebuilt image with --image REF"
+            )
         await self._refuse_if_rolling(agent, deployment)  # ...and so does a rollout under way
         async with self._recording.setdefault(agent.id, asyncio.Lock()):
             number = await self.repo.next_version_number(agent.id)
@@ -348,6 +368,66 @@ class ControlPlane:
         task.add_done_callback(self._builds.discard)
         return row, rollout_id
 
+    async def deploy_image(
+        self,
+        agent: AgentRow,
+        image: str,
+        deployment: str,
+        plan: Plan | None = None,
+        actor: Actor = SYSTEM,
+    ) -> tuple[VersionRow, str]:
+        """A prebuilt image as a new version: nothing to build, so it is ready at once and
+        rolled out to `deployment`. Returns the version and its rollout's id. The version's
+        source digest is the digest of the reference (there is no source)."""
+        if not self.runs_images:
+            raise InvalidRequest(
+                "--image needs the Kubernetes runtime: this server runs versions as local "
+                "processes built from their source (vf server --runtime kubernetes)"
+            )
+        try:
+            check_reference(image)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+        plan = plan or Rolling()
+        await self._refuse_if_rolling(agent, deployment)
+        async with self._recording.setdefault(agent.id, asyncio.Lock()):
+            number = await self.repo.next_version_number(agent.id)
+            version = f"v{number}"
+            vdir = self.paths.version_dir(agent.id, version)
+            shutil.rmtree(vdir, ignore_errors=True)  # as upload(): a leftover of a stopped server
+            vdir.mkdir(parents=True)
+            now = time.time()
+            _, _, pinned = image.partition("@")
+            row = VersionRow(
+                agent_id=agent.id,
+                version=version,
+                number=number,
+                status=VersionStatus.READY,
+                source_digest=hashlib.sha256(image.encode()).hexdigest(),
+                image=image,
+                image_digest=pinned,
+                created_at=now,
+                built_at=now,
+            )
+            await self.repo.save(row)
+        with BuildLog(self.paths.build_log(agent.id, version)) as out:
+            out.write(f"prebuilt image {image}: nothing to build")
+            out.write(f"version {version} is ready")
+        await self.repo.event(
+            agent.id, "version_uploaded", f"{version} (image {image}) for {deployment}", actor
+        )
+        rollout_id = new_id("RO_")
+        try:
+            await self.roll_to(
+                agent, deployment, version, plan=plan, rollout_id=rollout_id, actor=actor
+            )
+        except InvalidRequest as e:
+            row.error = f"not rolled out: {e}"
+            await self.repo.save(row)
+            await self.repo.event(agent.id, "rollout_refused", f"{version}: {e}")
+            raise
+        return row, rollout_id
+
     async def _build_and_roll(
         self,
         agent: AgentRow,
@@ -357,11 +437,12 @@ class ControlPlane:
         rollout_id: str,
         actor: Actor = SYSTEM,
     ) -> None:
+        assert self.builds is not None  # upload() refuses otherwise
         began = time.monotonic()
         with BuildLog(self.paths.build_log(agent.id, row.version)) as out:
             try:
-                artifact = await self.builder.build(
-                    self.paths.source(agent.id, row.version), out.write
+                done = await self.builds.build(
+                    agent, row, self.paths.source(agent.id, row.version), out.write
                 )
             except BuildFailed as e:
                 self.on_build(agent.id, "failed", time.monotonic() - began)
@@ -378,12 +459,9 @@ class ControlPlane:
                 await self.repo.save(row)
                 return
             self.on_build(
-                agent.id, "cached" if artifact.cached else "built", time.monotonic() - began
+                agent.id, "cached" if done == CACHED else "built", time.monotonic() - began
             )
-            reuse = "reused cached environment" if artifact.cached else "built environment"
-            out.write(f"{reuse} {artifact.env_dir}")
             row.status, row.built_at = VersionStatus.READY, time.time()
-            row.dependency_digest, row.python = artifact.dependency_digest, str(artifact.python)
             await self.repo.save(row)
             out.write(f"version {row.version} is ready")
         if out.error:
@@ -392,7 +470,7 @@ class ControlPlane:
                 out.error,
                 extra={"agent": agent.id, "version": row.version},
             )
-        await self.repo.event(agent.id, "version_built", f"{row.version} built ({reuse})")
+        await self.repo.event(agent.id, "version_built", f"{row.version} built ({done})")
         try:
             # The deploy's rollout is the uploader's doing, though it starts after the build.
             await self.roll_to(

@@ -254,6 +254,7 @@ class Instances:
             log_dir=self.paths.instance_logs(agent_id),
             grace_period=target.grace_period,
             deployment=target.deployment,
+            image=row.image,
             command=command,
             files=files,
             secrets_dir=self.paths.instance_secrets(instance_id),

@@ -32,6 +32,11 @@ class Paths:
         return self.data_dir / "envs"
 
     @property
+    def image_builds(self) -> Path:
+        """Build contexts of images while they are built (the Kubernetes runtime)."""
+        return self.data_dir / "image-builds"
+
+    @property
     def sdk(self) -> Path:
         """voicefleet.sdk for the agents' own Python (voicefleet.flags.install)."""
         return self.data_dir / "sdk"

@@ -1,5 +1,6 @@
 """Where instances run: the `Runtime` protocol and its data; `local` runs child processes,
-`kubernetes` runs pods."""
+`kubernetes` runs pods; `base` is what both share (the instances followed, status changes told
+to the listeners)."""
 
 from __future__ import annotations
 

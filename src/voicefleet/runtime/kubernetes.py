@@ -56,11 +56,11 @@ from voicefleet.errors import VoicefleetError
 from voicefleet.runtime import (
     SECRETS_ENV,
     SECRETS_MOUNT,
-    ChangeListener,
     InstanceSpec,
     InstanceState,
     InstanceStatus,
 )
+from voicefleet.runtime.base import RuntimeBase
 
 log = logging.getLogger("voicefleet.runtime")
 
@@ -239,7 +239,7 @@ class _Instance:
     again: asyncio.Task[None] | None = None  # creating its pod again
 
 
-class KubernetesRuntime:
+class KubernetesRuntime(RuntimeBase[_Instance]):
     def __init__(
         self,
         client: AsyncClient,
@@ -253,14 +253,13 @@ class KubernetesRuntime:
     ) -> None:
         """`command`: the container's, with "{entry}" for the agent's file; None: the image's
         own. `resources`: requests and limits of every instance's container."""
+        super().__init__()
         self.client, self.namespace = client, client.namespace
         self.command, self.resources = command, resources
         self.stop_timeout, self.sync_timeout = stop_timeout, sync_timeout
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
-        self._instances: dict[str, _Instance] = {}
         self._by_pod: dict[str, _Instance] = {}
         self._pods: dict[str, Pod] = {}  # the watch's cache: voicefleet's pods, by name
-        self._listeners: list[ChangeListener] = []
         self._synced = asyncio.Event()
         self._tried = asyncio.Event()  # the first list was answered, or failed
         self._watch_error: KubernetesError | None = None
@@ -271,21 +270,6 @@ class KubernetesRuntime:
         cls, kubeconfig: Path | None = None, namespace: str | None = None
     ) -> KubernetesRuntime:
         return cls(connect(kubeconfig, namespace))
-
-    def on_change(self, listener: ChangeListener) -> None:
-        self._listeners.append(listener)
-
-    def _set(self, inst: _Instance, status: InstanceStatus) -> None:
-        if inst.state.status == status:
-            return
-        inst.state.status = status
-        log.info("instance %s", status, extra={"instance": inst.state.spec.instance_id})
-        for listener in self._listeners:
-            listener(inst.state.spec.instance_id, status)
-
-    def get(self, instance_id: str) -> InstanceState | None:
-        inst = self._instances.get(instance_id)
-        return inst.state if inst else None
 
     # -- the watch ----------------------------------------------------------------------------
 

@@ -33,11 +33,11 @@ import psutil
 
 from voicefleet.runtime import (
     SECRETS_ENV,
-    ChangeListener,
     InstanceSpec,
     InstanceState,
     InstanceStatus,
 )
+from voicefleet.runtime.base import RuntimeBase
 
 log = logging.getLogger("voicefleet.runtime")
 
@@ -150,7 +150,7 @@ class _Instance:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class LocalRuntime:
+class LocalRuntime(RuntimeBase[_Instance]):
     def __init__(
         self,
         *,
@@ -162,27 +162,11 @@ class LocalRuntime:
         log_max_bytes: int = 20 * 2**20,
         log_keep: int = 3,
     ) -> None:
+        super().__init__()
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
         self.stable_after, self.tick, self.stop_timeout = stable_after, tick, stop_timeout
         self.log_max_bytes, self.log_keep = log_max_bytes, log_keep
-        self._instances: dict[str, _Instance] = {}
-        self._listeners: list[ChangeListener] = []
         self._http = httpx.AsyncClient(timeout=2.0)
-
-    def on_change(self, listener: ChangeListener) -> None:
-        self._listeners.append(listener)
-
-    def _set(self, inst: _Instance, status: InstanceStatus) -> None:
-        if inst.state.status == status:
-            return
-        inst.state.status = status
-        log.info("instance %s", status, extra={"instance": inst.state.spec.instance_id})
-        for listener in self._listeners:
-            listener(inst.state.spec.instance_id, status)
-
-    def get(self, instance_id: str) -> InstanceState | None:
-        inst = self._instances.get(instance_id)
-        return inst.state if inst else None
 
     # -- starting -----------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """The store's engine: SQLite under the data directory by default, PostgreSQL by URL.
 
-The schema is Alembic's: every start upgrades the database to the newest migration.
+The schema is Alembic's: every start upgrades the database to the newest migrations.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 
 def _upgrade(connection: Connection) -> None:
-    command.upgrade(alembic_config(connection), "head")
+    # Every head: migrations written side by side (each revising the same parent) need no
+    # merge revision to be applied together.
+    command.upgrade(alembic_config(connection), "heads")
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:

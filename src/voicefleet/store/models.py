@@ -108,6 +108,10 @@ class VersionRow(Base):
     error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[float] = mapped_column(Float)
     built_at: Mapped[float] = mapped_column(Float, default=0.0)
+    # The container image the version runs as (the Kubernetes runtime): pushed by digest
+    # (registry/name@sha256:…) when voicefleet built it, else the reference deployed as given.
+    image: Mapped[str] = mapped_column(Text, default="")
+    image_digest: Mapped[str] = mapped_column(String(80), default="")
 
 
 class InstanceRow(Base):
