@@ -57,7 +57,11 @@ async def overview_events(request: Request) -> Response:
 
 async def _overview_body(request: Request) -> Html:
     return await render_overview(
-        web.control(request), web.dispatch(request), web.autoscaler(request).decision
+        web.control(request),
+        web.dispatch(request),
+        web.autoscaler(request).decision,
+        web.recorder(request),
+        web.changes(request),
     )
 
 

@@ -21,6 +21,7 @@ from starlette.responses import StreamingResponse
 
 from voicefleet.autoscale.loop import Autoscaler
 from voicefleet.control.service import ControlPlane, actor_of
+from voicefleet.dashboard.changes import Changes
 from voicefleet.dashboard.html import Html, el, join, render
 from voicefleet.dashboard.session import COOKIE, CSRF_FIELD, CSRF_HEADER, Session, Sessions
 from voicefleet.dispatch.service import DispatchService
@@ -72,6 +73,11 @@ def recorder(request: Request) -> Recorder:
 def autoscaler(request: Request) -> Autoscaler:
     scaler: Autoscaler = request.app.state.autoscaler
     return scaler
+
+
+def changes(request: Request) -> Changes:
+    found: Changes = request.app.state.changes
+    return found
 
 
 def flags(request: Request) -> FlagService:

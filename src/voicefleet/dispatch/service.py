@@ -112,6 +112,10 @@ class DispatchService:
         """Route new sessions of (agent, deployment) by version weight (see `routing`)."""
         self.routing.set_weights(agent_name, weights, deployment)
 
+    def on_weights_change(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(agent_name)` when the agent's routing weights are set."""
+        self.routing.on_change(listener)
+
     def weights(self, agent_name: str, deployment: str = "") -> dict[str, float] | None:
         return self.routing.weights(agent_name, deployment)
 
