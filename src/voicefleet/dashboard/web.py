@@ -41,7 +41,14 @@ HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
-STATIC = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
+STATIC = {
+    "dashboard.js": "text/javascript",
+    "dashboard.css": "text/css",
+    # uPlot, the charts' library (scripts/dashboard-assets vendors it; MIT, its LICENSE beside)
+    "uPlot.iife.min.js": "text/javascript",
+    "uPlot.min.css": "text/css",
+    "uPlot.LICENSE": "text/plain",
+}
 NOTHING = Html("")
 NAV = (
     ("/", "Overview", "overview"),

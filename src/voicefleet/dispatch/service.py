@@ -172,6 +172,13 @@ class DispatchService:
         """What the version's jobs did since `since` (see `VersionStats.window`)."""
         return self.stats.window(agent_name, version, since, jobs)
 
+    def over_time(
+        self, agent_name: str, version: str, since: float, until: float, points: int
+    ) -> list[tuple[float, float, float]]:
+        """(moment, failure rate, median start delay) of `window(since)` as it was at `points`
+        moments up to `until` (see `VersionStats.over_time`)."""
+        return self.stats.over_time(agent_name, version, since, until, points)
+
     def log_errors(self, agent_name: str, version: str, job_id: str, kind: str, count: int) -> None:
         """A session of the version logged `count` ERROR lines of this `kind` (its judges count
         them; see `VersionStats.log_errors`)."""
