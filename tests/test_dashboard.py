@@ -547,6 +547,12 @@ def test_a_sessions_timeline_shows_its_steps_from_dispatch_to_end(
     for step in ("dispatched", "assigned", "running", "ended"):
         expect(timeline.locator(f".step.{step}")).to_be_visible(timeout=LIVE)
     expect(timeline.locator(".step.ended .badge")).to_have_text(re.compile("succeeded|failed"))
+    # Its log lines: those of its instance's log that name it (its worker logs a line on it).
+    lines = page.locator("#session-log pre.log")
+    expect(lines).to_contain_text(job, timeout=LIVE)
+    text = lines.inner_text()
+    assert all(job in line for line in text.splitlines() if line), text
+    expect(page.locator("#session-log")).to_contain_text("line(s) of instance")
     page.screenshot(path=shots / "session-timeline.png", full_page=True)
 
 

@@ -113,7 +113,7 @@ async def sessions_page(request: Request) -> Response:
         session,
         title="Sessions",
         active="sessions",
-        body=await render_sessions(web.recorder(request), search),
+        body=await render_sessions(web.recorder(request), search, web.control(request).paths),
         before=search_form(search),
         stream="/dashboard/events/sessions" + (f"?{query}" if query else ""),
     )
@@ -122,7 +122,9 @@ async def sessions_page(request: Request) -> Response:
 @router.get("/dashboard/events/sessions")
 async def sessions_events(request: Request) -> Response:
     search = Search.of(dict(request.query_params))
-    return web.stream(request, lambda: render_sessions(web.recorder(request), search))
+    return web.stream(
+        request, lambda: render_sessions(web.recorder(request), search, web.control(request).paths)
+    )
 
 
 @router.get("/dashboard/instances")
