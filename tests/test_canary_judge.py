@@ -62,6 +62,33 @@ def test_stats_name_the_commonest_failure_reasons_by_their_first_line() -> None:
     assert max(len(r) for r, _ in stats.window("a", "v2", since).failure_reasons) <= 200
 
 
+def test_stats_over_time_are_the_windows_numbers_as_they_grew() -> None:
+    """The canary charts' points: at each moment, the window from `since` up to it."""
+    book, stats = JobBook(), VersionStats()
+    book.job_listeners.append(stats.job_changed)
+    since = time.time() - 1
+    run_job(book, "ok0", JobState.SUCCEEDED)
+    middle = time.time()
+    time.sleep(0.01)
+    run_job(book, "bad", JobState.FAILED, "RuntimeError: no")
+    run_job(book, "ok1", JobState.SUCCEEDED)
+    until = time.time() + 0.01
+    points = stats.over_time("a", "v2", since, until, 4)
+    assert [m for m, _, _ in points] == pytest.approx(
+        [since + (until - since) * k / 4 for k in (1, 2, 3, 4)]
+    )
+    # The last point is the whole window, as `window` has it.
+    whole = stats.window("a", "v2", since)
+    assert points[-1][1:] == (whole.failure_rate, whole.start_delay_p50)
+    assert points[-1][1] == pytest.approx(1 / 3)
+    # Before anything ended, a rate of 0; at `middle`, only the first success.
+    early = stats.over_time("a", "v2", since, middle, 2)
+    assert early[-1][1] == 0.0 and early[0][1] == 0.0
+    # A version with no sessions: zeros at each moment.
+    none = stats.over_time("a", "v1", since, until, 3)
+    assert len(none) == 3 and all(rate == delay == 0.0 for _, rate, delay in none)
+
+
 def test_stats_keep_session_lengths_of_successes_that_began_in_the_window() -> None:
     book, stats = JobBook(), VersionStats()
     book.job_listeners.append(stats.job_changed)

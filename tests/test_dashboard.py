@@ -96,6 +96,16 @@ def log_in(page: Any, server: Server, secret: str = DEV_SECRET, then: str = "/")
     return answer.value
 
 
+def painted(canvas: Any) -> bool:
+    """Whether anything was drawn on the canvas (a pixel not left transparent)."""
+    return bool(
+        canvas.evaluate(
+            "c => c.width > 0 && c.height > 0 && c.getContext('2d')"
+            ".getImageData(0, 0, c.width, c.height).data.some((v, i) => i % 4 === 3 && v > 0)"
+        )
+    )
+
+
 def no_reload_since(page: Any) -> Callable[[], bool]:
     """Mark the document; the returned check says whether it is still the same one."""
     page.evaluate("window.__sameDocument = true")
@@ -319,6 +329,13 @@ def test_a_deploy_from_the_cli_and_a_canary_show_up_live_and_the_canary_is_abort
         expect(card).to_contain_text("v1 90% · v2 10%", timeout=LIVE)
         expect(card.get_by_role("button", name="abort")).to_be_visible()
         expect(card.get_by_role("button", name="resume")).to_have_count(0)  # it is not paused
+        # Canary against stable over the step, with the limits drawn: two charts on canvases.
+        charts = page.locator("#canary-charts-production")
+        expect(charts.locator(".plot canvas")).to_have_count(2, timeout=LIVE)
+        assert painted(charts.locator(".plot canvas").first), "the canary chart is blank"
+        expect(charts.locator(".plot").first).to_have_attribute(
+            "data-chart", re.compile(r'"label":"canary v2".*"label":"stable v1".*"label":"limit')
+        )
         page.screenshot(path=shots / "agent-canary.png", full_page=True)
         # Declining the confirmation sends nothing.
         page.once("dialog", lambda dialog: dialog.dismiss())
@@ -530,6 +547,12 @@ def test_a_sessions_timeline_shows_its_steps_from_dispatch_to_end(
     for step in ("dispatched", "assigned", "running", "ended"):
         expect(timeline.locator(f".step.{step}")).to_be_visible(timeout=LIVE)
     expect(timeline.locator(".step.ended .badge")).to_have_text(re.compile("succeeded|failed"))
+    # Its log lines: those of its instance's log that name it (its worker logs a line on it).
+    lines = page.locator("#session-log pre.log")
+    expect(lines).to_contain_text(job, timeout=LIVE)
+    text = lines.inner_text()
+    assert all(job in line for line in text.splitlines() if line), text
+    expect(page.locator("#session-log")).to_contain_text("line(s) of instance")
     page.screenshot(path=shots / "session-timeline.png", full_page=True)
 
 
@@ -548,15 +571,21 @@ def test_the_autoscaling_page_charts_instances_against_load_and_lists_decisions(
     ).raise_for_status()
     section = page.locator(f"#autoscale-{FLAGGED}-production")
     expect(section).to_contain_text("min_instances 1 · max_instances 2", timeout=LIVE)
-    # The charts fill in as the autoscaler ticks (each second): a line per series.
-    expect(section.locator("svg.chart polyline.s-instances")).to_have_count(1, timeout=LIVE)
-    expect(section.locator("svg.chart polyline.s-load")).to_have_count(1)
+    # The charts fill in as the autoscaler ticks (each second): uPlot draws each on a canvas,
+    # from the data the page carries, a series each.
+    plots = section.locator(".plot")
+    expect(plots).to_have_count(2, timeout=LIVE)
+    expect(plots.first).to_have_attribute("data-chart", re.compile('"label":"instances"'))
+    expect(plots.nth(1)).to_have_attribute("data-chart", re.compile('"label":"load"'))
+    expect(section.locator(".plot canvas")).to_have_count(2, timeout=LIVE)
+    assert painted(section.locator(".plot canvas").first), "the chart's canvas is blank"
+    expect(section.locator(".plot .u-legend").first).to_contain_text("instances")
     # Each decision with its reason ("steady: load 0.00 / target 0.5 per instance; kept at min 1").
     reason = section.locator("td[data-label='reason']").first
     expect(reason).to_have_text(re.compile(r"\w{4,}"), timeout=LIVE)
-    # ...and grow with each tick: three points at least.
-    line = section.locator("svg.chart polyline.s-instances")
-    expect(line).to_have_attribute("points", re.compile(r"^\S+( \S+){2,}$"), timeout=LIVE)
+    # ...and grow with each tick: three samples at least (and the window's two ends).
+    drawn = re.compile(r"^([5-9]|\d{2,})$")
+    expect(plots.first).to_have_attribute("data-drawn", drawn, timeout=LIVE)
     page.screenshot(path=shots / "autoscaling.png", full_page=True)
     # Back to a fixed size: the other tests' numbers stay their own.
     httpx.post(

@@ -36,7 +36,7 @@ from voicefleet.store.models import (
     SecretRow,
     VersionRow,
 )
-from voicefleet.store.records import Recorder, history, load_open
+from voicefleet.store.records import Recorder, all_outcomes, history, load_open, outcomes
 from voicefleet.store.repo import Repo
 
 
@@ -232,3 +232,76 @@ async def test_api_keys_and_the_event_log_filters_on_each_store(engine: AsyncEng
     await keys.revoke(row.id)
     with pytest.raises(AuthError, match="revoked"):
         await keys.authenticate(token)
+
+
+async def test_the_reads_for_all_agents_at_once_give_what_each_agents_reads_give(
+    engine: AsyncEngine,
+) -> None:
+    """The dashboard's overview reads every agent in one query per table: each agent's newest
+    version, the last rollout of each deployment, instances but those long stopped, and the
+    last hour's outcomes; each as the per-agent reads have it. And every write is announced."""
+    repo = Repo(engine)
+    writes: list[int] = []
+    repo.on_write(lambda: writes.append(1))
+    now = time.time()
+    for a in (1, 2):
+        await repo.save(AgentRow(id=f"CA_{a}", name=f"bot{a}", grace_period=60, created_at=now))
+        for n in range(1, a + 2):
+            await repo.save(
+                VersionRow(agent_id=f"CA_{a}", version=f"v{n}", number=n, status="ready",
+                           source_digest=f"s{n}", created_at=now + n)
+            )  # fmt: skip
+        for n, deployment in enumerate(("production", "production", "staging")):
+            await repo.save(
+                RolloutRow(id=f"RO_{a}{n}", agent_id=f"CA_{a}", deployment=deployment,
+                           to_version="v1", state="succeeded", created_at=now + n,
+                           updated_at=now + n)
+            )  # fmt: skip
+        await repo.save(
+            InstanceRow(id=f"i{a}-old", agent_id=f"CA_{a}", deployment="production",
+                        version="v1", status="stopped", created_at=now - 9000,
+                        updated_at=now - 7200),
+            InstanceRow(id=f"i{a}-gone", agent_id=f"CA_{a}", deployment="production",
+                        version="v1", status="stopped", created_at=now - 600, updated_at=now - 60),
+            InstanceRow(id=f"i{a}-up", agent_id=f"CA_{a}", deployment="production",
+                        version="v1", status="ready", created_at=now - 9000,
+                        updated_at=now - 7200),
+        )  # fmt: skip
+    assert len(writes) == 2 + 5 + 6 + 2  # one per committed save: agents, versions, rollouts...
+    writes.clear()
+    await repo.set_instance_status("i1-up", "ready")
+    assert writes == [1]
+
+    newest = {v.agent_id: v.version for v in await repo.newest_versions()}
+    assert newest == {"CA_1": "v2", "CA_2": "v3"}
+    last = [(r.agent_id, r.deployment, r.id) for r in await repo.last_rollouts()]
+    assert sorted(last) == [
+        ("CA_1", "production", "RO_11"), ("CA_1", "staging", "RO_12"),
+        ("CA_2", "production", "RO_21"), ("CA_2", "staging", "RO_22"),
+    ]  # fmt: skip
+    current = sorted(i.id for i in await repo.current_instances("stopped", now - 3600))
+    assert current == ["i1-gone", "i1-up", "i2-gone", "i2-up"]
+
+    recorder = Recorder(engine)
+    recorder.dispatch_changed(Dispatch(id="AD_1", agent_name="bot1", room="r1"))
+    ends = [
+        ("bot1", "v1", JobState.SUCCEEDED, ""), ("bot1", "v1", JobState.FAILED, "old"),
+        ("bot1", "v1", JobState.FAILED, "new"), ("bot1", "v2", JobState.SUCCEEDED, ""),
+        ("bot2", "v1", JobState.FAILED, "boom"), ("bot2", "v1", JobState.RUNNING, ""),
+    ]  # fmt: skip
+    for n, (name, version, state, error) in enumerate(ends):
+        job = Job(id=f"AJ_{n}", dispatch_id="AD_1", agent_name=name, room="r1", room_sid="RM_1")
+        job.version, job.state, job.error, job.ended_at = version, state, error, now + n
+        job.created_at = now
+        recorder.job_changed(job)
+    await recorder.flush()
+    every = await all_outcomes(engine, now - 3600)
+    assert every == {name: await outcomes(engine, name, now - 3600) for name in ("bot1", "bot2")}
+    assert every["bot1"]["v1"]["ended"] == 3 and every["bot1"]["v1"]["failed"] == 2
+    assert every["bot1"]["v1"]["last_failure"]["error"] == "new"
+    assert every["bot1"]["v2"] == {"ended": 1, "failed": 0, "last_failure": None}
+    assert (
+        every["bot2"]["v1"]["ended"] == 1
+        and every["bot2"]["v1"]["last_failure"]["job_id"] == "AJ_4"
+    )
+    assert await all_outcomes(engine, now + 1) == {}

@@ -1,7 +1,7 @@
 """Dashboard overview benchmark: render time and the server's CPU for its live updates.
 
     .venv/bin/python benchmarks/dashboard/overview.py [--agents 50 --instances 500
-        --sessions 5000 --renders 20 --seconds 60 --streams 1,5]
+        --sessions 5000 --renders 20 --seconds 60 --streams 1,5 --churn 0,20]
 
 Starts `vf server --dev` (SQLite, log level warning) in its own process and fills it with:
   - 50 agents, each created through the control API, with a "production" deployment of 10
@@ -17,10 +17,13 @@ Starts `vf server --dev` (SQLite, log level warning) in its own process and fill
 
 Then, logged in to the dashboard with the API key and secret (its session cookie):
   render   GET / (the overview page, whole HTML) --renders times: median, p90, max; each
-           SHARED_FOR after the last, so none is served by the render before it
+           after a new session was dispatched (a change the page shows) and SHARED_FOR after
+           the last, so none is served by the render before it
   stream   the server process's CPU (psutil cpu_times, user+system) over --seconds with no
            dashboard open, then with K overview streams (/dashboard/events) open, for each K
-           in --streams; as a share of one core.
+           in --streams; as a share of one core. For each rate C in --churn: C sessions a
+           second end (the peer reports JS_SUCCESS) and as many new ones are dispatched, so
+           the page has something new to show every second (0: a steady fleet).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from livekit.protocol import agent
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
@@ -136,6 +140,28 @@ async def keep_reporting(peers: list[Peer]) -> None:
         await asyncio.sleep(0.1)
 
 
+async def churn(server: Server, peers: list[Peer], names: list[str], rate: float) -> None:
+    """`rate` sessions a second end (their peer reports success) and as many new ones are
+    dispatched (round-robin over the agents), so the number running stays the same."""
+    n = 0
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+        while True:
+            peer = peers[n % len(peers)]
+            if peer.assignments:
+                job = peer.assignments.pop(0).job
+                await peer.update(job.id, agent.JobStatus.JS_SUCCESS)
+                room = f"bench-churn-{n}"
+                token = tokens.mint(DEV_KEY, DEV_SECRET, video={"roomAdmin": True, "room": room})
+                r = await http.post(
+                    "/twirp/livekit.AgentDispatchService/CreateDispatch",
+                    json={"agent_name": job.agent_name, "room": room},
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+                r.raise_for_status()
+            n += 1
+            await asyncio.sleep(1 / rate)
+
+
 def running_jobs(peers: list[Peer]) -> int:
     return sum(len(p.assignments) for p in peers)
 
@@ -151,11 +177,19 @@ def log_in(server: Server) -> httpx.Client:
     return client
 
 
-def renders(client: httpx.Client, n: int) -> list[float]:
+def renders(client: httpx.Client, n: int, names: list[str]) -> list[float]:
     times = []
-    for _ in range(n):
-        # One render serves every page that asks within SHARED_FOR of it: wait that out, so
-        # each GET renders afresh.
+    for k in range(n):
+        # The page re-renders only after a change it shows, and one render serves every page
+        # that asks within SHARED_FOR of it: dispatch a session and wait that out, so each GET
+        # renders afresh.
+        room = f"bench-render-{k}"
+        token = tokens.mint(DEV_KEY, DEV_SECRET, video={"roomAdmin": True, "room": room})
+        client.post(
+            "/twirp/livekit.AgentDispatchService/CreateDispatch",
+            json={"agent_name": names[k % len(names)], "room": room},
+            headers={"Authorization": f"Bearer {token}"},
+        ).raise_for_status()
         time.sleep(SHARED_FOR + 0.1)
         began = time.perf_counter()
         r = client.get("/")
@@ -221,8 +255,10 @@ async def main() -> None:
     ap.add_argument("--renders", type=int, default=20)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--streams", default="1,5")
+    ap.add_argument("--churn", default="0,20", help="sessions ended and started a second")
     args = ap.parse_args()
     stream_counts = [int(k) for k in args.streams.split(",") if k]
+    churn_rates = [float(c) for c in args.churn.split(",") if c]
 
     with tempfile.TemporaryDirectory(prefix="vf-dash-bench-") as tmp:
         server = Server(Path(tmp), "--log-level", "warning").start()
@@ -251,7 +287,7 @@ async def main() -> None:
             page = client.get("/").text
             shown = f"{len(peers)} worker(s) connected · {args.sessions} live session(s)"
             assert shown in page, "the overview does not show the live state"
-            times = await asyncio.to_thread(renders, client, args.renders)
+            times = await asyncio.to_thread(renders, client, args.renders, names)
             cookies = dict(client.cookies)
             client.close()
             rss = psutil.Process(server.proc.pid if server.proc else 0).memory_info().rss
@@ -263,23 +299,29 @@ async def main() -> None:
                     f"p90 {1000 * pct(times, 0.9):.0f} ms, max {1000 * max(times):.0f} ms",
                 )
             ]
-            idle, _ = await cpu_with_streams(server, cookies, 0, args.seconds)
-            rows.append(
-                (
-                    f"server CPU, no dashboard open, {args.seconds:g} s",
-                    f"{100 * idle / args.seconds:.1f} % of a core",
-                )
-            )
-            for k in stream_counts:
-                used, events = await cpu_with_streams(server, cookies, k, args.seconds)
+            for rate in churn_rates:
+                churning = asyncio.create_task(churn(server, peers, names, rate)) if rate else None
+                what = f"{rate:g} sessions/s ending and starting" if rate else "steady fleet"
+                idle, _ = await cpu_with_streams(server, cookies, 0, args.seconds)
                 rows.append(
                     (
-                        f"server CPU, {k} overview stream(s) open, {args.seconds:g} s",
-                        f"{100 * used / args.seconds:.1f} % of a core "
-                        f"(+{100 * (used - idle) / args.seconds:.1f} % over idle; "
-                        f"{events} events sent)",
+                        f"server CPU, {what}, no dashboard open, {args.seconds:g} s",
+                        f"{100 * idle / args.seconds:.1f} % of a core",
                     )
                 )
+                for k in stream_counts:
+                    used, events = await cpu_with_streams(server, cookies, k, args.seconds)
+                    rows.append(
+                        (
+                            f"server CPU, {what}, {k} overview stream(s) open, {args.seconds:g} s",
+                            f"{100 * used / args.seconds:.1f} % of a core "
+                            f"(+{100 * (used - idle) / args.seconds:.1f} % over idle; "
+                            f"{events} events sent)",
+                        )
+                    )
+                if churning is not None:
+                    churning.cancel()
+                    await asyncio.gather(churning, return_exceptions=True)
             rows.append(("server RSS", f"{rss / 2**20:.0f} MB"))
             print("\n| figure | measured |\n|---|---|")
             for what, value in rows:

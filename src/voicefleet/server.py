@@ -32,6 +32,7 @@ from voicefleet.control.sizing import Sizing
 from voicefleet.control.telemetry import Telemetry
 from voicefleet.control.tls import TRUST_VARIABLES, instance_host
 from voicefleet.dashboard import router as dashboard
+from voicefleet.dashboard.changes import Changes
 from voicefleet.dispatch.endpoint import worker_endpoint
 from voicefleet.dispatch.service import DispatchService
 from voicefleet.dispatch.twirp import agent_dispatch_service
@@ -104,6 +105,12 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
         recorder = Recorder(engine, failures=metrics.failed_sessions)
         service.on_job_change(recorder.job_changed)
         service.on_dispatch_change(recorder.dispatch_changed)
+        # What the dashboard shows changed: its pages re-render then (and slowly otherwise).
+        changes = Changes()
+        repo.on_write(changes.mark)
+        service.on_job_change(changes.mark)
+        service.on_worker_registered(changes.mark)
+        service.on_weights_change(changes.mark)
         dispatches, jobs = await load_open(engine)
         service.restore(dispatches, jobs, adopt_within=settings.dispatch.worker_silence_timeout)
         await telemetry.refresh()  # before any job: restored ones are counted by agent
@@ -135,6 +142,7 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
         app.state.keys = keys
         app.state.engine, app.state.recorder = engine, recorder
         app.state.telemetry = telemetry
+        app.state.changes = changes
         app.state.take_back = take_back
         try:
             yield

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from voicefleet.control.service import ControlPlane, rollout_dict
 from voicefleet.dispatch.service import InstanceView
 from voicefleet.fleet import Lifecycle
 from voicefleet.rollout.model import RUNNING
-from voicefleet.store.models import AgentRow
-from voicefleet.store.records import outcomes
+from voicefleet.store.models import AgentRow, DeploymentRow, InstanceRow, RolloutRow, VersionRow
+from voicefleet.store.records import all_outcomes, outcomes
 
 RETIRING = Lifecycle.RETIRING
 # The autoscaler's latest decision for (agent id, deployment), if it made one.
@@ -60,11 +60,80 @@ async def agent_list(
 
 
 async def agent_status(plane: ControlPlane, agent: AgentRow, decision: Decisions) -> dict[str, Any]:
+    now = time.time()
+    return _status(
+        plane,
+        agent,
+        decision,
+        plane.dispatch.instances(),  # one pass over the workers, not one per instance
+        [
+            row
+            for row in await plane.repo.instances(agent.id)
+            if not (row.status == Lifecycle.STOPPED and now - row.updated_at > RECENT)
+        ],
+        await plane.repo.rollouts(agent.id, limit=5),
+        await plane.repo.deployments(agent.id),
+        # Per version: how many of the last hour's sessions failed and why the newest did, so
+        # a version whose sessions fail is seen where operators look first.
+        await outcomes(plane.repo.engine, agent.name, now - RECENT),
+    )
+
+
+async def fleet_status(
+    plane: ControlPlane, decision: Decisions
+) -> list[tuple[AgentRow, dict[str, Any], VersionRow | None]]:
+    """Every agent with its status (as `agent_status`, but with only the last rollout of each
+    deployment) and its newest version: one query per table for all agents, grouped here, so
+    the overview does not cost a few queries per agent."""
+    repo, now = plane.repo, time.time()
+    agents = await repo.agents()
+    deployments = _by_agent(await repo.deployments())
+    instances = _by_agent(await repo.current_instances(Lifecycle.STOPPED, now - RECENT))
+    rollouts = _by_agent(await repo.last_rollouts())
+    newest = {v.agent_id: v for v in await repo.newest_versions()}
+    sessions = await all_outcomes(repo.engine, now - RECENT)
+    views = plane.dispatch.instances()
+    return [
+        (
+            agent,
+            _status(
+                plane,
+                agent,
+                decision,
+                views,
+                instances.get(agent.id, []),
+                rollouts.get(agent.id, []),
+                deployments.get(agent.id, []),
+                sessions.get(agent.name, {}),
+            ),
+            newest.get(agent.id),
+        )
+        for agent in agents
+    ]
+
+
+RowT = TypeVar("RowT", InstanceRow, RolloutRow, DeploymentRow)
+
+
+def _by_agent(rows: list[RowT]) -> dict[str, list[RowT]]:
+    out: dict[str, list[RowT]] = {}
+    for row in rows:
+        out.setdefault(row.agent_id, []).append(row)
+    return out
+
+
+def _status(
+    plane: ControlPlane,
+    agent: AgentRow,
+    decision: Decisions,
+    views: dict[str, InstanceView],
+    instance_rows: list[InstanceRow],
+    rollouts: list[RolloutRow],
+    deployment_rows: list[DeploymentRow],
+    sessions: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
     instances: list[dict[str, Any]] = []
-    views = plane.dispatch.instances()  # one pass over the workers, not one per instance
-    for row in await plane.repo.instances(agent.id):
-        if row.status == Lifecycle.STOPPED and time.time() - row.updated_at > 3600:
-            continue
+    for row in instance_rows:
         state = plane.fleet.state(row.id)
         seen = views.get(row.id) or InstanceView()
         instances.append(
@@ -79,9 +148,8 @@ async def agent_status(plane: ControlPlane, agent: AgentRow, decision: Decisions
                 "registered": seen.registered,
             }
         )
-    rollouts = await plane.repo.rollouts(agent.id, limit=5)
     deployments = []
-    for d in await plane.repo.deployments(agent.id):
+    for d in deployment_rows:
         old: dict[str, dict[str, dict[str, int]]] = {Lifecycle.DRAINING: {}, RETIRING: {}}
         for i in instances:
             if i["deployment"] == d.name and i["status"] in old:
@@ -114,9 +182,6 @@ async def agent_status(plane: ControlPlane, agent: AgentRow, decision: Decisions
             canary = plane.dispatch.window(agent.name, r["to_version"], since)
             stable = plane.dispatch.window(agent.name, r["from_version"], since)
             r["analysis"] = {"canary": canary.to_dict(), "stable": stable.to_dict()}
-    # Per version: how many of the last hour's sessions failed and why the newest did, so a
-    # version whose sessions fail is seen where operators look first.
-    sessions = await outcomes(plane.repo.engine, agent.name, time.time() - RECENT)
     return {
         "agent": {"id": agent.id, "name": agent.name, "grace_period": agent.grace_period},
         "sessions": {"since_seconds": RECENT, "by_version": sessions},

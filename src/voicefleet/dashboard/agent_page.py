@@ -3,12 +3,17 @@ beside stable while one runs, versions, instances, rollout history and events.""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from voicefleet.control.service import DEFAULT_DEPLOYMENT, ControlPlane
 from voicefleet.control.status import Decisions, agent_status
+from voicefleet.dashboard.chart import Series, line_chart
 from voicefleet.dashboard.html import Html, badge, el, esc, join, table, when
 from voicefleet.dashboard.overview import instance_counts, problems, split_bar
+from voicefleet.dispatch.service import DispatchService
+from voicefleet.errors import InvalidRequest
+from voicefleet.rollout.canary import Thresholds
 from voicefleet.rollout.model import RUNNING, RolloutState
 from voicefleet.store.models import AgentRow, VersionStatus, actor_parts
 
@@ -79,7 +84,57 @@ def _short(digest: str) -> Html:
     return el("code", digest[:12], title=digest) if digest else esc("-")
 
 
-def _canary(r: dict[str, Any]) -> Html:
+TREND_POINTS = 40  # points of the canary's charts over its current step
+
+
+def _canary_charts(r: dict[str, Any], dispatch: DispatchService, agent_name: str) -> Html:
+    """Canary against stable over the current step (what the judge looks at, as it grew):
+    failure rate and median time to start, each with the limit the canary is held to."""
+    try:
+        t = Thresholds(**(r["plan"].get("thresholds") or {}))
+    except (TypeError, InvalidRequest):
+        t = Thresholds()
+    since, now = r["step_started_at"] or r["created_at"], time.time()
+    canary = dispatch.over_time(agent_name, r["to_version"], since, now, TREND_POINTS)
+    stable = dispatch.over_time(agent_name, r["from_version"], since, now, TREND_POINTS)
+    to, frm = f"canary {r['to_version']}", f"stable {r['from_version']}"
+    failures = line_chart(
+        [
+            Series(to, [(m, rate) for m, rate, _ in canary], colour="c1", unit="%"),
+            Series(frm, [(m, rate) for m, rate, _ in stable], colour="c0", unit="%"),
+            Series(
+                f"limit: stable +{t.max_failure_rate_increase:.0%}",
+                [(m, rate + t.max_failure_rate_increase) for m, rate, _ in stable],
+                colour="bad",
+                dash=True,
+                unit="%",
+            ),
+        ],
+        since,
+        now,
+        "failure rate of the sessions ended this step",
+        ymax=0.1,
+    )
+    starts = line_chart(
+        [
+            Series(to, [(m, d) for m, _, d in canary], colour="c1", unit="s"),
+            Series(frm, [(m, d) for m, _, d in stable], colour="c0", unit="s"),
+            Series(
+                f"limit: stable x{t.max_start_delay_ratio:g} + {t.start_delay_slack:g}s",
+                [(m, d * t.max_start_delay_ratio + t.start_delay_slack) for m, _, d in stable],
+                colour="bad",
+                dash=True,
+                unit="s",
+            ),
+        ],
+        since,
+        now,
+        "time to start (median, assignment to running)",
+    )
+    return el("div", failures, starts, class_="charts", id=f"canary-charts-{r['deployment']}")
+
+
+def _canary(r: dict[str, Any], charts: Html) -> Html:
     """The canary's numbers beside stable's, over the current step."""
     canary, stable = r["analysis"]["canary"], r["analysis"]["stable"]
 
@@ -111,6 +166,7 @@ def _canary(r: dict[str, Any]) -> Html:
                 ["failure reasons", reasons(canary), reasons(stable)],
             ],
         ),
+        charts,
         class_="canary",
         id=f"canary-{r['deployment']}",
     )
@@ -195,7 +251,7 @@ async def render_agent(
 
     for r in status["rollouts"]:
         if "analysis" in r:
-            parts.append(_canary(r))
+            parts.append(_canary(r, _canary_charts(r, plane.dispatch, name)))
 
     serving = {d["version"]: d["name"] for d in status["deployments"] if d["version"]}
     # A version's own rollback button takes the default deployment back to it, when that

@@ -34,16 +34,16 @@ async def render_autoscaling(plane: ControlPlane, scaler: Autoscaler) -> Html:
             counts = line_chart(
                 [
                     Series("instances", [(p.at, p.instances) for p in recent], step=True),
-                    Series("desired", [(p.at, p.desired) for p in recent], step=True),
-                    Series("sessions", [(p.at, p.sessions) for p in recent]),
-                    Series("queued", [(p.at, p.queued) for p in recent]),
+                    Series("desired", [(p.at, p.desired) for p in recent], step=True, dash=True),
+                    Series("sessions", [(p.at, p.sessions) for p in recent], colour="c2"),
+                    Series("queued", [(p.at, p.queued) for p in recent], colour="c1"),
                 ],
                 since,
                 now,
                 f"{agent.name}/{dep.name}: instances, sessions and queued sessions",
             )
             load = line_chart(
-                [Series("load", [(p.at, p.load) for p in recent])],
+                [Series("load", [(p.at, p.load) for p in recent], colour="c3")],
                 since,
                 now,
                 f"{agent.name}/{dep.name}: load (sum of the instances' reported loads)",

@@ -1,101 +1,70 @@
-"""Line charts as inline SVG, drawn on the server: a few polylines over time, no script.
+"""Line charts over time, drawn in the browser by uPlot (static/uPlot.iife.min.js, vendored by
+scripts/dashboard-assets).
 
-Small on purpose (the autoscaling page's needs: counts and load over minutes); colours come from
-the stylesheet by series class, as the page's CSP allows no inline style.
-"""
+The server sends each chart as JSON in a `data-chart` attribute (the page's CSP allows no
+inline script) and `dashboard.js` draws it on a canvas; the caption says the newest values in
+words, for a reader without the canvas. Colours come from the stylesheet (`--c0`..`--c3`,
+`--bad` for a threshold)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from voicefleet.dashboard.html import Html, el
-
-WIDTH, HEIGHT = 640.0, 180.0
-LEFT, RIGHT, TOP, BOTTOM = 36.0, 8.0, 8.0, 22.0  # room for the axes' labels
+from voicefleet.dashboard.html import Html, el, join
 
 
 @dataclass(frozen=True)
 class Series:
-    name: str  # also its CSS class: .s-<name>
+    name: str
     points: Sequence[tuple[float, float]]  # (time, value)
     step: bool = False  # a count that holds until it changes: drawn as steps
+    colour: str = "c0"  # a colour of the stylesheet: c0..c3, bad
+    dash: bool = False  # a threshold, or what a line aims at
+    unit: str = ""  # "%": values are shares (0.25), shown as 25%
 
 
-def _nice(top: float) -> float:
-    """A round ceiling for the y axis: 1, 2, 5, 10, 20, 50..."""
-    if top <= 1:
-        return 1.0
-    scale = 1.0
-    while True:
-        for m in (1, 2, 5):
-            if m * scale >= top:
-                return m * scale
-        scale *= 10
-
-
-def polyline(
-    points: Sequence[tuple[float, float]], x0: float, x1: float, ymax: float, step: bool
-) -> str:
-    """The points attribute of a polyline of (t, v) in [x0, x1] x [0, ymax]."""
-    span_x = (x1 - x0) or 1.0
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
-
-    def xy(t: float, v: float) -> str:
-        x = LEFT + (t - x0) / span_x * plot_w
-        y = TOP + plot_h - min(max(v, 0.0), ymax) / ymax * plot_h
-        return f"{x:.1f},{y:.1f}"
-
-    out: list[str] = []
-    previous: float | None = None
-    for t, v in points:
-        if step and previous is not None:
-            out.append(xy(t, previous))
-        out.append(xy(t, v))
-        previous = v
-    return " ".join(out)
-
-
-def line_chart(
-    series: Sequence[Series], x0: float, x1: float, label: str, unit: str = "", ymax: float = 0
-) -> Html:
-    top = _nice(max([ymax, *(v for s in series for _, v in s.points)]))
-    plot_h = HEIGHT - TOP - BOTTOM
-    grid: list[Html] = []
-    for frac in (0.0, 0.5, 1.0):
-        y = TOP + plot_h - frac * plot_h
-        grid.append(
-            el("line", x1=LEFT, x2=WIDTH - RIGHT, y1=f"{y:.1f}", y2=f"{y:.1f}", class_="grid")
-        )
-        grid.append(
-            el("text", f"{top * frac:g}{unit}", x=LEFT - 4, y=f"{y + 4:.1f}", class_="ylab")
-        )
-    minutes = (x1 - x0) / 60
-    grid.append(el("text", f"-{minutes:g} min", x=LEFT, y=HEIGHT - 6, class_="xlab"))
-    grid.append(el("text", "now", x=WIDTH - RIGHT, y=HEIGHT - 6, class_="xlab end"))
-    lines = [
-        el(
-            "polyline",
-            el("title", s.name),
-            points=polyline(s.points, x0, x1, top, s.step),
-            class_=f"line s-{s.name}",
-        )
-        for s in series
-        if s.points
+def line_chart(series: Sequence[Series], x0: float, x1: float, label: str, ymax: float = 0) -> Html:
+    """Every series on one time axis from `x0` to `x1` (a series has no value where it has
+    no point: uPlot joins over the gap); the y axis from 0 to at least `ymax`."""
+    xs = sorted({x0, x1, *(t for s in series for t, _ in s.points)})
+    at = {t: n for n, t in enumerate(xs)}
+    data: list[list[float | None]] = [[round(t, 3) for t in xs]]
+    for s in series:
+        ys: list[float | None] = [None] * len(xs)
+        for t, v in s.points:
+            ys[at[t]] = round(v, 4)
+        data.append(ys)
+    spec = {
+        "label": label,
+        "ymax": ymax,
+        "series": [
+            {"label": s.name, "step": s.step, "colour": s.colour, "dash": s.dash, "unit": s.unit}
+            for s in series
+        ],
+        "data": data,
+    }
+    newest = [
+        f"{s.name} {_value(s.points[-1][1], s.unit)}" for s in series if s.points and not s.dash
     ]
-    legend = el(
-        "ul",
-        *(el("li", el("span", class_=f"key s-{s.name}"), s.name) for s in series),
-        class_="legend",
+    return el(
+        "figure",
+        el(
+            "div",
+            class_="plot",
+            data_chart=json.dumps(spec, separators=(",", ":")),
+            role="img",
+            aria_label=label,
+        ),
+        el(
+            "figcaption",
+            label,
+            el("small", " · now ", join(newest, ", ")) if newest else "",
+        ),
+        class_="chart-box",
     )
-    svg = el(
-        "svg",
-        el("title", label),
-        *grid,
-        *lines,
-        viewBox=f"0 0 {WIDTH:g} {HEIGHT:g}",
-        role="img",
-        aria_label=label,
-        class_="chart",
-    )
-    return el("figure", svg, el("figcaption", label, legend), class_="chart-box")
+
+
+def _value(v: float, unit: str) -> str:
+    return f"{100 * v:.1f}%" if unit == "%" else f"{v:g}{unit}"

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from voicefleet.control.service import ControlPlane
-from voicefleet.control.status import Decisions, agent_status
+from voicefleet.control.status import Decisions, fleet_status
+from voicefleet.dashboard.changes import Changes
 from voicefleet.dashboard.html import Html, badge, el, esc, join, table, when
 from voicefleet.dispatch.service import DispatchService
 from voicefleet.fleet import Lifecycle
 from voicefleet.rollout.model import RolloutState
 from voicefleet.store.models import VersionRow, VersionStatus
+from voicefleet.store.records import Recorder
 
 # Instances that are still running (a stopped one that restarted is history).
 RUNNING_INSTANCES = {Lifecycle.STARTING, Lifecycle.READY, Lifecycle.RETIRING, Lifecycle.DRAINING}
@@ -129,16 +131,20 @@ def rollout_cell(rollouts: list[dict[str, Any]], deployment: str) -> Html:
     return el("span", "none", class_="muted")
 
 
-# Every open overview stream renders the page each second (web.TICK), and a render reads every
-# agent's status: with many agents that is most of the cost of a dashboard left open. One render
-# serves every page and stream that asks within SHARED_FOR seconds of it (and those that ask while
-# it runs), so K open overviews cost what one does; none shows data older than a stream's tick.
+# Every open overview stream looks at the page each second (web.TICK). A render reads every
+# agent's status in a few queries (`fleet_status`); it happens only when something the page
+# shows changed (`Changes`), at most once per SHARED_FOR seconds, and at least every REFRESH
+# seconds (the last hour's window moves on without an event). One render serves every page
+# and stream that asks (and those that ask while it runs), so K open overviews cost what one
+# does.
 SHARED_FOR = 0.9
+REFRESH = 10.0
 
 
 @dataclass
 class _Shared:
     done_at: float = 0.0
+    stamp: object = None
     html: Html | None = None
     running: asyncio.Task[Html] | None = None
 
@@ -147,34 +153,43 @@ _shared: weakref.WeakKeyDictionary[DispatchService, _Shared] = weakref.WeakKeyDi
 
 
 async def render_overview(
-    plane: ControlPlane, dispatch: DispatchService, decision: Decisions
+    plane: ControlPlane,
+    dispatch: DispatchService,
+    decision: Decisions,
+    recorder: Recorder,
+    changes: Changes,
 ) -> Html:
     shared = _shared.setdefault(dispatch, _Shared())
-    if shared.html is not None and time.monotonic() - shared.done_at < SHARED_FOR:
+    age = time.monotonic() - shared.done_at
+    stamp = changes.stamp(dispatch)
+    if shared.html is not None and (age < SHARED_FOR or (stamp == shared.stamp and age < REFRESH)):
         return shared.html
     if shared.running is None:
-        shared.running = asyncio.create_task(_render(plane, dispatch, decision))
-        shared.running.add_done_callback(lambda _: _finished(shared))
+        # The stamp as the render begins: what changes while it reads is rendered next time.
+        shared.running = asyncio.create_task(_render(plane, dispatch, decision, recorder))
+        shared.running.add_done_callback(lambda _: _finished(shared, stamp))
     # Shielded: a page that goes away while the render runs does not cancel it for the others.
     return await asyncio.shield(shared.running)
 
 
-def _finished(shared: _Shared) -> None:
+def _finished(shared: _Shared, stamp: object) -> None:
     task, shared.running = shared.running, None
     if task is not None and not task.cancelled() and task.exception() is None:
-        shared.html, shared.done_at = task.result(), time.monotonic()
+        shared.html, shared.done_at, shared.stamp = task.result(), time.monotonic(), stamp
 
 
-async def _render(plane: ControlPlane, dispatch: DispatchService, decision: Decisions) -> Html:
+async def _render(
+    plane: ControlPlane, dispatch: DispatchService, decision: Decisions, recorder: Recorder
+) -> Html:
     queued = dispatch.queued_by_agent()
     found: list[Problem] = []
     rows: list[tuple[bool, str, list[object]]] = []
     known: set[str] = set()
     total_sessions = 0
-    for agent, _ in await plane.agents_serving():
+    await recorder.flush()  # the sessions that ended are in the store's last hour
+    for agent, status, newest in await fleet_status(plane, decision):
         known.add(agent.id)
-        status = await agent_status(plane, agent, decision)
-        mine = problems(status, await plane.versions(agent))
+        mine = problems(status, [newest] if newest else [])
         found += mine
         link = el("a", agent.name, href=f"/dashboard/agents/{agent.name}")
         for n, d in enumerate(status["deployments"]):

@@ -58,7 +58,11 @@ async def overview_events(request: Request) -> Response:
 
 async def _overview_body(request: Request) -> Html:
     return await render_overview(
-        web.control(request), web.dispatch(request), web.autoscaler(request).decision
+        web.control(request),
+        web.dispatch(request),
+        web.autoscaler(request).decision,
+        web.recorder(request),
+        web.changes(request),
     )
 
 
@@ -110,7 +114,7 @@ async def sessions_page(request: Request) -> Response:
         session,
         title="Sessions",
         active="sessions",
-        body=await render_sessions(web.recorder(request), search),
+        body=await render_sessions(web.recorder(request), search, web.control(request).paths),
         before=search_form(search),
         stream="/dashboard/events/sessions" + (f"?{query}" if query else ""),
     )
@@ -119,7 +123,9 @@ async def sessions_page(request: Request) -> Response:
 @router.get("/dashboard/events/sessions")
 async def sessions_events(request: Request) -> Response:
     search = Search.of(dict(request.query_params))
-    return await web.stream(request, lambda: render_sessions(web.recorder(request), search))
+    return await web.stream(
+        request, lambda: render_sessions(web.recorder(request), search, web.control(request).paths)
+    )
 
 
 @router.get("/dashboard/instances")

@@ -8,7 +8,9 @@ from typing import Any
 from urllib.parse import urlencode
 
 from voicefleet.dashboard.html import Html, badge, el, esc, join, table, when
+from voicefleet.dashboard.joblog import MAX_LINES, session_lines
 from voicefleet.dispatch.jobs import JobState
+from voicefleet.fleet import Paths
 from voicefleet.store.records import Recorder
 
 SHOWN = 100  # rows on the page
@@ -129,7 +131,30 @@ def timeline(job: dict[str, Any]) -> Html:
     )
 
 
-async def render_sessions(recorder: Recorder, search: Search) -> Html:
+async def log_section(paths: Paths, job: dict[str, Any]) -> Html:
+    """The session's lines of its instance's log (those naming its job id)."""
+    head = el("h2", "Log lines of ", el("code", job["id"]))
+    if not (job["agent_id"] and job["instance"]):
+        text = "Its worker is not an instance voicefleet runs: its log is not here."
+        return el("section", head, el("p", text, class_="empty"), class_="card", id="session-log")
+    lines = await session_lines(paths, job["agent_id"], job["instance"], job["id"])
+    where = el(
+        "a",
+        job["instance"],
+        href=f"/dashboard/instances/{job['agent_name']}/{job['instance']}",
+    )
+    note = el(
+        "p",
+        f"{len(lines)} line(s) of instance ",
+        where,
+        "'s log name this job" + (f" (the newest {MAX_LINES})" if len(lines) >= MAX_LINES else ""),
+        class_="muted",
+    )
+    body = el("pre", "\n".join(lines), class_="log") if lines else ""
+    return el("section", head, note, body, class_="card", id="session-log")
+
+
+async def render_sessions(recorder: Recorder, search: Search, paths: Paths) -> Html:
     narrowed = bool(search.agent or search.version)
     jobs = await recorder.history(
         limit=SCANNED if narrowed else SHOWN, room=search.room or None, state=search.state or None
@@ -159,10 +184,8 @@ async def render_sessions(recorder: Recorder, search: Search) -> Html:
     parts = [el("p", note, class_="summary"), table(head, rows, id="jobs")]
     if search.job:
         picked = await recorder.history(limit=1, job_id=search.job)
-        parts.insert(
-            0,
-            timeline(picked[0])
-            if picked
-            else el("p", f"No job {search.job}.", class_="empty", id="timeline"),
-        )
+        if picked:
+            parts[:0] = [timeline(picked[0]), await log_section(paths, picked[0])]
+        else:
+            parts.insert(0, el("p", f"No job {search.job}.", class_="empty", id="timeline"))
     return esc(join(parts))

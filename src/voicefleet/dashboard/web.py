@@ -23,6 +23,7 @@ from starlette.responses import StreamingResponse
 from voicefleet.autoscale.loop import Autoscaler
 from voicefleet.control.access import Keys, Principal, project_principal
 from voicefleet.control.service import ControlPlane
+from voicefleet.dashboard.changes import Changes
 from voicefleet.dashboard.html import Html, el, join, render
 from voicefleet.dashboard.session import COOKIE, CSRF_FIELD, CSRF_HEADER, Session, Sessions
 from voicefleet.dispatch.service import DispatchService
@@ -44,7 +45,14 @@ HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
-STATIC = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
+STATIC = {
+    "dashboard.js": "text/javascript",
+    "dashboard.css": "text/css",
+    # uPlot, the charts' library (scripts/dashboard-assets vendors it; MIT, its LICENSE beside)
+    "uPlot.iife.min.js": "text/javascript",
+    "uPlot.min.css": "text/css",
+    "uPlot.LICENSE": "text/plain",
+}
 NOTHING = Html("")
 NAV = (
     ("/", "Overview", "overview"),
@@ -76,6 +84,11 @@ def recorder(request: Request) -> Recorder:
 def autoscaler(request: Request) -> Autoscaler:
     scaler: Autoscaler = request.app.state.autoscaler
     return scaler
+
+
+def changes(request: Request) -> Changes:
+    found: Changes = request.app.state.changes
+    return found
 
 
 def flags(request: Request) -> FlagService:

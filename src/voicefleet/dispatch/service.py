@@ -112,6 +112,10 @@ class DispatchService:
         """Route new sessions of (agent, deployment) by version weight (see `routing`)."""
         self.routing.set_weights(agent_name, weights, deployment)
 
+    def on_weights_change(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(agent_name)` when the agent's routing weights are set."""
+        self.routing.on_change(listener)
+
     def weights(self, agent_name: str, deployment: str = "") -> dict[str, float] | None:
         return self.routing.weights(agent_name, deployment)
 
@@ -176,6 +180,13 @@ class DispatchService:
     ) -> Window:
         """What the version's jobs did since `since` (see `VersionStats.window`)."""
         return self.stats.window(agent_name, version, since, jobs)
+
+    def over_time(
+        self, agent_name: str, version: str, since: float, until: float, points: int
+    ) -> list[tuple[float, float, float]]:
+        """(moment, failure rate, median start delay) of `window(since)` as it was at `points`
+        moments up to `until` (see `VersionStats.over_time`)."""
+        return self.stats.over_time(agent_name, version, since, until, points)
 
     def log_errors(self, agent_name: str, version: str, job_id: str, kind: str, count: int) -> None:
         """A session of the version logged `count` ERROR lines of this `kind` (its judges count

@@ -9,6 +9,7 @@ how long the successful ones lasted, and the ERROR lines each session logged (re
 
 from __future__ import annotations
 
+import bisect
 import statistics
 import time
 from collections import Counter, deque
@@ -164,3 +165,26 @@ class VersionStats:
             error_lines=sum(e.count for e in errors),
             error_kinds=tuple(kinds.most_common(TOP)),
         )
+
+    def over_time(
+        self, agent_name: str, version: str, since: float, until: float, points: int
+    ) -> list[tuple[float, float, float]]:
+        """How `window(since)` moved: at `points` moments spread evenly over (since, until],
+        (moment, failure rate, median start delay) of the version's jobs from `since` up to
+        it. One pass over the version's events."""
+        key = (agent_name, version)
+        ends = sorted((e.at, e.failed) for e in self._ends.get(key, ()) if since <= e.at <= until)
+        starts = sorted((t, d) for t, d, _ in self._starts.get(key, ()) if since <= t <= until)
+        out: list[tuple[float, float, float]] = []
+        delays: list[float] = []
+        ended = failed = e = s = 0
+        for k in range(1, max(points, 1) + 1):
+            moment = since + (until - since) * k / max(points, 1)
+            while e < len(ends) and ends[e][0] <= moment:
+                ended, failed, e = ended + 1, failed + ends[e][1], e + 1
+            while s < len(starts) and starts[s][0] <= moment:
+                bisect.insort(delays, starts[s][1])
+                s += 1
+            median = statistics.median(delays) if delays else 0.0
+            out.append((moment, failed / ended if ended else 0.0, median))
+        return out

@@ -275,29 +275,51 @@ async def history(
 async def outcomes(engine: AsyncEngine, agent_name: str, since: float) -> dict[str, dict[str, Any]]:
     """Per version, the agent's sessions created since `since` that have ended: how many, how
     many failed, and the newest failure (job id, error, when)."""
-    where = (
-        JobRow.state.in_([str(s) for s in ENDED]),
-        JobRow.created_at >= since,
-        JobRow.agent_name == agent_name,
-    )
+    return (await all_outcomes(engine, since, agent_name)).get(agent_name, {})
+
+
+async def all_outcomes(
+    engine: AsyncEngine, since: float, agent_name: str | None = None
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """`outcomes` of every agent (or of `agent_name`) by agent name, in two queries."""
+    where = [JobRow.state.in_([str(s) for s in ENDED]), JobRow.created_at >= since]
+    if agent_name is not None:
+        where.append(JobRow.agent_name == agent_name)
     failed = JobRow.state == str(JobState.FAILED)
     counts = (
-        select(JobRow.version, func.count(), func.sum(case((failed, 1), else_=0)))
+        select(
+            JobRow.agent_name, JobRow.version, func.count(), func.sum(case((failed, 1), else_=0))
+        )
         .where(*where)
-        .group_by(JobRow.version)
+        .group_by(JobRow.agent_name, JobRow.version)
     )
-    out: dict[str, dict[str, Any]] = {}
+    rank = func.row_number().over(
+        partition_by=(JobRow.agent_name, JobRow.version), order_by=JobRow.ended_at.desc()
+    )
+    ranked = (
+        select(
+            JobRow.agent_name, JobRow.version, JobRow.id, JobRow.error, JobRow.ended_at,
+            rank.label("rank"),
+        )
+        .where(*where, failed)
+        .subquery()
+    )  # fmt: skip
+    newest = select(ranked).where(ranked.c.rank == 1)
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     async with engine.connect() as conn:
-        for version, ended, failures in (await conn.execute(counts)).all():
-            last = None
-            if failures:
-                newest = (
-                    select(JobRow.id, JobRow.error, JobRow.ended_at)
-                    .where(*where, failed, JobRow.version == version)
-                    .order_by(JobRow.ended_at.desc())
-                    .limit(1)
-                )
-                row = (await conn.execute(newest)).one()
-                last = {"job_id": row.id, "error": row.error, "ended_at": row.ended_at}
-            out[version] = {"ended": ended, "failed": int(failures), "last_failure": last}
+        for name, version, ended, failures in (await conn.execute(counts)).all():
+            out.setdefault(name, {})[version] = {
+                "ended": ended,
+                "failed": int(failures),
+                "last_failure": None,
+            }
+        if any(v["failed"] for by_version in out.values() for v in by_version.values()):
+            for r in (await conn.execute(newest)).all():
+                entry = out.get(r.agent_name, {}).get(r.version)
+                if entry is not None:
+                    entry["last_failure"] = {
+                        "job_id": r.id,
+                        "error": r.error,
+                        "ended_at": r.ended_at,
+                    }
     return out

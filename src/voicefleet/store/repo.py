@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.orm import aliased
 
 from voicefleet.store.models import (
     SYSTEM,
@@ -31,6 +32,16 @@ class Repo:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._session = async_sessionmaker(engine, expire_on_commit=False)
+        self._written: list[Callable[[], None]] = []
+
+    def on_write(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after each write this repo commits (the dashboard re-renders
+        what it shows only when something changed)."""
+        self._written.append(listener)
+
+    def _wrote(self) -> None:
+        for listener in self._written:
+            listener()
 
     async def _all(self, query: Any) -> list[Any]:
         async with self._session() as s:
@@ -45,11 +56,13 @@ class Repo:
         async with self._session() as s, s.begin():
             for row in rows:
                 await s.merge(row)
+        self._wrote()
 
     async def remove(self, *rows: Base) -> None:
         async with self._session() as s, s.begin():
             for row in rows:
                 await s.delete(await s.merge(row))
+        self._wrote()
 
     # -- agents -------------------------------------------------------------------------------
 
@@ -68,6 +81,7 @@ class Repo:
             for table in (DeploymentRow, VersionRow, InstanceRow, SecretRow, RolloutRow, FlagRow):
                 await s.execute(delete(table).where(table.agent_id == agent_id))
             await s.execute(delete(AgentRow).where(AgentRow.id == agent_id))
+        self._wrote()
 
     # -- deployments and versions -------------------------------------------------------------
 
@@ -105,6 +119,15 @@ class Repo:
             .order_by(VersionRow.number.desc())
         )
 
+    async def newest_versions(self) -> list[VersionRow]:
+        """Each agent's newest version (one query for all agents)."""
+        rank = func.row_number().over(
+            partition_by=VersionRow.agent_id, order_by=VersionRow.number.desc()
+        )
+        ranked = select(VersionRow, rank.label("rank")).subquery()
+        row = aliased(VersionRow, ranked)
+        return await self._all(select(row).where(ranked.c.rank == 1))
+
     # -- instances ----------------------------------------------------------------------------
 
     async def instances(
@@ -117,6 +140,15 @@ class Repo:
             query = query.where(InstanceRow.status.in_(statuses))
         return await self._all(query)
 
+    async def current_instances(self, stopped: str, since: float) -> list[InstanceRow]:
+        """Every agent's instances but those in status `stopped` since before `since` (one
+        query)."""
+        return await self._all(
+            select(InstanceRow)
+            .where((InstanceRow.status != stopped) | (InstanceRow.updated_at >= since))
+            .order_by(InstanceRow.created_at)
+        )
+
     async def set_instance_status(
         self, instance_id: str, status: str, unless: str | None = None, **fields: Any
     ) -> None:
@@ -127,6 +159,7 @@ class Repo:
             query = query.where(InstanceRow.status != unless)
         async with self._session() as s, s.begin():
             await s.execute(query.values(status=status, updated_at=time.time(), **fields))
+        self._wrote()
 
     # -- secrets ------------------------------------------------------------------------------
 
@@ -147,6 +180,7 @@ class Repo:
             result = await s.execute(
                 delete(SecretRow).where(SecretRow.agent_id == agent_id, SecretRow.name.in_(names))
             )
+        self._wrote()
         return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
     # -- flags --------------------------------------------------------------------------------
@@ -162,6 +196,7 @@ class Repo:
             result = await s.execute(
                 delete(FlagRow).where(FlagRow.agent_id == agent_id, FlagRow.key == key)
             )
+        self._wrote()
         return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
     # -- rollouts and events ------------------------------------------------------------------
@@ -181,6 +216,19 @@ class Repo:
         if states is not None:
             query = query.where(RolloutRow.state.in_(states))
         return await self._all(query)
+
+    async def last_rollouts(self) -> list[RolloutRow]:
+        """The newest rollout of each (agent, deployment) that had one, newest first (one
+        query for all agents)."""
+        rank = func.row_number().over(
+            partition_by=(RolloutRow.agent_id, RolloutRow.deployment),
+            order_by=RolloutRow.created_at.desc(),
+        )
+        ranked = select(RolloutRow, rank.label("rank")).subquery()
+        row = aliased(RolloutRow, ranked)
+        return await self._all(
+            select(row).where(ranked.c.rank == 1).order_by(ranked.c.created_at.desc())
+        )
 
     async def event(self, agent_id: str, kind: str, message: str, actor: Actor = SYSTEM) -> None:
         await self.save(

@@ -25,10 +25,66 @@
     flash.hidden = false;
   }
 
+  // Charts: each .plot[data-chart] holds its data as JSON (chart.py); uPlot draws it. Those of
+  // the live part are drawn again after each swap (the old ones destroyed first).
+  let plots = [];
+  const css = getComputedStyle(document.documentElement);
+  const colour = (name) => css.getPropertyValue("--" + name).trim() || "#888";
+  function fmt(v, unit) {
+    if (v == null) return "-";
+    return unit === "%" ? (100 * v).toFixed(1) + "%" : +v.toFixed(3) + (unit || "");
+  }
+  function drawCharts(root) {
+    if (!window.uPlot) return;
+    for (const box of root.querySelectorAll(".plot[data-chart]")) {
+      let spec;
+      try {
+        spec = JSON.parse(box.dataset.chart);
+      } catch {
+        continue;
+      }
+      const unit = spec.series.length ? spec.series[0].unit : "";
+      const size = () => ({ width: Math.max(box.clientWidth, 200), height: 180 });
+      const opts = {
+        ...size(),
+        legend: { live: true },
+        cursor: { drag: { x: false, y: false } },
+        scales: {
+          x: { time: true },
+          y: { range: (u, lo, hi) => [0, Math.max(hi || 0, spec.ymax || 0, unit === "%" ? 0.01 : 1)] },
+        },
+        axes: [
+          { stroke: colour("muted"), grid: { stroke: colour("line") } },
+          { stroke: colour("muted"), grid: { stroke: colour("line") }, values: (u, ticks) => ticks.map((t) => fmt(t, unit)) },
+        ],
+        series: [
+          {},
+          ...spec.series.map((s) => ({
+            label: s.label,
+            stroke: colour(s.colour),
+            width: 2,
+            dash: s.dash ? [6, 4] : undefined,
+            spanGaps: true,
+            paths: s.step ? uPlot.paths.stepped({ align: 1 }) : undefined,
+            value: (u, v) => fmt(v, s.unit),
+          })),
+        ],
+      };
+      box.textContent = "";
+      const plot = new uPlot(opts, spec.data, box);
+      box.dataset.drawn = String(spec.data[0].length);
+      plots.push({ plot, size });
+    }
+  }
+  window.addEventListener("resize", () => {
+    for (const p of plots) p.plot.setSize(p.size());
+  });
+
   // What the live part holds, as this browser writes it out (before paint adds widths): a
   // stream's first message is usually the very page just loaded, and is then not swapped in.
   let shown = live ? live.innerHTML : "";
   paint(document);
+  drawCharts(document);
 
   const source = document.body.dataset.stream;
   if (source && live && window.EventSource) {
@@ -38,9 +94,12 @@
     const swap = (html) => {
       // Open <details> (a flag's editor) stay open across the swap.
       const open = [...live.querySelectorAll("details[open][id]")].map((d) => d.id);
+      for (const p of plots) p.plot.destroy();
+      plots = [];
       live.innerHTML = html; // HTML the server escaped, from this origin only
       for (const id of open) document.getElementById(id)?.setAttribute("open", "");
       paint(live);
+      drawCharts(document);
       document.body.dataset.updated = String(Date.now());
     };
     // Someone typing in a form on the page keeps what they typed: the change waits.
