@@ -493,7 +493,6 @@ def test_the_sdk_copy_for_agents_imports_with_the_standard_library_alone(tmp_pat
     code = f"""
 import sys
 sys.path.insert(0, {str(root)!r})
-from voicefleet.flags.service import FlagService
 from voicefleet.sdk import FlagsClient, Session
 assert __import__("voicefleet").__file__.startswith({str(root)!r})
 client = FlagsClient("http://127.0.0.1:9", "CA_x", "k", "s", cache_path={str(tmp_path / "none")!r})
