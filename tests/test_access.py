@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 
 from voicefleet.api.guard import authorize, required_role
-from voicefleet.control.access import Principal, is_key_token, parse_duration, parse_time
+from voicefleet.control.access import Principal, parse_duration, parse_time
 from voicefleet.errors import InvalidRequest, PermissionDenied
-from voicefleet.store.models import Actor, Role, actor_parts
+from voicefleet.protocol.tokens import Role, is_key_token
+from voicefleet.store.models import Actor, actor_parts
 
 ROUTES = {
     ("GET", "/api/v1/agents/a/logs"): Role.VIEWER,

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
 from voicefleet.api.deps import ERROR_RESPONSES, PREFIX, Control, Flags, Who, dispatch_service
-from voicefleet.control.access import Keys, is_key_token
+from voicefleet.control.access import Keys
 from voicefleet.control.service import ControlPlane
 from voicefleet.errors import AuthError
 from voicefleet.protocol import tokens
@@ -48,7 +48,7 @@ async def stream_flags(
     instance: tokens.WorkerIdentity | None = None  # the caller, when an instance's key
     try:  # before the agent is looked up: no telling strangers which agents exist
         token = tokens.bearer(authorization)
-        if is_key_token(token):  # a voicefleet API key: any role reads
+        if tokens.is_key_token(token):  # a voicefleet API key: any role reads
             keys: Keys = request.app.state.keys
             (await keys.authenticate(token)).require_agent(agent)
         else:

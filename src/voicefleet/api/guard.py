@@ -22,10 +22,10 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from voicefleet.control.access import Principal, is_key_token, project_principal
+from voicefleet.control.access import Principal, project_principal
 from voicefleet.errors import AuthError, PermissionDenied
 from voicefleet.protocol import tokens
-from voicefleet.store.models import Role
+from voicefleet.protocol.tokens import Role
 
 API_PREFIX = "/api/v1/"
 # Routes that authenticate their callers themselves: an agent's flag stream also takes the key
@@ -86,7 +86,7 @@ async def authenticate(
     project_key: str,
 ) -> Principal:
     token = tokens.bearer(authorization)
-    if is_key_token(token):
+    if tokens.is_key_token(token):
         return await keys.authenticate(token)
     return project_principal(project_claims(token, secret_for, project_key).api_key)
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from voicefleet.api.deps import ERROR_RESPONSES, PREFIX, Control, KeyStore, Who
 from voicefleet.control.access import key_dict, parse_duration
-from voicefleet.store.models import Role
+from voicefleet.protocol.tokens import Role
 
 router = APIRouter(prefix=PREFIX, responses=ERROR_RESPONSES)
 

@@ -28,7 +28,6 @@ import typer.core
 from rich.console import Console
 from rich.markup import escape
 
-from voicefleet.control.access import is_key_token
 from voicefleet.protocol import tokens
 
 # Exit codes a script can rely on.
@@ -87,7 +86,7 @@ def resolve(url: str | None, api_key: str | None, api_secret: str | None) -> Tar
 class Client:
     def __init__(self, target: Target) -> None:
         self.target = target
-        if is_key_token(target.api_key):  # a voicefleet key is its own bearer token
+        if tokens.is_key_token(target.api_key):  # a voicefleet key is its own bearer token
             token = target.api_key
         else:
             token = tokens.mint_admin(target.api_key, target.api_secret)

@@ -13,20 +13,21 @@ import getpass
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Column, Table
 
 from voicefleet.cli.client import NOT_FOUND, USAGE, Json, fail, print_json
-from voicefleet.config import Settings
-from voicefleet.control.access import PEPPER_PURPOSE, Keys, key_dict, parse_duration
 from voicefleet.errors import CannotStart, InvalidRequest, NotFound, VoicefleetError
-from voicefleet.store.db import check_store, open_engine
-from voicefleet.store.models import Actor, Role
-from voicefleet.store.repo import Repo
-from voicefleet.store.secrets import KEY_FILE, SecretBox
+from voicefleet.protocol.tokens import Role
+
+# The store's modules load only when a command runs: every `vf` command imports this one.
+if TYPE_CHECKING:
+    from voicefleet.control.access import Keys
+    from voicefleet.store.models import Actor
+    from voicefleet.store.repo import Repo
 
 app = typer.Typer(
     help="API keys with a role (viewer, deployer, admin), on this server's data dir.",
@@ -48,6 +49,12 @@ DatabaseUrl = Annotated[
 
 
 def _run(data_dir: Path, database_url: str, use: Callable[[Keys, Repo], Awaitable[T]]) -> T:
+    from voicefleet.config import Settings
+    from voicefleet.control.access import PEPPER_PURPOSE, Keys
+    from voicefleet.store.db import check_store, open_engine
+    from voicefleet.store.repo import Repo
+    from voicefleet.store.secrets import KEY_FILE, SecretBox
+
     data_dir = data_dir.expanduser().resolve()
     if not (data_dir / KEY_FILE).exists():
         fail(
@@ -80,6 +87,8 @@ def _run(data_dir: Path, database_url: str, use: Callable[[Keys, Repo], Awaitabl
 
 def _local() -> Actor:
     """Who runs `vf server keys` on the server: the system user, via the data dir."""
+    from voicefleet.store.models import Actor
+
     try:
         user = getpass.getuser()
     except (KeyError, OSError):  # no name for this uid (a bare container)
@@ -112,6 +121,8 @@ def create(
     as_json: Json = False,
 ) -> None:
     """Make a key. Its token (vfk_<id>.<secret>) is shown once: only a hash of it is kept."""
+    from voicefleet.control.access import key_dict, parse_duration
+
     try:
         lifetime = parse_duration(expires) if expires else None
     except InvalidRequest as e:
@@ -146,6 +157,7 @@ def list_keys(
     as_json: Json = False,
 ) -> None:
     """Every key: active, expired and revoked (the event log still names them)."""
+    from voicefleet.control.access import key_dict
 
     async def use(keys: Keys, repo: Repo) -> list[dict[str, Any]]:
         names = await _names(repo)
@@ -179,6 +191,8 @@ def revoke(
     as_json: Json = False,
 ) -> None:
     """Revoke a key: the server refuses it from its next request on."""
+    from voicefleet.control.access import key_dict
+
     key_id = key_id.partition(".")[0]  # a whole token pasted: its id part
 
     async def use(keys: Keys, repo: Repo) -> dict[str, Any]:

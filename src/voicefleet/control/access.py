@@ -25,22 +25,18 @@ from datetime import UTC, datetime
 from sqlalchemy.exc import DBAPIError
 
 from voicefleet.errors import AuthError, InvalidRequest, NotFound, PermissionDenied
-from voicefleet.store.models import SYSTEM, Actor, AgentRow, ApiKeyRow, Role
+from voicefleet.protocol import tokens
+from voicefleet.protocol.tokens import Role
+from voicefleet.store.models import SYSTEM, Actor, AgentRow, ApiKeyRow
 from voicefleet.store.repo import Repo
 
 log = logging.getLogger("voicefleet.access")
 
-KEY_PREFIX = "vfk_"
 PEPPER_PURPOSE = "api key pepper v1"
 USED_EVERY = 60.0  # seconds: a key's last use is written at most this often
 _TOKEN = re.compile(r"^(vfk_[0-9a-f]{12})\.([A-Za-z0-9_-]{20,100})$")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def is_key_token(value: str) -> bool:
-    """Whether `value` looks like a voicefleet key (`vfk_….…`), not a LiveKit key or a JWT."""
-    return value.startswith(KEY_PREFIX) and "." in value
 
 
 def split_token(token: str) -> tuple[str, str]:
@@ -167,7 +163,7 @@ class Keys:
             if scope is None:
                 raise NotFound(f"no agent '{agent}' to limit the key to")
         now = time.time()
-        key_id = KEY_PREFIX + secrets.token_hex(6)
+        key_id = tokens.KEY_PREFIX + secrets.token_hex(6)
         secret = secrets.token_urlsafe(32)
         row = ApiKeyRow(
             id=key_id,

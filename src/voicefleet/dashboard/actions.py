@@ -16,7 +16,7 @@ from voicefleet.dashboard import web
 from voicefleet.dashboard.agent_page import ACTIONS, CANARY_COMMANDS
 from voicefleet.dashboard.flags_page import changed
 from voicefleet.errors import InvalidRequest, NotFound
-from voicefleet.store.models import Role
+from voicefleet.protocol.tokens import Role
 
 log = logging.getLogger("voicefleet.dashboard")
 

@@ -13,7 +13,6 @@ from urllib.parse import quote
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from voicefleet.control.access import KEY_PREFIX, is_key_token
 from voicefleet.control.logs import log_files, tail
 from voicefleet.dashboard import actions, web
 from voicefleet.dashboard.agent_page import render_agent
@@ -30,6 +29,7 @@ from voicefleet.dashboard.overview import render_overview
 from voicefleet.dashboard.session import COOKIE, LIFETIME, Session
 from voicefleet.dashboard.sessions import Search, render_sessions, search_form
 from voicefleet.errors import AuthError, NotFound
+from voicefleet.protocol import tokens
 
 log = logging.getLogger("voicefleet.dashboard")
 
@@ -300,8 +300,8 @@ async def login(request: Request) -> Response:
     key, secret = form.get("api_key", "").strip(), form.get("api_secret", "").strip()
     next_ = web.local(form.get("next", "/"))
     shown = key.partition(".")[0]  # never the secret part of a token typed in the key field
-    if is_key_token(key) or key.startswith(KEY_PREFIX):
-        token = key if is_key_token(key) else f"{key}.{secret}"
+    if tokens.is_key_token(key) or key.startswith(tokens.KEY_PREFIX):
+        token = key if tokens.is_key_token(key) else f"{key}.{secret}"
         try:
             principal = await web.keys(request).authenticate(token)
         except AuthError as e:

@@ -21,8 +21,9 @@ import time
 from dataclasses import dataclass
 
 from voicefleet.config import Project
-from voicefleet.control.access import KEY_PREFIX, Principal
-from voicefleet.store.models import Role
+from voicefleet.control.access import Principal
+from voicefleet.protocol import tokens
+from voicefleet.protocol.tokens import Role
 
 COOKIE = "vf_session"
 LIFETIME = 12 * 3600.0  # seconds a login lasts
@@ -88,7 +89,7 @@ class Sessions:
             key, expires, nonce = str(payload["k"]), float(payload["e"]), str(payload["n"])
         except (ValueError, KeyError, TypeError):
             return None
-        if key != self.project.api_key and not key.startswith(KEY_PREFIX):
+        if key != self.project.api_key and not key.startswith(tokens.KEY_PREFIX):
             return None
         if expires <= (now if now is not None else time.time()):
             return None

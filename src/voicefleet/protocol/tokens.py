@@ -14,12 +14,34 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import jwt
 from jwt.warnings import InsecureKeyLengthWarning
 
 from voicefleet.errors import AuthError, PermissionDenied
+
+# voicefleet's own API keys (`vf server keys`): what the CLI sends and what a route requires.
+KEY_PREFIX = "vfk_"
+
+
+def is_key_token(value: str) -> bool:
+    """Whether `value` looks like a voicefleet key (`vfk_….…`), not a LiveKit key or a JWT."""
+    return value.startswith(KEY_PREFIX) and "." in value
+
+
+class Role(StrEnum):
+    """What a voicefleet API key may do; each role may do all the ones before it may."""
+
+    VIEWER = "viewer"  # read everything
+    DEPLOYER = "deployer"  # deploy, roll back, rollout commands, scale, flags
+    ADMIN = "admin"  # create and delete agents, their settings and secrets; API keys
+
+    @property
+    def rank(self) -> int:
+        return list(Role).index(self)
+
 
 # LiveKit's dev credentials (`devkey` / `secret`) are short by design; the server generates
 # long secrets for real projects, so the warning would only be noise.

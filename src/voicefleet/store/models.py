@@ -229,18 +229,6 @@ def actor_parts(actor: str) -> tuple[str, str]:
     return actor, API
 
 
-class Role(StrEnum):
-    """What a voicefleet API key may do; each role may do all the ones before it may."""
-
-    VIEWER = "viewer"  # read everything
-    DEPLOYER = "deployer"  # deploy, roll back, rollout commands, scale, flags
-    ADMIN = "admin"  # create and delete agents, their settings and secrets; API keys
-
-    @property
-    def rank(self) -> int:
-        return list(Role).index(self)
-
-
 class ApiKeyRow(Base):
     """A voicefleet API key. Its secret is never stored: only `digest`, an HMAC-SHA256 of it
     under a pepper kept in the data dir (voicefleet.control.access)."""
