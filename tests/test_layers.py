@@ -8,6 +8,8 @@ above it should be given a narrow port (a Protocol of its own) instead.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,3 +135,17 @@ def test_the_rule_sees_imports_from_above_local_and_type_checking_ones_too(tmp_p
     found = [target for _, target in imports(source, tmp_path / "voicefleet")]
     assert found == ["typing", "voicefleet.control.service", "voicefleet.rollout"]
     assert [tier_of(package_of(t)) > tier_of("dispatch") for t in found[1:]] == [True, True]
+
+
+def test_the_cli_loads_no_server_module_until_a_command_needs_it() -> None:
+    """Every `vf` command imports the CLI: the store, the server and the web framework load only
+    in the commands that use them, so that `vf agent status` starts in a fraction of a second."""
+    heavy = ("sqlalchemy", "alembic", "fastapi", "uvicorn", "voicefleet.server")
+    code = (
+        "import sys, voicefleet.cli.main\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r} or m in {heavy!r}))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert loaded == "[]", loaded
