@@ -1,4 +1,4 @@
-"""Autoscaling simulator: voicefleet's real policy against a CPU HPA, on simulated workers.
+"""Autoscaling simulator: voicefleet's real policy against Kubernetes HPAs, on simulated workers.
 
     python benchmarks/autoscale/run.py                    # all shapes, table + PNGs in out/
     python benchmarks/autoscale/run.py --shape spike      # one shape

@@ -1,4 +1,4 @@
-"""The autoscalers under test: voicefleet's real policy, and a CPU-based Kubernetes HPA."""
+"""The autoscalers under test: voicefleet's real policy, a CPU Kubernetes HPA and a fair one."""
 
 from __future__ import annotations
 
