@@ -1,4 +1,4 @@
-"""Autoscaling simulator: voicefleet's real policy against a CPU HPA, on simulated workers.
+"""Autoscaling simulator: voicefleet's real policy against Kubernetes HPAs, on simulated workers.
 
     python benchmarks/autoscale/run.py                    # all shapes, table + PNGs in out/
     python benchmarks/autoscale/run.py --shape spike      # one shape
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Last, so that an installed voicefleet, or one on PYTHONPATH (to try a changed policy), wins.
 sys.path.append(str(Path(__file__).resolve().parents[2] / "src"))
 import shapes
-from scalers import CpuHpa, Voicefleet
+from scalers import CpuHpa, FairHpa, Voicefleet
 from sim import Stats, World, simulate, workload
 
 from voicefleet.autoscale.policy import Policy
@@ -117,6 +117,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hpa.add_argument("--hpa-noise", type=float, default=0.03, help="std dev of the CPU reading")
     hpa.add_argument("--hpa-grace", type=int, default=30, help="terminationGracePeriodSeconds")
     hpa.add_argument("--hpa-min", type=int, default=1, help="minReplicas (the HPA cannot go to 0)")
+
+    fair = p.add_argument_group("fair HPA (the workers' load as a Pods metric, removed pods drain)")
+    fair.add_argument(
+        "--fair-target",
+        type=float,
+        default=0.5,
+        help="target average load (sessions / capacity); <=0 leaves the fair HPA out",
+    )
+    fair.add_argument(
+        "--fair-grace",
+        type=int,
+        default=0,
+        help="terminationGracePeriodSeconds; 0: one second longer than the shape's longest session",
+    )
     return p.parse_args(argv)
 
 
@@ -137,6 +151,11 @@ def summary(s: Stats) -> dict[str, float]:
         "wait_p50_queued": pct(queued, 50),
         "wait_p99_queued": pct(queued, 99),
         "wait_p99_all": pct(s.waits, 99),
+        "wait_p50_all": pct(s.waits, 50),
+        "wait_p95_all": pct(s.waits, 95),
+        "wait_max": float(max(s.waits, default=0)),
+        "leaving_minutes": round(s.leaving_seconds / 60, 1),
+        "lost": s.refused + s.dropped,
         "refused": s.refused,
         "dropped": s.dropped,
         "queue_seconds": s.queue_seconds,
@@ -147,13 +166,18 @@ def summary(s: Stats) -> dict[str, float]:
 COLUMNS = [
     ("peak_instances", "peak inst", "{:.0f}"),
     ("instance_minutes", "inst-min", "{:.0f}"),
+    ("leaving_minutes", "drain-min", "{:.0f}"),
     ("served", "served", "{:.0f}"),
     ("queued", "queued", "{:.0f}"),
     ("wait_p50_queued", "wait p50 q", "{:.0f}"),
     ("wait_p99_queued", "wait p99 q", "{:.0f}"),
+    ("wait_p50_all", "wait p50", "{:.0f}"),
+    ("wait_p95_all", "wait p95", "{:.0f}"),
     ("wait_p99_all", "wait p99", "{:.0f}"),
+    ("wait_max", "wait max", "{:.0f}"),
     ("refused", "refused", "{:.0f}"),
     ("dropped", "dropped", "{:.0f}"),
+    ("lost", "lost", "{:.0f}"),
     ("queue_seconds", "s w/ queue", "{:.0f}"),
     ("resizes", "resizes", "{:.0f}"),
 ]
@@ -224,6 +248,17 @@ def main(argv: list[str] | None = None) -> int:
                 name=f"cpu-hpa {target:.0%}",
             )
             runs[hpa.name] = simulate(shape, load, world, hpa, initial)
+        if args.fair_target > 0:
+            longest = max([d for ds in load.arrivals for d in ds] + load.prefill, default=0)
+            fair = FairHpa(
+                args.fair_target,
+                args.fair_grace or longest + 1,
+                random.Random(f"{args.seed}:{name}:fair-hpa"),
+                min_replicas=args.hpa_min,
+                max_replicas=args.max_instances,
+                name=f"fair-hpa {args.fair_target:.0%}",
+            )
+            runs[fair.name] = simulate(shape, load, world, fair, initial)
         for policy_name, stats in runs.items():
             rows.append((name, policy_name, summary(stats)))
         if not args.no_plot:

@@ -1,4 +1,4 @@
-"""The autoscalers under test: voicefleet's real policy, and a CPU-based Kubernetes HPA."""
+"""The autoscalers under test: voicefleet's real policy, a CPU Kubernetes HPA and a fair one."""
 
 from __future__ import annotations
 
@@ -119,3 +119,129 @@ class CpuHpa:
                 return len(pods)
             return math.ceil(ratio * len(pods))
         return math.ceil(ratio * len(ready))
+
+
+@dataclass
+class FairHpa:
+    """A `HorizontalPodAutoscaler` (autoscaling/v2) done as well as Kubernetes allows: a Pods
+    metric of the workers' own load (sessions / capacity, served by a custom metrics adapter),
+    target average `target`, and pods that drain when they are removed.
+
+    The rules, as pkg/controller/podautoscaler implements them (replica_calculator.go
+    `calcPlainMetricReplicas`, horizontal.go `normalizeDesiredReplicasWithBehaviors`):
+
+    - every `sync` seconds (--horizontal-pod-autoscaler-sync-period, 15 s);
+    - pods being deleted are ignored; pods not yet ready (Pending / starting) are left out of
+      the ratio; usage ratio = mean metric of the ready pods / target;
+    - within `tolerance` (0.1) of 1: no change; otherwise desired = ceil(ratio x ready pods);
+      when scaling up with unready pods, those count as 0 and the ratio is recomputed over all
+      pods; if that lands within the tolerance, or flips direction, no change;
+    - no ready pod (no metrics): no change (the controller errors and keeps the size);
+    - stabilization: the recommendation kept is the largest of the last `down_window` (300 s)
+      seconds for a scale-down, the smallest of the last `up_window` (0 s) for a scale-up;
+    - rate (default behaviour): up by at most max(4 pods, 100 %) per 15 s period, counting
+      the pods added in the last period (selectPolicy Max); down by up to 100 % per 15 s;
+    - then clamped to [minReplicas, maxReplicas].
+
+    Scale-down: the ReplicaSet picks whom to delete without knowing sessions
+    (controller.ActivePodsWithRanks): not-ready pods first, then (no pod-deletion-cost set) the
+    pods ready for the shortest time, compared in powers of two of that time
+    (LogarithmicScaleDown, on since 1.22), ties broken by UID, i.e. at random. A deleted pod
+    gets SIGTERM: it takes no new session and keeps its sessions, and its capacity, until they
+    end; `grace` (terminationGracePeriodSeconds) is longer than the longest call, so none is cut.
+    """
+
+    target: float
+    grace: int
+    rng: random.Random
+    min_replicas: int = 1
+    max_replicas: int = 10
+    sync: int = 15
+    tolerance: float = 0.1
+    up_window: int = 0
+    down_window: int = 300
+    up_pods: int = 4  # scaleUp policy: Pods 4 per `period`
+    up_percent: int = 100  # scaleUp policy: Percent 100 per `period`
+    down_percent: int = 100  # scaleDown policy: Percent 100 per `period`
+    period: int = 15
+    name: str = "fair-hpa"
+    recommendations: deque[tuple[int, int]] = field(default_factory=deque)
+    events: deque[tuple[int, int]] = field(default_factory=deque)  # (second, replica change)
+
+    def step(self, t: int, fleet: Fleet) -> None:
+        if t % self.sync:
+            return
+        pods = fleet.live()  # the ReplicaSet's active pods: deleted ones are ignored
+        current = len(pods)
+        if not self.recommendations:  # as if it had run at this size before the simulation
+            self.recommendations.append((t, current))
+        desired = self.recommend(t, fleet, pods)
+        desired = self._stabilize(t, current, desired)
+        desired = self._rate_limit(t, current, desired)
+        desired = max(self.min_replicas, min(self.max_replicas, desired))
+        if desired != current:
+            self.events.append((t, desired - current))
+        if desired > current:
+            fleet.start(t, desired - current)
+        elif desired < current:
+            for pod in self.doomed(t, pods)[: current - desired]:
+                pod.kill_at = t + self.grace
+
+    def recommend(self, t: int, fleet: Fleet, pods: list[Instance]) -> int:
+        """`calcPlainMetricReplicas`: the replica count the metric alone asks for."""
+        current = len(pods)
+        ready = [fleet.load(p) for p in pods if p.registered(t)]
+        unready = current - len(ready)
+        if not ready:
+            return current
+        ratio = sum(ready) / len(ready) / self.target
+        if unready == 0 or ratio <= 1.0:
+            if abs(ratio - 1.0) <= self.tolerance:
+                return current
+            return math.ceil(ratio * len(ready))
+        new_ratio = sum(ready) / current / self.target  # unready pods at 0 on the way up
+        if abs(new_ratio - 1.0) <= self.tolerance or new_ratio < 1.0:
+            return current
+        desired = math.ceil(new_ratio * current)
+        return current if desired < current else desired
+
+    def _stabilize(self, t: int, current: int, desired: int) -> int:
+        """`stabilizeRecommendationWithBehaviors`."""
+        up = down = desired
+        for at, r in self.recommendations:
+            if at > t - self.up_window:
+                up = min(up, r)
+            if at > t - self.down_window:
+                down = max(down, r)
+        self.recommendations.append((t, desired))
+        keep = max(self.up_window, self.down_window)
+        while self.recommendations and self.recommendations[0][0] <= t - keep:
+            self.recommendations.popleft()
+        return min(max(current, up), down)
+
+    def _rate_limit(self, t: int, current: int, desired: int) -> int:
+        """`convertDesiredReplicasWithBehaviorRate` with the default policies."""
+        while self.events and self.events[0][0] <= t - self.period:
+            self.events.popleft()
+        added = sum(d for _, d in self.events if d > 0)
+        removed = -sum(d for _, d in self.events if d < 0)
+        if desired > current:
+            start = current - added
+            limit = max(start + self.up_pods, math.ceil(start * (1 + self.up_percent / 100)))
+            return min(desired, limit)
+        if desired < current:
+            start = current + removed
+            limit = math.floor(start * (1 - self.down_percent / 100))
+            return max(desired, limit)
+        return desired
+
+    def doomed(self, t: int, pods: list[Instance]) -> list[Instance]:
+        """The ReplicaSet's deletion order, first to go first; blind to sessions."""
+
+        def rank(p: Instance) -> tuple[bool, int, float]:
+            if not p.registered(t):
+                return (False, 0, 0.0)
+            ready_for = max(1, t - p.ready_at)
+            return (True, int(math.log2(ready_for)), self.rng.random())
+
+        return sorted(pods, key=rank)

@@ -95,6 +95,7 @@ class Stats:
     dropped: int = 0
     queue_seconds: int = 0  # seconds ending with a session queued (no worker would take it)
     instance_seconds: int = 0
+    leaving_seconds: int = 0  # of those, instances draining or terminating (holding capacity)
     peak_instances: int = 0
     resizes: int = 0  # times the autoscaler changed the size
     # Per second, for the plots.
@@ -174,6 +175,7 @@ class Fleet:
         s = self.stats
         running = len(self.instances)
         s.instance_seconds += running
+        s.leaving_seconds += sum(i.leaving for i in self.instances)
         s.peak_instances = max(s.peak_instances, running)
         s.queue_seconds += bool(self.queue)
         s.rate.append(rate)
