@@ -11,6 +11,7 @@ the queue in order, and the workers' counts matching the book's.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -20,8 +21,10 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from livekit.protocol import agent, agent_dispatch
 
 from voicefleet.config import DispatchSettings, Project
+from voicefleet.dispatch import jobs as jobs_module
+from voicefleet.dispatch import service as service_module
 from voicefleet.dispatch.endpoint import _handle
-from voicefleet.dispatch.jobs import Dispatch, JobState, new_id
+from voicefleet.dispatch.jobs import Dispatch, JobState
 from voicefleet.dispatch.registry import PoolKey, Worker
 from voicefleet.dispatch.scheduler import job_key
 from voicefleet.dispatch.service import DispatchService
@@ -43,7 +46,6 @@ SETTINGS = DispatchSettings(
     queue_limit_per_agent=8,
     redispatch_grace=1.0,
 )
-STEP = 0.05  # the clock moves by at most this much between two turns of the loop
 
 
 class VirtualClockLoop(asyncio.SelectorEventLoop):
@@ -56,6 +58,15 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
     def time(self) -> float:
         return self.now
 
+    def next_timer(self) -> float:
+        """When the next timer is due (inf: none is)."""
+        timers = [t.when() for t in self._scheduled if not t.cancelled()]  # type: ignore[attr-defined]
+        return min(timers, default=float("inf"))
+
+    def busy(self) -> bool:
+        """Whether a callback is ready to run, or a timer is due."""
+        return bool(self._ready) or self.next_timer() <= self.now  # type: ignore[attr-defined]
+
 
 @dataclass(eq=False)
 class SimWorker:
@@ -63,7 +74,8 @@ class SimWorker:
 
     worker: Worker
     instance: str
-    reports_jobs: bool
+    reports_jobs: bool  # as livekit-agents for Python; for Node (1.9) sends no job status
+    starts_at_once: bool  # reports a job running as soon as it is assigned (else when told)
     alive: bool = True
     claimed: bool = False  # dead, and its process already came back or exited
     offers: list[str] = field(default_factory=list)
@@ -75,13 +87,21 @@ class DispatchMachine(RuleBasedStateMachine):
         super().__init__()
         self.loop = VirtualClockLoop()
         asyncio.set_event_loop(self.loop)
+        # Ids in order, not random: the rules pick jobs and workers from sorted ids, and a run
+        # must pick the same ones when it is replayed (or shrunk).
+        self.ids = itertools.count(1)
+        self._new_id = jobs_module.new_id
+        service_module.new_id = self.new_id  # type: ignore[attr-defined]
         project = Project(name="fuzz", api_key="devkey", api_secret="secret" * 6)
         self.service = DispatchService(project, SETTINGS, Metrics())
         self.workers: list[SimWorker] = []
         self.dispatches: list[Dispatch] = []
-        self.rooms = 0
+
+    def new_id(self, prefix: str) -> str:
+        return f"{prefix}{next(self.ids):04d}"
 
     def teardown(self) -> None:
+        service_module.new_id = self._new_id  # type: ignore[attr-defined]
         self.loop.run_until_complete(self.service.close())
         self.loop.close()
         asyncio.set_event_loop(None)
@@ -89,13 +109,26 @@ class DispatchMachine(RuleBasedStateMachine):
     # -- the loop and the clock ---------------------------------------------------------------
 
     def settle(self) -> None:
-        """Run every callback and task that is ready now, then read what workers were sent."""
-        for _ in range(30):
-            self.loop.run_until_complete(asyncio.sleep(0))
-        for sim in self.workers:
-            self.read_outbox(sim)
+        """Run every callback and task that is ready now, then read what workers were sent;
+        workers that start jobs at once report them running, and so on until all is quiet."""
+        while True:
+            for _ in range(100):
+                self.loop.run_until_complete(asyncio.sleep(0))
+                if not self.loop.busy():
+                    break
+            started = [(s, j) for s in self.workers for j in self.read_outbox(s)]
+            if not started:
+                return
+            for sim, job_id in started:
+                update = agent.UpdateJobStatus(job_id=job_id, status=agent.JobStatus.JS_RUNNING)
+                msg = agent.WorkerMessage(update_job=update)
+                self.loop.run_until_complete(
+                    _call(lambda s=sim, m=msg: _handle(self.service, s.worker, m))
+                )
 
-    def read_outbox(self, sim: SimWorker) -> None:
+    def read_outbox(self, sim: SimWorker) -> list[str]:
+        """Take in what `sim` was sent; the jobs it starts now."""
+        start = []
         while not sim.worker.outbox.empty():
             msg = agent.ServerMessage()
             msg.ParseFromString(sim.worker.outbox.get_nowait())
@@ -104,8 +137,11 @@ class DispatchMachine(RuleBasedStateMachine):
                 sim.offers.append(msg.availability.job.id)
             elif which == "assignment":
                 sim.jobs.add(msg.assignment.job.id)
+                if sim.alive and sim.reports_jobs and sim.starts_at_once:
+                    start.append(msg.assignment.job.id)
             elif which == "termination":
                 sim.jobs.discard(msg.termination.job_id)
+        return start
 
     def run_in_loop(self, fn: object) -> None:
         async def call() -> None:
@@ -127,20 +163,30 @@ class DispatchMachine(RuleBasedStateMachine):
 
     @initialize()
     def first_workers(self) -> None:
-        for agent_name, instance in zip(AGENTS, INSTANCES, strict=False):
-            self.workers.append(self._register(agent_name, instance, reports_jobs=True))
+        # One of each agent that starts its jobs at once, and one slow to start them.
+        for agent_name, instance, at_once in zip(
+            (*AGENTS, AGENTS[0]), INSTANCES, (True, True, False), strict=True
+        ):
+            self.workers.append(self._register(agent_name, instance, True, at_once))
         self.settle()
+        for agent_name in (*AGENTS, AGENTS[0]):
+            self.create_dispatch(agent_name, room=0, never=False)
 
     @rule(
         agent_name=st.sampled_from(AGENTS),
         instance=st.sampled_from(INSTANCES),
         reports_jobs=st.booleans(),
+        starts_at_once=st.booleans(),
     )
-    def register(self, agent_name: str, instance: str, reports_jobs: bool) -> None:
-        self.workers.append(self._register(agent_name, instance, reports_jobs))
+    def register(
+        self, agent_name: str, instance: str, reports_jobs: bool, starts_at_once: bool
+    ) -> None:
+        self.workers.append(self._register(agent_name, instance, reports_jobs, starts_at_once))
         self.settle()
 
-    def _register(self, agent_name: str, instance: str, reports_jobs: bool) -> SimWorker:
+    def _register(
+        self, agent_name: str, instance: str, reports_jobs: bool, starts_at_once: bool
+    ) -> SimWorker:
         request = agent.RegisterWorkerRequest(agent_name=agent_name, type=agent.JobType.JT_ROOM)
         identity = WorkerIdentity(agent=agent_name, version="v1", instance=instance)
         holder: list[Worker] = []
@@ -148,12 +194,12 @@ class DispatchMachine(RuleBasedStateMachine):
         def add() -> None:
             holder.append(
                 self.service.registry.add(
-                    new_id("AW_"), request, api_key="devkey", identity=identity
+                    self.new_id("AW_"), request, api_key="devkey", identity=identity
                 )
             )
 
         self.loop.run_until_complete(_call(add))
-        return SimWorker(holder[0], instance, reports_jobs)
+        return SimWorker(holder[0], instance, reports_jobs, starts_at_once)
 
     @precondition(lambda self: self.live())
     @rule(
@@ -179,8 +225,12 @@ class DispatchMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.live())
     @rule(data=st.data())
     def die(self, data: st.DataObject) -> None:
-        """The connection drops (the process may live on and reconnect)."""
-        sim = data.draw(st.sampled_from(self.live()))
+        """The connection drops (the process may live on and reconnect); mostly of a worker
+        with jobs, the case that matters."""
+        busy = [s for s in self.live() if s.jobs]
+        self._die(data.draw(st.sampled_from(busy or self.live())))
+
+    def _die(self, sim: SimWorker) -> None:
         sim.alive = False
         self.run_in_loop(lambda: self.service.scheduler.worker_gone(sim.worker, "disconnected"))
 
@@ -191,7 +241,9 @@ class DispatchMachine(RuleBasedStateMachine):
         it still runs (livekit-agents' migrate_job)."""
         old = data.draw(st.sampled_from(self.dead()))
         old.claimed = True
-        new = self._register(old.worker.key.agent_name, old.instance, old.reports_jobs)
+        new = self._register(
+            old.worker.key.agent_name, old.instance, old.reports_jobs, old.starts_at_once
+        )
         new.jobs = set(old.jobs)
         self.workers.append(new)
         self.settle()
@@ -233,7 +285,9 @@ class DispatchMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def accept_all(self, data: st.DataObject) -> None:
         """A worker says yes to every offer it has (the common case, made common here)."""
-        sim = data.draw(st.sampled_from([s for s in self.live() if s.offers]))
+        self._accept_all(data.draw(st.sampled_from([s for s in self.live() if s.offers])))
+
+    def _accept_all(self, sim: SimWorker) -> None:
         offers, sim.offers = sim.offers, []
         for job_id in offers:
             response = agent.AvailabilityResponse(
@@ -292,9 +346,11 @@ class DispatchMachine(RuleBasedStateMachine):
         self.dispatches.extend(created)
 
     @precondition(lambda self: self.dispatches)
-    @rule(data=st.data())
-    def delete_dispatch(self, data: st.DataObject) -> None:
-        dispatch = data.draw(st.sampled_from(self.dispatches))
+    @rule(data=st.data(), again=st.integers(0, 3))
+    def delete_dispatch(self, data: st.DataObject, again: int) -> None:
+        """Mostly a dispatch not yet deleted; now and then one already deleted (NotFound)."""
+        live = [d for d in self.dispatches if not d.deleted_at]
+        dispatch = data.draw(st.sampled_from(live if live and again else self.dispatches))
 
         def delete() -> None:
             try:
@@ -306,18 +362,19 @@ class DispatchMachine(RuleBasedStateMachine):
 
     # -- time ---------------------------------------------------------------------------------
 
-    @rule(seconds=st.sampled_from([0.05, 0.3, 0.6, 1.2, 2.5]))
+    @rule(seconds=st.sampled_from([0.05, 0.3, 0.6, 1.2, 2.5, SETTINGS.queue_timeout]))
     def wait(self, seconds: float) -> None:
+        """Time passes: the clock jumps from timer to timer, each run in its turn. The queue
+        timeout counts on the wall clock (jobs' queued_at), so its passing is said outright."""
+        if seconds >= SETTINGS.queue_timeout:
+            self.run_in_loop(lambda: self.service.scheduler.expire_queued(time.time() + seconds))
+            seconds = 0.05  # not hours of retry timers: none of them depends on it
         end = self.loop.now + seconds
-        while self.loop.now < end:
-            self.loop.now = min(end, self.loop.now + STEP)
-            for _ in range(4):
-                self.loop.run_until_complete(asyncio.sleep(0))
-        self.settle()
-
-    @rule()
-    def queue_timeout_passes(self) -> None:
-        self.run_in_loop(lambda: self.service.scheduler.expire_queued(time.time() + 10_000))
+        while True:
+            self.loop.now = min(end, self.loop.next_timer())
+            self.settle()
+            if self.loop.now >= end:
+                return
 
     # -- invariants ---------------------------------------------------------------------------
 
@@ -382,8 +439,8 @@ class DispatchMachine(RuleBasedStateMachine):
         scheduler = self.service.scheduler
         for key, waiting in scheduler._waiting.items():
             pending = [j for j in waiting if j.state == JobState.PENDING]
-            fresh = [j.created_at for j in pending if not j.redispatches]
-            assert fresh == sorted(fresh), f"queue of {key} is out of order"
+            created = [j.created_at for j in pending]
+            assert created == sorted(created), f"queue of {key} is out of creation order"
             if pending:
                 assert key in scheduler._pumps, f"jobs wait for {key} with no pump"
         in_book = sum(1 for j in self.service.book.jobs.values() if j.state == JobState.PENDING)
@@ -425,10 +482,43 @@ class DispatchMachine(RuleBasedStateMachine):
                     assert job.ended, f"{job_id} of deleted {dispatch.id} is {job.state}"
 
 
+def check(machine: DispatchMachine) -> None:
+    machine.every_job_is_somewhere_and_on_one_worker_at_most()
+    machine.workers_hold_only_their_open_jobs()
+    machine.queue_is_fifo_and_counted()
+    machine.no_job_waits_while_a_worker_is_free()
+    machine.every_dispatch_has_its_job()
+
+
+def test_a_job_whose_worker_died_goes_back_ahead_of_newer_jobs() -> None:
+    """Found by this machine: a job dispatched again after its worker died (or taken back from
+    a worker that did not start it) was queued behind the jobs created after it, when others
+    were waiting: the caller whose session was cut waited for the newest callers first."""
+    m = DispatchMachine()
+    try:
+        m.first_workers()
+        bob = next(s for s in m.live() if s.worker.key.agent_name == "bob")
+        for sim in m.live():
+            m._accept_all(sim)
+        (cut,) = bob.jobs
+        for sim in m.live():
+            m._die(sim)
+        m.create_dispatch("bob", room=0, never=False)  # queued: bob has no worker now
+        m.wait(SETTINGS.redispatch_grace + 0.2)
+        check(m)
+        (waiting,) = [w for k, w in m.service.scheduler._waiting.items() if k.agent_name == "bob"]
+        assert waiting[0].id == cut
+    finally:
+        m.teardown()
+
+
 async def _call(fn: object) -> None:
     fn()  # type: ignore[operator]
 
 
 TestDispatch = DispatchMachine.TestCase
 # The loaded profile's (tests/conftest.py), with runs long enough to reach the grace and retries.
-TestDispatch.settings = settings(settings.default, stateful_step_count=50)
+_profile = settings()
+TestDispatch.settings = settings(
+    _profile, max_examples=_profile.max_examples * 2, stateful_step_count=50
+)
