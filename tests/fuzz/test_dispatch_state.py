@@ -512,6 +512,35 @@ def test_a_job_whose_worker_died_goes_back_ahead_of_newer_jobs() -> None:
         m.teardown()
 
 
+def test_a_job_its_worker_did_not_start_holds_up_no_job_behind_it() -> None:
+    """Found by this machine: a job taken back from the one worker that did not start it in
+    time (never offered to it again) made the queue skip every job of the same kind behind it,
+    so they waited for the queue timeout while that worker was free to take them."""
+    m = DispatchMachine()
+    try:
+        w = m._register("alice", "i1", reports_jobs=True, starts_at_once=False)
+        m.workers.append(w)
+        m.create_dispatch("alice", room=0, never=False)
+        m._accept_all(w)
+        (first,) = w.jobs
+        m.send(
+            w,
+            agent.WorkerMessage(
+                update_job=agent.UpdateJobStatus(job_id=first, status=agent.JobStatus.JS_RUNNING)
+            ),
+        )  # it reports job status
+        m.create_dispatch("alice", room=0, never=False)
+        m._accept_all(w)  # accepted, never started
+        m.create_dispatch("alice", room=1, never=False)
+        (last,) = w.offers  # offered, not answered: it times out and waits in the queue
+        w.offers.clear()
+        m.wait(SETTINGS.start_timeout + SETTINGS.retry_interval * 2)
+        check(m)
+        assert last in w.offers, "the last job was not offered to the free worker"
+    finally:
+        m.teardown()
+
+
 async def _call(fn: object) -> None:
     fn()  # type: ignore[operator]
 

@@ -637,7 +637,11 @@ class Scheduler:
                 continue
             worker = self._pick(key, job)
             if worker is None:
-                stuck.add((job.pin_version, job.deployment, job.routed_version))
+                if not job.tried and not job.not_started_by:
+                    # Only a job any worker of its kind may take speaks for the jobs behind it:
+                    # one that a worker did not start in time is never offered to that worker
+                    # again, yet the next job may well go there.
+                    stuck.add((job.pin_version, job.deployment, job.routed_version))
                 continue
             del waiting[i]
             self._dispatch(job, worker)
