@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from livekit import api
 
 from tests.livekit import (
@@ -17,6 +19,14 @@ from tests.livekit import (
     vf_agent,
 )
 from tests.support import DEV_KEY, DEV_SECRET, Server, Worker
+
+# Fuzz tests (tests/fuzz) in CI: a fixed number of examples from a fixed seed, so that a run is
+# bounded and a failure is the same on every machine; HYPOTHESIS_PROFILE=deep explores further.
+settings.register_profile(
+    "ci", max_examples=60, derandomize=True, deadline=None, database=None, print_blob=True
+)
+settings.register_profile("deep", max_examples=2000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -177,7 +177,9 @@ class Scheduler:
         key = job_key(job)
         waiting = self._waiting.get(key)
         if waiting:
-            waiting.append(job)  # behind the jobs queued before it (FIFO)
+            # In creation order: a job back from a worker that did not start it, or whose
+            # worker died, goes ahead of the jobs created after it, as a refused one does.
+            _enqueue(waiting, job)
             if self._pick(key, job) is not None:
                 # A worker is free for it: the queue's pass gives that worker to the first
                 # waiting job that can take it, this one if those before it cannot.
@@ -576,9 +578,7 @@ class Scheduler:
 
     def _park(self, key: PoolKey, job: Job) -> None:
         waiting = self._waiting.setdefault(key, deque())
-        # FIFO by creation: a job that came back refused goes ahead of jobs created after it.
-        i = next((i for i, other in enumerate(waiting) if other.created_at > job.created_at), None)
-        waiting.insert(len(waiting) if i is None else i, job)
+        _enqueue(waiting, job)
         for listener in self._queued_listeners:
             listener(key.agent_name)
         if key not in self._pumps:
@@ -637,7 +637,11 @@ class Scheduler:
                 continue
             worker = self._pick(key, job)
             if worker is None:
-                stuck.add((job.pin_version, job.deployment, job.routed_version))
+                if not job.tried and not job.not_started_by:
+                    # Only a job any worker of its kind may take speaks for the jobs behind it:
+                    # one that a worker did not start in time is never offered to that worker
+                    # again, yet the next job may well go there.
+                    stuck.add((job.pin_version, job.deployment, job.routed_version))
                 continue
             del waiting[i]
             self._dispatch(job, worker)
@@ -666,6 +670,16 @@ class Scheduler:
             f"no worker for agent '{name}' took the job within {waited:g}s "
             f"({len(pool)} registered, none available or all refused: {states}{more})"
         )
+
+
+def _enqueue(waiting: deque[Job], job: Job) -> None:
+    """FIFO by creation: a job that came back (refused, not started in time, its worker gone)
+    goes ahead of the jobs created after it."""
+    if not waiting or waiting[-1].created_at <= job.created_at:
+        waiting.append(job)  # a new job: the common case, O(1)
+        return
+    i = next((i for i, other in enumerate(waiting) if other.created_at > job.created_at), None)
+    waiting.insert(len(waiting) if i is None else i, job)
 
 
 def _shown(name: str) -> str:

@@ -95,7 +95,7 @@ def verify(token: str, secret_for: Callable[[str], str | None]) -> Claims:
     """Check signature, issuer, exp and nbf; return the claims. `secret_for` maps key -> secret."""
     try:
         unverified = jwt.decode(token, options={"verify_signature": False})
-    except jwt.DecodeError as e:
+    except jwt.InvalidTokenError as e:  # DecodeError, and header checks such as `crit`
         raise AuthError(f"malformed access token: {e}") from None
     api_key = unverified.get("iss")
     if not isinstance(api_key, str) or not api_key:
