@@ -479,6 +479,34 @@ def test_a_pod_deleted_by_hand_mid_session_is_replaced_and_its_session_runs_else
     assert len(until(restored, "a new pod in the deleted one's place") - before) == 1
 
 
+def test_scale_down_deletes_the_idle_pod_then_to_zero_and_a_cold_start_runs_the_session(
+    setup: Setup,
+) -> None:
+    """Proves: scaling 2 -> 1 with a session on one pod deletes the idle pod, and the session
+    runs to its end; autoscaled with min 0, the pods go once idle; a session dispatched to zero
+    pods waits (not refused), a pod starts, and the session runs there."""
+    live = dispatch(setup, "kd-scale-down", until_released=True)
+    busy = running_on(setup, live)
+    setup.vf("scale", "1")
+    until(lambda: uids(setup, version="v5") == {busy.uid}, "the idle pod to be deleted")
+    assert job(setup, live)["state"] == "running"
+    release(setup.markers, live)
+    ended(setup, live)
+
+    setup.vf(
+        "scale", "--min", "0", "--max", "2", "--idle-to-zero", "2s", "--up-window", "1s",
+        "--down-window", "30s",
+    )  # fmt: skip
+    until(lambda: not uids(setup, agent=busy.labels["voicefleet.io/agent"]), "zero pods")
+    before = set(setup.player.pods)
+    began = time.monotonic()
+    cold = dispatch(setup, "kd-cold")
+    pod = running_on(setup, cold)
+    print(f"cold start from zero pods, dispatch -> running: {time.monotonic() - began:.1f}s")
+    assert pod.uid not in before and pod.labels["voicefleet.io/version"] == "v5"
+    assert ended(setup, cold)["version"] == "v5"
+
+
 def test_a_registry_that_refuses_the_push_fails_the_version(setup: Setup, tmp_path: Path) -> None:
     """Proves: a push that fails (nothing listens at the registry's address) fails the
     version with the push's reason, after a build that succeeded; no pod is created."""
