@@ -507,6 +507,29 @@ def test_scale_down_deletes_the_idle_pod_then_to_zero_and_a_cold_start_runs_the_
     assert ended(setup, cold)["version"] == "v5"
 
 
+def test_a_restarted_server_adopts_the_pods_and_their_sessions_run_on(setup: Setup) -> None:
+    """Proves: the server stopped and started again (same address, same store) keeps the pods
+    it finds: no pod is created or deleted, the session in flight runs to its end, and new
+    sessions run on the same pods."""
+    setup.vf("scale", "2")
+    until(lambda: len(uids(setup, version="v5")) == 2, "two v5 pods")
+    pods = uids(setup, version="v5")
+    seen = set(setup.player.pods)
+    live = dispatch(setup, "kd-restart", until_released=True)
+    busy = running_on(setup, live)
+    setup.server.port = int(setup.server.url.rsplit(":", 1)[1])  # the address the pods know
+    setup.server.stop(leave_instances=True)
+    setup.server.start()
+    assert setup.serving() == "v5"
+    until(lambda: job(setup, live)["state"] == "running", "the live session, reported again")
+    release(setup.markers, live)
+    assert ended(setup, live)["instance"] == job(setup, live)["instance"]
+    again = setup.session("kd-after-restart")
+    assert again["version"] == "v5"
+    assert uids(setup, version="v5") == pods and busy.uid in pods
+    assert set(setup.player.pods) == seen  # no pod made, none replaced
+
+
 def test_a_registry_that_refuses_the_push_fails_the_version(setup: Setup, tmp_path: Path) -> None:
     """Proves: a push that fails (nothing listens at the registry's address) fails the
     version with the push's reason, after a build that succeeded; no pod is created."""
