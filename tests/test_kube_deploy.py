@@ -530,6 +530,40 @@ def test_a_restarted_server_adopts_the_pods_and_their_sessions_run_on(setup: Set
     assert set(setup.player.pods) == seen  # no pod made, none replaced
 
 
+def test_a_canary_aborted_and_a_blue_green_with_smoke_sessions_cut_no_session(
+    setup: Setup,
+) -> None:
+    """Proves, on pods: a 50 % canary takes new sessions beside stable; aborted, stable takes
+    them all again and the canary's pods go; a blue-green smoke-tests green on its own pods,
+    then switches, and blue's busy pod, terminating, runs its session to its end there."""
+    live = dispatch(setup, "kd-canary-live", until_released=True)
+    running_on(setup, live)
+    out = setup.vf("deploy", "--image", f"{PREBUILT[:-4]}:2.2", "--canary", "50")
+    assert "canary v6 takes 50% of new sessions" in out.stdout, out.stdout
+    # 12 sessions at 50 %: all on one side is a 1-in-2,048 chance.
+    wave = [dispatch(setup, f"kd-canary-{i}") for i in range(12)]
+    assert {ended(setup, j)["version"] for j in wave} == {"v5", "v6"}
+    assert "aborted by request" in setup.vf("canary", "abort").stdout
+    (dep,) = setup.get(f"/agents/{AGENT}")["deployments"]
+    assert (dep["version"], dep["routing"]) == ("v5", {"v5": 100})
+    until(lambda: not uids(setup, version="v6"), "the canary's pods to go")
+    assert setup.session("kd-after-abort")["version"] == "v5"
+    assert job(setup, live)["state"] == "running"
+
+    out = setup.vf("deploy", "--image", f"{PREBUILT[:-4]}:2.3", "--strategy", "bluegreen")
+    assert "serves v7" in out.stdout, out.stdout
+    smoke = [j for j in setup.get("/jobs?limit=100") if j["room"].startswith("vf-smoke-v7-")]
+    assert smoke and {(j["version"], j["state"]) for j in smoke} == {("v7", "succeeded")}
+    assert setup.session("kd-green")["version"] == "v7"
+    # Blue's pods are deleted with the agent's grace: terminating, the busy one finishes.
+    until(lambda: not uids(setup, version="v5"), "blue's pods to be terminating")
+    time.sleep(3)  # a session cut or dispatched again would show by now
+    assert (job(setup, live)["state"], job(setup, live)["redispatches"]) == ("running", 0)
+    release(setup.markers, live)
+    done = ended(setup, live)
+    assert (done["version"], done["redispatches"]) == ("v5", 0), done
+
+
 def test_a_registry_that_refuses_the_push_fails_the_version(setup: Setup, tmp_path: Path) -> None:
     """Proves: a push that fails (nothing listens at the registry's address) fails the
     version with the push's reason, after a build that succeeded; no pod is created."""
