@@ -28,9 +28,8 @@ from lightkube.resources.core_v1 import Pod, Secret
 from tests.kube import Cluster, admin, free_ports
 
 LAUNCHER = Path(__file__).resolve().parent.parent / "src" / "voicefleet" / "runtime" / "launch.py"
-MANAGED: dict[str, Any] = {
-    "app.kubernetes.io/managed-by": "voicefleet"
-}  # lightkube's selector type
+# Any: lightkube's watch takes a dict of selector values (str, operators, iterables).
+MANAGED: dict[str, Any] = {"app.kubernetes.io/managed-by": "voicefleet"}
 
 
 @dataclass
