@@ -10,7 +10,9 @@ runs the agent's code as a local process with exactly the pod's environment (its
 resolved), so workers register with the credentials the pods carry and rollouts complete.
 
 The tests share one server, one agent and one cluster and run in order (v1, v2 and a
-rollback, a failed build, a prebuilt image): each build costs seconds, the cluster more.
+rollback, a failed build, a prebuilt image, then every strategy with sessions in flight on
+prebuilt images: a rolling deploy, a pod deleted by hand, scaling down and to zero and a cold
+start, a server restart, a canary and a blue-green): each build costs seconds, the cluster more.
 Skipped when buildah, docker-registry or the Kubernetes binaries are missing.
 """
 
