@@ -5,8 +5,8 @@ for each pod kwok reports Running, runs the agent as a local process with exactl
 environment: its inline values and the values of the instance's Secret that its env refers
 to (read back from the API, as a kubelet resolves secretKeyRef). So the workers that register
 with the server do so with the credentials and settings the pods carry, and a rollout over the
-Kubernetes runtime completes as it would on real nodes. A deleted pod's process gets SIGTERM
-(its grace is the pod's own: the kubelet's SIGKILL is not played). The image is not run: the
+Kubernetes runtime completes as it would on real nodes. A deleted pod's first process gets SIGTERM,
+once (its grace is the pod's own: the kubelet's SIGKILL is not played). The image is not run: the
 process runs `agent` (the same code the image was built from) with this machine's Python.
 """
 
@@ -20,6 +20,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lightkube import ApiError, AsyncClient
 from lightkube.resources.core_v1 import Pod, Secret
@@ -27,7 +28,8 @@ from lightkube.resources.core_v1 import Pod, Secret
 from tests.kube import Cluster, admin, free_ports
 
 LAUNCHER = Path(__file__).resolve().parent.parent / "src" / "voicefleet" / "runtime" / "launch.py"
-MANAGED = {"app.kubernetes.io/managed-by": "voicefleet"}
+# Any: lightkube's watch takes a dict of selector values (str, operators, iterables).
+MANAGED: dict[str, Any] = {"app.kubernetes.io/managed-by": "voicefleet"}
 
 
 @dataclass
@@ -38,6 +40,7 @@ class PlayedPod:
     labels: dict[str, str]
     env: dict[str, str] = field(repr=False)
     proc: asyncio.subprocess.Process | None = None
+    terminated: bool = False  # had its SIGTERM
 
 
 class PodPlayer:
@@ -129,8 +132,18 @@ class PodPlayer:
             )  # fmt: skip
 
     async def _stop(self, pod: PlayedPod, sig: signal.Signals) -> None:
+        """SIGTERM as a container runtime sends it: once, to the container's first process
+        only (the watch reports a terminating pod many times; a second SIGTERM would make
+        livekit-agents exit at once, and its job processes are left to it). SIGKILL: all."""
         proc = pod.proc
         if proc is None or proc.returncode is not None:
+            return
+        if sig == signal.SIGTERM:
+            if pod.terminated:
+                return
+            pod.terminated = True
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, sig)
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)

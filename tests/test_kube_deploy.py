@@ -10,7 +10,9 @@ runs the agent's code as a local process with exactly the pod's environment (its
 resolved), so workers register with the credentials the pods carry and rollouts complete.
 
 The tests share one server, one agent and one cluster and run in order (v1, v2 and a
-rollback, a failed build, a prebuilt image): each build costs seconds, the cluster more.
+rollback, a failed build, a prebuilt image, then every strategy with sessions in flight on
+prebuilt images: a rolling deploy, a pod deleted by hand, scaling down and to zero and a cold
+start, a server restart, a canary and a blue-green): each build costs seconds, the cluster more.
 Skipped when buildah, docker-registry or the Kubernetes binaries are missing.
 """
 
@@ -19,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -45,8 +49,17 @@ from tests.kube import (
     make_namespace,
     require_binaries,
 )
-from tests.pods import PodPlayer
-from tests.support import DEV_KEY, DEV_SECRET, MARKER_AGENT, Server, admin_token
+from tests.pods import PlayedPod, PodPlayer
+from tests.support import (
+    DEV_KEY,
+    DEV_SECRET,
+    MARKER_AGENT,
+    NO_REASON,
+    Server,
+    admin_token,
+    release,
+    started,
+)
 from voicefleet.cli.main import app as cli
 
 AGENT = "kd-bot"
@@ -351,6 +364,206 @@ def test_deploy_image_runs_the_given_reference_with_no_build(setup: Setup) -> No
     bad = setup.vf("deploy", "--image", "Not A Reference", ok=False)
     assert bad.returncode == 1 and "is not an image reference" in bad.stderr
     assert setup.serving() == "v4"
+
+
+NEXT = "registry.example.com/team/prebuilt-agent:2.1"
+
+
+def dispatch(setup: Setup, room: str, **metadata: object) -> str:
+    """A session dispatched to the agent, not waited for: its job id."""
+
+    async def dispatched() -> str:
+        async with api.LiveKitAPI(setup.server.url, DEV_KEY, DEV_SECRET) as lk:
+            d = await lk.agent_dispatch.create_dispatch(
+                api.CreateAgentDispatchRequest(
+                    agent_name=AGENT, room=room, metadata=json.dumps(metadata)
+                )
+            )
+            return str(d.state.jobs[0].id)
+
+    return asyncio.run(dispatched())
+
+
+def running_on(setup: Setup, job_id: str, but: int = 0) -> PlayedPod:
+    """The pod whose process runs job `job_id` (its worker's process group), once it started
+    there (on a process group other than `but`)."""
+
+    def found() -> PlayedPod | None:
+        info = started(setup.markers, job_id)
+        if info is None or info["worker_pgid"] == but:
+            return None
+        for pod in setup.player.pods.values():
+            if pod.proc is not None and pod.proc.pid == info["worker_pgid"]:
+                return pod
+        return None
+
+    return until(found, f"session {job_id} to start on a pod")
+
+
+def job(setup: Setup, job_id: str) -> dict[str, Any]:
+    found: dict[str, Any] = setup.get(f"/jobs/{job_id}")
+    return found
+
+
+def uids(setup: Setup, **labels: str) -> set[str]:
+    return {
+        p.metadata.uid or ""
+        for p in setup.pods()
+        if p.metadata
+        and all((p.metadata.labels or {}).get(f"voicefleet.io/{k}") == v for k, v in labels.items())
+    }
+
+
+def ended(setup: Setup, job_id: str) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        found = job(setup, job_id)
+        return found if found["state"] in ("succeeded", "failed") else None
+
+    done = until(check, f"session {job_id} to end")
+    assert (setup.markers / f"{job_id}.done").exists(), f"{job_id} was cut: {done}"
+    assert done["state"] == "succeeded" or done["error"] == NO_REASON, done
+    return done
+
+
+def test_a_deploy_during_a_live_session_cuts_nothing_and_deletes_its_pod_only_once_idle(
+    setup: Setup,
+) -> None:
+    """Proves: v5 deployed while a session runs on a v4 pod serves every new session; the idle
+    v4 pod goes; the busy one stays (not even terminating) until its session ended, whole, and
+    then is deleted."""
+    live = dispatch(setup, "kd-live", until_released=True)
+    busy = running_on(setup, live)
+    assert busy.labels["voicefleet.io/version"] == "v4"
+    began = time.monotonic()
+    setup.vf("deploy", "--image", NEXT)
+    assert setup.serving() == "v5"
+    assert setup.session("kd-after-deploy")["version"] == "v5"
+    print(f"deploy -> new sessions on v5: {time.monotonic() - began:.1f}s")
+    until(lambda: uids(setup, version="v4") == {busy.uid}, "the idle v4 pod to be deleted")
+    time.sleep(3)  # a reaper that took busy pods too would have had its turn
+    assert uids(setup, version="v4") == {busy.uid}
+    assert job(setup, live)["state"] == "running"
+    release(setup.markers, live)
+    done = ended(setup, live)
+    assert done["version"] == "v4"
+    until(lambda: not uids(setup, version="v4"), "the v4 pod to be deleted once idle")
+
+
+def test_a_pod_deleted_by_hand_mid_session_is_replaced_and_its_session_runs_elsewhere(
+    setup: Setup,
+) -> None:
+    """Proves: a pod deleted at once (grace 0: the kubelet kills its process) while it runs a
+    session: the server dispatches the session again to the other pod, where it runs to its
+    end, and a new pod restores the count."""
+    until(lambda: len(uids(setup, version="v5")) == 2, "v5's two pods")
+    before = uids(setup, version="v5")
+    live = dispatch(setup, "kd-lost", until_released=True)
+    lost = running_on(setup, live)
+    assert lost.proc is not None
+    pgid = lost.proc.pid
+
+    async def delete() -> None:
+        async with admin(setup.kube, setup.namespace) as client:
+            await client.delete(Pod, lost.name, namespace=setup.namespace, grace_period=0)
+
+    asyncio.run(delete())
+    os.killpg(pgid, signal.SIGKILL)  # the kubelet's part at grace 0 (the player sends SIGTERM)
+    again = running_on(setup, live, but=pgid)
+    assert again.uid in before and again.uid != lost.uid
+    release(setup.markers, live)
+    done = ended(setup, live)
+    assert done["redispatches"] >= 1, done
+
+    def restored() -> set[str] | None:
+        now = uids(setup, version="v5")
+        return now if len(now) == 2 and lost.uid not in now else None
+
+    assert len(until(restored, "a new pod in the deleted one's place") - before) == 1
+
+
+def test_scale_down_deletes_the_idle_pod_then_to_zero_and_a_cold_start_runs_the_session(
+    setup: Setup,
+) -> None:
+    """Proves: scaling 2 -> 1 with a session on one pod deletes the idle pod, and the session
+    runs to its end; autoscaled with min 0, the pods go once idle; a session dispatched to zero
+    pods waits (not refused), a pod starts, and the session runs there."""
+    live = dispatch(setup, "kd-scale-down", until_released=True)
+    busy = running_on(setup, live)
+    setup.vf("scale", "1")
+    until(lambda: uids(setup, version="v5") == {busy.uid}, "the idle pod to be deleted")
+    assert job(setup, live)["state"] == "running"
+    release(setup.markers, live)
+    ended(setup, live)
+
+    setup.vf(
+        "scale", "--min", "0", "--max", "2", "--idle-to-zero", "2s", "--up-window", "1s",
+        "--down-window", "30s",
+    )  # fmt: skip
+    until(lambda: not uids(setup, agent=busy.labels["voicefleet.io/agent"]), "zero pods")
+    before = set(setup.player.pods)
+    began = time.monotonic()
+    cold = dispatch(setup, "kd-cold")
+    pod = running_on(setup, cold)
+    print(f"cold start from zero pods, dispatch -> running: {time.monotonic() - began:.1f}s")
+    assert pod.uid not in before and pod.labels["voicefleet.io/version"] == "v5"
+    assert ended(setup, cold)["version"] == "v5"
+
+
+def test_a_restarted_server_adopts_the_pods_and_their_sessions_run_on(setup: Setup) -> None:
+    """Proves: the server stopped and started again (same address, same store) keeps the pods
+    it finds: no pod is created or deleted, the session in flight runs to its end, and new
+    sessions run on the same pods."""
+    setup.vf("scale", "2")
+    until(lambda: len(uids(setup, version="v5")) == 2, "two v5 pods")
+    pods = uids(setup, version="v5")
+    seen = set(setup.player.pods)
+    live = dispatch(setup, "kd-restart", until_released=True)
+    busy = running_on(setup, live)
+    setup.server.port = int(setup.server.url.rsplit(":", 1)[1])  # the address the pods know
+    setup.server.stop(leave_instances=True)
+    setup.server.start()
+    assert setup.serving() == "v5"
+    until(lambda: job(setup, live)["state"] == "running", "the live session, reported again")
+    release(setup.markers, live)
+    assert ended(setup, live)["instance"] == job(setup, live)["instance"]
+    again = setup.session("kd-after-restart")
+    assert again["version"] == "v5"
+    assert uids(setup, version="v5") == pods and busy.uid in pods
+    assert set(setup.player.pods) == seen  # no pod made, none replaced
+
+
+def test_a_canary_aborted_and_a_blue_green_with_smoke_sessions_cut_no_session(
+    setup: Setup,
+) -> None:
+    """Proves, on pods: a 50 % canary takes new sessions beside stable; aborted, stable takes
+    them all again and the canary's pods go; a blue-green smoke-tests green on its own pods,
+    then switches, and blue's busy pod, terminating, runs its session to its end there."""
+    live = dispatch(setup, "kd-canary-live", until_released=True)
+    running_on(setup, live)
+    out = setup.vf("deploy", "--image", f"{PREBUILT[:-4]}:2.2", "--canary", "50")
+    assert "canary v6 takes 50% of new sessions" in out.stdout, out.stdout
+    # 12 sessions at 50 %: all on one side is a 1-in-2,048 chance.
+    wave = [dispatch(setup, f"kd-canary-{i}") for i in range(12)]
+    assert {ended(setup, j)["version"] for j in wave} == {"v5", "v6"}
+    assert "aborted by request" in setup.vf("canary", "abort").stdout
+    (dep,) = setup.get(f"/agents/{AGENT}")["deployments"]
+    assert (dep["version"], dep["routing"]) == ("v5", {"v5": 100})
+    until(lambda: not uids(setup, version="v6"), "the canary's pods to go")
+    assert setup.session("kd-after-abort")["version"] == "v5"
+    assert job(setup, live)["state"] == "running"
+
+    out = setup.vf("deploy", "--image", f"{PREBUILT[:-4]}:2.3", "--strategy", "bluegreen")
+    assert "serves v7" in out.stdout, out.stdout
+    smoke = [j for j in setup.get("/jobs?limit=100") if j["room"].startswith("vf-smoke-v7-")]
+    assert smoke and {(j["version"], j["state"]) for j in smoke} == {("v7", "succeeded")}
+    assert setup.session("kd-green")["version"] == "v7"
+    # Blue's pods are deleted with the agent's grace: terminating, the busy one finishes.
+    until(lambda: not uids(setup, version="v5"), "blue's pods to be terminating")
+    time.sleep(3)  # a session cut or dispatched again would show by now
+    assert (job(setup, live)["state"], job(setup, live)["redispatches"]) == ("running", 0)
+    release(setup.markers, live)
+    done = ended(setup, live)
+    assert (done["version"], done["redispatches"]) == ("v5", 0), done
 
 
 def test_a_registry_that_refuses_the_push_fails_the_version(setup: Setup, tmp_path: Path) -> None:
