@@ -25,13 +25,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from voicefleet.control.access import Keys
 from voicefleet.dispatch.jobs import Dispatch, Job, JobState
 from voicefleet.errors import AuthError
+from voicefleet.protocol.tokens import Role
 from voicefleet.store.db import alembic_config, open_engine
 from voicefleet.store.models import (
     Actor,
     AgentRow,
     Base,
     InstanceRow,
-    Role,
     RolloutRow,
     SecretRow,
     VersionRow,
