@@ -8,6 +8,7 @@ see it: a real `vf server` running a canary of real livekit-agents workers
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -483,25 +484,35 @@ async def _scenario(
         "the autoscaler's decision on Prometheus",
     )
 
-    # Every panel's query runs on this Prometheus and has data for what this test did.
+    # Every panel's query runs on this Prometheus and has data for what this test did (asked
+    # again for a while: the autoscaler's series reach Prometheus a scrape after its decision).
     board = json.loads(DASHBOARD.read_text())
-    empty = []
-    for title, expr in panel_queries(board):
-        promql = (
-            expr.replace("$__rate_interval", "1m")
-            .replace("$agent", "my-agent")
-            .replace("$deployment", "production")
-        )
-        r = httpx.get(
-            f"{prometheus}/api/v1/query_range",
-            params={"query": promql, "start": began, "end": time.time(), "step": 1},
-            timeout=30,
-        )
-        body = r.json()
-        assert r.status_code == 200 and body["status"] == "success", (title, promql, body)
-        if not body["data"]["result"]:
-            empty.append((title, promql))
-    assert empty == [], empty
+
+    def empty_panels() -> list[tuple[str, str]] | None:
+        empty = []
+        for title, expr in panel_queries(board):
+            promql = (
+                expr.replace("$__rate_interval", "1m")
+                .replace("$agent", "my-agent")
+                .replace("$deployment", "production")
+            )
+            r = httpx.get(
+                f"{prometheus}/api/v1/query_range",
+                params={"query": promql, "start": began, "end": time.time(), "step": 1},
+                timeout=30,
+            )
+            body = r.json()
+            assert r.status_code == 200 and body["status"] == "success", (title, promql, body)
+            if not body["data"]["result"]:
+                empty.append((title, promql))
+        return empty or None
+
+    still_empty = empty_panels()
+    deadline = time.monotonic() + 30
+    while still_empty and time.monotonic() < deadline:
+        await asyncio.sleep(1)
+        still_empty = empty_panels()
+    assert not still_empty, still_empty
 
     # The agent deleted: its series leave /metrics (the dispatcher's own stay).
     for job_id in held:
