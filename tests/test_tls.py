@@ -4,8 +4,6 @@ instances get a wss:// URL and serve, and plain HTTP to the TLS port fails sayin
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import shutil
 import ssl
 import subprocess
@@ -17,84 +15,30 @@ import aiohttp
 import httpx
 import psutil
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 from livekit import api
 
+from tests.kube import CA
 from tests.support import DEV_KEY, DEV_SECRET, Server, Worker, started, wait_for
 from tests.test_deploy import AGENT_SRC, api_get, dispatch, vf
 from voicefleet.control.tls import check_tls, instance_host
 from voicefleet.errors import CannotStart
 
 
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
 def make_certificates(
     folder: Path, ips: tuple[str, ...] = ("127.0.0.1",), dns: tuple[str, ...] = ("localhost",)
 ) -> tuple[Path, Path, Path]:
-    """(CA certificate, server certificate, server key), PEM files in `folder`."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("voicefleet test CA"))
-        .issuer_name(_name("voicefleet test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-    names += [x509.DNSName(d) for d in dns]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(dns[0] if dns else ips[0]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    """(CA certificate, server certificate, server key), PEM files in `folder`: a CA of the
+    test rig's (tests/kube.py, which makes the cluster's the same way) and a server's
+    certificate it signs for `ips` and `dns`."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+    ca = CA.make()
+    key, cert = ca.issue(
+        folder, "server", dns[0] if dns else ips[0], server_names=dns, server_ips=ips
     )
-    return paths
+    ca_path = folder / "ca.pem"
+    ca_path.write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
+    return ca_path, cert, key
 
 
 @pytest.mark.timeout(600)
