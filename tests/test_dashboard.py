@@ -511,6 +511,40 @@ def test_an_actions_event_shows_who_did_it_from_the_dashboard_and_from_the_api(
 
 
 @pytest.mark.timeout(600)
+def test_a_button_pressed_while_a_change_waits_still_runs_its_command(
+    dash: Server, flagged: Path, new_page: Callable[..., Any]
+) -> None:
+    """A change that arrives while someone types waits; the press of the form's button (focus
+    leaves the field) must not swap the page between the button going down and coming up."""
+    page = new_page()
+    log_in(page, dash, then=f"/dashboard/agents/{FLAGGED}")
+    card = page.locator("#deployment-production")
+    expect(card).to_contain_text("serving v1", timeout=LIVE)
+    field = card.get_by_label("instances of production")
+    field.fill("1")
+    # A change made elsewhere (an event row for the page) waits while the field has focus.
+    httpx.post(
+        f"{dash.url}/api/v1/agents/{FLAGGED}/scale",
+        json={"deployment": "production", "replicas": 1},
+        headers={"Authorization": f"Bearer {admin_token()}"},
+        timeout=30,
+    ).raise_for_status()
+    expect(page.locator("body")).to_have_attribute("data-pending", "1", timeout=LIVE)
+    # Pressed as a person does: down, a moment, up.
+    box = card.get_by_role("button", name="scale").bounding_box()
+    asked: list[str] = []
+    page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept()))
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.wait_for_timeout(200)
+    page.mouse.up()
+    expect(page.locator("#flash")).to_have_text("production scaled to 1 instance(s)")
+    assert asked and asked[0].startswith("Run 1 instance(s) of production"), asked
+    # And the change that waited is shown after the press.
+    expect(page.locator("body")).not_to_have_attribute("data-pending", "1")
+
+
+@pytest.mark.timeout(600)
 def test_the_instances_page_shows_each_instance_and_its_log_as_lines_are_written(
     dash: Server, flagged: Path, new_page: Callable[..., Any], shots: Path
 ) -> None:

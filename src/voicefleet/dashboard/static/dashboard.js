@@ -102,19 +102,32 @@
       drawCharts(document);
       document.body.dataset.updated = String(Date.now());
     };
-    // Someone typing in a form on the page keeps what they typed: the change waits.
+    // Someone typing in a form on the page keeps what they typed, and a button being pressed
+    // stays the one released (a swap between the two would eat the click): the change waits.
     const typing = () => {
       const a = document.activeElement;
       return a && live.contains(a) && a.matches("input, textarea, select");
     };
-    live.addEventListener("focusout", () => {
-      setTimeout(() => {
-        if (pending !== null && !typing()) {
-          swap(pending);
-          pending = null;
-        }
-      }, 0);
+    let pressing = false;
+    const flush = () => {
+      if (pending !== null && !pressing && !typing()) {
+        const html = pending;
+        pending = null;
+        delete document.body.dataset.pending;
+        swap(html);
+      }
+    };
+    live.addEventListener("pointerdown", () => {
+      pressing = true;
     });
+    for (const end of ["pointerup", "pointercancel"]) {
+      // After the click this release makes (dispatched in the same task) has run.
+      document.addEventListener(end, () => {
+        pressing = false;
+        setTimeout(flush, 0);
+      });
+    }
+    live.addEventListener("focusout", () => setTimeout(flush, 0));
     const normal = document.createElement("template");
     events.onmessage = (e) => {
       normal.innerHTML = e.data;
@@ -123,11 +136,9 @@
         return;
       }
       shown = normal.innerHTML;
-      if (typing()) pending = e.data;
-      else {
-        pending = null;
-        swap(e.data);
-      }
+      pending = e.data;
+      document.body.dataset.pending = "1";
+      flush();
       connection("live");
     };
     events.addEventListener("expired", () => {
