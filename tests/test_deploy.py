@@ -24,7 +24,7 @@ import psutil
 import pytest
 from livekit import api
 
-from tests.support import DEV_KEY, DEV_SECRET, ROOT, Server, admin_token, started, wait_for
+from tests.support import DEV_KEY, DEV_SECRET, ROOT, Seen, Server, admin_token, started, wait_for
 
 AGENT_SRC = ROOT / "tests" / "agents" / "deployable"
 SECRET = "s3cr3t-value-that-must-never-show"
@@ -91,13 +91,31 @@ async def dispatch(
     return d.state.jobs[0].id
 
 
-def all_stopped(server: Server, *versions: str) -> Callable[[], bool]:
-    """A check: every instance of these versions of my-agent has stopped."""
-    return lambda: all(
-        i["status"] == "stopped"
-        for i in api_get(server, "/agents/my-agent")["instances"]
-        if i["version"] in versions
-    )
+def all_stopped(server: Server, *versions: str) -> Callable[[], bool | Seen]:
+    """A check: every instance of these versions of my-agent has stopped. Not yet: the ones
+    still up, their sessions and the end of their output (why a drain did not end)."""
+
+    def check() -> bool | Seen:
+        up = [
+            i
+            for i in api_get(server, "/agents/my-agent")["instances"]
+            if i["version"] in versions and i["status"] != "stopped"
+        ]
+        if not up:
+            return True
+        seen = []
+        for i in up:
+            out = httpx.get(
+                f"{server.url}/api/v1/agents/my-agent/logs",
+                params={"instance": i["id"]},
+                headers={"Authorization": f"Bearer {admin_token()}"},
+                timeout=30,
+            ).text
+            tail = "\n    ".join(out.splitlines()[-15:])
+            seen.append(f"{i['id']} {i['status']} sessions={i.get('sessions')}:\n    {tail}")
+        return Seen("\n".join(seen))
+
+    return check
 
 
 def job_state(server: Server, job_id: str, *states: str) -> Callable[[], dict[str, Any] | None]:
@@ -132,6 +150,10 @@ async def test_deploy_during_20_live_sessions_finishes_them_all_and_rollback_nee
         second = vf(server, agent_dir, "deploy")
         assert "v2" in second.stdout
         assert "reused cached environment" in second.stdout  # same requirements: no reinstall
+        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+        assert 'voicefleet_build_duration_seconds_count{agent="my-agent",result="cached"} 1.0' in (
+            metrics
+        ), [line for line in metrics.splitlines() if "build_duration_seconds_count" in line]
 
         after = [await dispatch(lk, f"after-{i}") for i in range(6)]
         for job_id in after:

@@ -11,6 +11,7 @@ A build or a push that fails raises BuildFailed: the version is failed and never
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -19,13 +20,21 @@ from voicefleet.build.local import LocalBuilder
 from voicefleet.store.models import AgentRow, VersionRow
 
 Log = Callable[[str], None]
-CACHED = "reused cached environment"  # what a build that built nothing says
+
+
+@dataclass(frozen=True)
+class Built:
+    """What a build did: one line for the version's event, and whether it reused a cache
+    (the build-duration metric counts the two apart)."""
+
+    summary: str
+    cached: bool = False
 
 
 class VersionBuilder(Protocol):
-    async def build(self, agent: AgentRow, row: VersionRow, source: Path, log: Log) -> str:
+    async def build(self, agent: AgentRow, row: VersionRow, source: Path, log: Log) -> Built:
         """Build `source` as version `row`; record what was built on `row` (the caller saves
-        it) and return one line saying what was done."""
+        it)."""
         ...
 
 
@@ -35,12 +44,12 @@ class EnvironmentBuilds:
     def __init__(self, builder: LocalBuilder) -> None:
         self.builder = builder
 
-    async def build(self, agent: AgentRow, row: VersionRow, source: Path, log: Log) -> str:
+    async def build(self, agent: AgentRow, row: VersionRow, source: Path, log: Log) -> Built:
         artifact = await self.builder.build(source, log)
-        done = CACHED if artifact.cached else "built environment"
+        done = "reused cached environment" if artifact.cached else "built environment"
         log(f"{done} {artifact.env_dir}")
         row.dependency_digest, row.python = artifact.dependency_digest, str(artifact.python)
-        return done
+        return Built(done, artifact.cached)
 
 
 class ImageBuilds:
@@ -60,7 +69,7 @@ class ImageBuilds:
         self.tls_verify = tls_verify
         self.authfile = authfile
 
-    async def build(self, agent: AgentRow, row: VersionRow, source: Path, log: Log) -> str:
+    async def build(self, agent: AgentRow, row: VersionRow, source: Path, log: Log) -> Built:
         # Tagged by content: the same source builds (from cache) and pushes to the same tag.
         local = f"localhost/{repository_name(agent.name)}:{row.source_digest or row.version}"
         log(f"building image {local} with buildah")
@@ -71,4 +80,4 @@ class ImageBuilds:
         )
         log(f"pushed {pushed.ref} ({built.size / 2**20:.1f} MiB)")
         row.image, row.image_digest = pushed.ref, pushed.digest
-        return f"image {pushed.ref}"
+        return Built(f"image {pushed.ref}")

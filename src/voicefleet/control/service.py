@@ -25,7 +25,7 @@ from voicefleet.build import node
 from voicefleet.build.bundle import extract_bundle
 from voicefleet.build.image import check_reference
 from voicefleet.build.local import LocalBuilder
-from voicefleet.control.builds import CACHED, EnvironmentBuilds, VersionBuilder
+from voicefleet.control.builds import EnvironmentBuilds, VersionBuilder
 from voicefleet.control.sizing import Sizing
 from voicefleet.dispatch.jobs import new_id
 from voicefleet.dispatch.service import DispatchService
@@ -441,7 +441,7 @@ class ControlPlane:
         began = time.monotonic()
         with BuildLog(self.paths.build_log(agent.id, row.version)) as out:
             try:
-                done = await self.builds.build(
+                built = await self.builds.build(
                     agent, row, self.paths.source(agent.id, row.version), out.write
                 )
             except BuildFailed as e:
@@ -458,9 +458,7 @@ class ControlPlane:
                 row.status, row.error = VersionStatus.FAILED, f"build crashed: {e}"
                 await self.repo.save(row)
                 return
-            self.on_build(
-                agent.id, "cached" if done == CACHED else "built", time.monotonic() - began
-            )
+            self.on_build(agent.id, "cached" if built.cached else "built", time.monotonic() - began)
             row.status, row.built_at = VersionStatus.READY, time.time()
             await self.repo.save(row)
             out.write(f"version {row.version} is ready")
@@ -470,7 +468,7 @@ class ControlPlane:
                 out.error,
                 extra={"agent": agent.id, "version": row.version},
             )
-        await self.repo.event(agent.id, "version_built", f"{row.version} built ({done})")
+        await self.repo.event(agent.id, "version_built", f"{row.version} built ({built.summary})")
         try:
             # The deploy's rollout is the uploader's doing, though it starts after the build.
             await self.roll_to(
