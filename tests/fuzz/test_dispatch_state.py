@@ -185,10 +185,15 @@ class DispatchMachine(RuleBasedStateMachine):
         self.settle()
 
     def _register(
-        self, agent_name: str, instance: str, reports_jobs: bool, starts_at_once: bool
+        self,
+        agent_name: str,
+        instance: str,
+        reports_jobs: bool,
+        starts_at_once: bool,
+        version: str = "v1",
     ) -> SimWorker:
         request = agent.RegisterWorkerRequest(agent_name=agent_name, type=agent.JobType.JT_ROOM)
-        identity = WorkerIdentity(agent=agent_name, version="v1", instance=instance)
+        identity = WorkerIdentity(agent=agent_name, version=version, instance=instance)
         holder: list[Worker] = []
 
         def add() -> None:
@@ -537,6 +542,56 @@ def test_a_job_its_worker_did_not_start_holds_up_no_job_behind_it() -> None:
         m.wait(SETTINGS.start_timeout + SETTINGS.retry_interval * 2)
         check(m)
         assert last in w.offers, "the last job was not offered to the free worker"
+    finally:
+        m.teardown()
+
+
+def test_an_overflow_taken_back_and_run_on_its_routed_version_is_not_counted() -> None:
+    """Seen in a canary test on a loaded machine: a job routed to a full version went to the
+    other one, which did not start it in time; it then ran on the version it was routed to, and
+    was still counted as served elsewhere. An overflow counts once the job is placed."""
+    m = DispatchMachine()
+    try:
+        m.service.routing.set_weights("alice", {"v1": 50, "v2": 50})
+        sims = {
+            v: m._register("alice", f"i{n}", True, starts_at_once=False, version=v)
+            for n, v in enumerate(("v1", "v2"))
+        }
+        m.workers.extend(sims.values())
+        full = agent.UpdateWorkerStatus(status=agent.WorkerStatus.WS_FULL, load=1.0)
+        # Each says how a (past) job went, so the server knows they report job status: a job
+        # such a worker does not start in time is taken back.
+        past = agent.UpdateJobStatus(job_id="AJ_past", status=agent.JobStatus.JS_SUCCESS)
+        for sim in sims.values():
+            m.send(sim, agent.WorkerMessage(update_job=past))
+            m.send(sim, agent.WorkerMessage(update_worker=full))
+        m.create_dispatch("alice", room=0, never=False)  # both full: it waits
+        (job,) = m.service.book.jobs.values()
+        routed, other = job.routed_version, ({"v1", "v2"} - {job.routed_version}).pop()
+        free = agent.UpdateWorkerStatus(status=agent.WorkerStatus.WS_AVAILABLE, load=0.0)
+        m.send(sims[other], agent.WorkerMessage(update_worker=free))
+        m.settle()
+        m._accept_all(sims[other])  # the overflow: accepted, never started
+        m.settle()
+        assert job.state == JobState.ASSIGNED and job.version == other
+        m.send(sims[routed], agent.WorkerMessage(update_worker=free))
+        m.wait(SETTINGS.start_timeout)  # taken back from the worker that did not start it
+        for _ in range(100):
+            if sims[routed].offers:
+                break
+            m.wait(0.05)
+        assert sims[routed].offers == [job.id], "not offered to its routed version again"
+        m._accept_all(sims[routed])
+        m.settle()
+        m.send(
+            sims[routed],
+            agent.WorkerMessage(
+                update_job=agent.UpdateJobStatus(job_id=job.id, status=agent.JobStatus.JS_RUNNING)
+            ),
+        )
+        check(m)
+        assert job.state == JobState.RUNNING and job.version == routed
+        assert m.service.scheduler.overflow == {}
     finally:
         m.teardown()
 

@@ -96,8 +96,11 @@ class Scheduler:
         self._wake: dict[PoolKey, asyncio.Event] = {}
         self._pumps: dict[PoolKey, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        # Overflows by (agent name, routed version, serving version): counted, not hidden.
+        # Overflows by (agent name, routed version, serving version): counted, not hidden;
+        # once the job is placed (running, or ended where it was assigned), not when assigned:
+        # a job taken back from a worker that did not start it may run on its routed version.
         self.overflow: dict[tuple[str, str, str], int] = {}
+        book.job_listeners.append(self._count_overflow)
         self._queued_listeners: list[Callable[[str], None]] = []
         # Jobs waiting for a worker, by room and by agent: the queue's quotas, checked in O(1).
         self.pending = PendingCounts()
@@ -492,11 +495,6 @@ class Scheduler:
             self.settings.start_timeout, self._check_started, job, worker
         )
         if job.routed_version and job.routed_version != worker.pool:
-            k = (job.agent_name, job.routed_version, worker.pool)
-            self.overflow[k] = self.overflow.get(k, 0) + 1
-            self.metrics.routing_overflow.labels(
-                self.agent_label(job.agent_name), job.routed_version, worker.pool
-            ).inc()
             log.info(
                 "routed version full, overflow",
                 extra={"job": job.id, "routed": job.routed_version, "served": worker.pool},
@@ -511,6 +509,19 @@ class Scheduler:
                 extra={"job": job.id, "worker": worker.id, "room": job.room, "pool": worker.pool},
             )
         )
+
+    def _count_overflow(self, job: Job, previous: JobState | None) -> None:
+        """A job leaving ASSIGNED other than back to the queue was served by its worker's
+        version: an overflow if that is not the version it was routed to."""
+        if previous != JobState.ASSIGNED or job.state in (JobState.ASSIGNED, JobState.PENDING):
+            return
+        if not job.routed_version or not job.version or job.routed_version == job.version:
+            return
+        k = (job.agent_name, job.routed_version, job.version)
+        self.overflow[k] = self.overflow.get(k, 0) + 1
+        self.metrics.routing_overflow.labels(
+            self.agent_label(job.agent_name), job.routed_version, job.version
+        ).inc()
 
     def _room_grant(
         self, job: Job, worker: Worker, answer: agent.AvailabilityResponse
