@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tests.kube import free_ports
+from tests.support import with_us
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_SCRIPT = ROOT / "scripts" / "base-image"
@@ -64,7 +65,9 @@ def registry(folder: Path) -> Iterator[str]:
     )
     with open(folder / "registry.log", "wb") as log:
         proc = subprocess.Popen(
-            ["docker-registry", "serve", str(config)], stdout=log, stderr=subprocess.STDOUT
+            with_us(["docker-registry", "serve", str(config)]),
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     try:
         deadline = time.monotonic() + 15

@@ -50,6 +50,8 @@ from lightkube.models.rbac_v1 import Subject
 from lightkube.resources.core_v1 import Namespace, ServiceAccount
 from lightkube.resources.rbac_authorization_v1 import RoleBinding
 
+from tests.support import with_us
+
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "scripts" / "peers"
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
@@ -312,7 +314,7 @@ class Cluster:
         log.parent.mkdir(exist_ok=True)
         with log.open("wb") as out:
             popen = subprocess.Popen(
-                [str(a) for a in argv],
+                with_us([str(a) for a in argv]),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -53,7 +53,7 @@ from typing import Any, TypeVar
 import httpx
 from livekit import api
 
-from tests.support import DEV_KEY, DEV_SECRET, admin_token
+from tests.support import DEV_KEY, DEV_SECRET, admin_token, with_us
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "scripts" / "peers"
@@ -397,7 +397,7 @@ turn:
         self.config_path.write_text(self.config())
         with open(self.log_path, "ab") as log:
             self.proc = self.ns.popen(
-                [self.binary, "--config", self.config_path],
+                with_us([str(self.binary), "--config", str(self.config_path)]),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -468,7 +468,7 @@ class NsWorker:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "wb") as log:
             self.proc = server.ns.popen(
-                [sys.executable, str(script), "start"],
+                with_us([sys.executable, str(script), "start"]),
                 env={**os.environ, **server.env(), **env},
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -26,6 +26,7 @@ from lightkube import ApiError, AsyncClient
 from lightkube.resources.core_v1 import Pod, Secret
 
 from tests.kube import Cluster, admin, free_ports
+from tests.support import with_us
 
 LAUNCHER = Path(__file__).resolve().parent.parent / "src" / "voicefleet" / "runtime" / "launch.py"
 # Any: lightkube's watch takes a dict of selector values (str, operators, iterables).
@@ -122,7 +123,7 @@ class PodPlayer:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{pod.name}.log", "ab") as out:
             pod.proc = await asyncio.create_subprocess_exec(
-                sys.executable, str(LAUNCHER), "--port", str(port), "agent.py", "start",
+                *with_us([sys.executable, str(LAUNCHER), "--port", str(port), "agent.py", "start"]),
                 cwd=self.agent,
                 env={"PATH": os.environ.get("PATH", ""), **pod.env},
                 stdin=asyncio.subprocess.DEVNULL,

@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support import with_us
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -44,8 +46,8 @@ def running_prometheus(
     (root / "prometheus.yml").write_text(json.dumps(config))
     log = open(root / "log", "wb")
     proc = subprocess.Popen(
-        [binary(), f"--config.file={root / 'prometheus.yml'}",
-         f"--storage.tsdb.path={root / 'data'}", f"--web.listen-address={target}"],
+        with_us([binary(), f"--config.file={root / 'prometheus.yml'}",
+                 f"--storage.tsdb.path={root / 'data'}", f"--web.listen-address={target}"]),
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     log.close()

@@ -1,6 +1,7 @@
 """Real parts for the tests: a `vf server` subprocess, real livekit-agents workers, waiting helpers.
 
-Everything listens on 127.0.0.1 with a free port and is stopped by the fixture that started it.
+Everything listens on 127.0.0.1 with a free port and is stopped by the fixture that started it,
+or, if the test run itself is killed, by the signal `with_us` arranges.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,6 +29,17 @@ MARKER_AGENT = ROOT / "tests" / "agents" / "marker_agent.py"
 DEV_KEY, DEV_SECRET = "devkey", "secret"
 
 T = TypeVar("T")
+
+
+def with_us(argv: list[str]) -> list[str]:
+    """`argv`, run so that it gets SIGTERM if the test process dies without stopping it (a run
+    killed from outside: the servers and workers are in sessions of their own, out of reach of
+    a signal to the run's process group). util-linux's setpriv sets the parent-death signal,
+    then execs. That signal follows the *thread* that started the process, so a process started
+    from another thread (asyncio.to_thread) is left as it was."""
+    if threading.current_thread() is not threading.main_thread():
+        return argv
+    return ["setpriv", "--pdeathsig", "TERM", "--", *argv]
 
 
 class Seen:
@@ -86,11 +99,11 @@ class Server:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [
+            with_us([
                 sys.executable, "-m", "voicefleet", "server", "--host", "127.0.0.1",
                 "--port", str(self.port), "--data-dir", str(self.data_dir),
                 "--ready-file", str(ready), *self.args,
-            ],
+            ]),
             stdout=log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -179,7 +192,7 @@ class Worker:
         self.log_path = marker_dir / f"worker-{agent_name}-{time.monotonic_ns()}.log"
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, str(MARKER_AGENT), "start"],
+            with_us([sys.executable, str(MARKER_AGENT), "start"]),
             env={
                 **os.environ,
                 "LIVEKIT_URL": server.ws_url,
