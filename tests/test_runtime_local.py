@@ -216,6 +216,56 @@ async def test_an_instance_drained_while_it_waits_to_restart_stays_down(
     assert state.restarts == restarts and state.status == InstanceStatus.STOPPED
 
 
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+CRASHES_ONCE = """
+import pathlib, sys, time
+here = pathlib.Path(sys.argv[0]).parent
+if not (here / "crashed").exists():
+    (here / "crashed").write_text("")
+    sys.exit("down once")
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("how", ["drain", "stop"])
+async def test_an_instance_drained_or_stopped_while_it_is_being_started_again_ends(
+    server: Server,
+    runtime: LocalRuntime,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+) -> None:
+    """Told to drain or stop while its process is being started again after a crash (in the
+    middle of the spawn, held open here): the new process must get the signal, not run on."""
+    (tmp_path / "agent.py").write_text(CRASHES_ONCE)
+    state = await runtime.start(spec(server, tmp_path, f"respawned-{how}"))
+    first = state.pid
+    spawning, go_on = asyncio.Event(), asyncio.Event()
+    real_exec = asyncio.create_subprocess_exec
+
+    async def held(*args: object, **kwargs: object) -> asyncio.subprocess.Process:
+        spawning.set()
+        await go_on.wait()
+        return await real_exec(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", held)
+    await asyncio.wait_for(spawning.wait(), 30)  # it crashed; its restart is under way
+    if how == "drain":
+        await runtime.drain(state.spec.instance_id, grace=30)
+    else:
+        await runtime.stop(state.spec.instance_id)
+    go_on.set()
+    await wait_for(lambda: state.pid != first, 10, "the new process")
+    await wait_for(lambda: gone(state.pid), 20, "the new process to end")
+    await wait_for(lambda: state.status == InstanceStatus.STOPPED, 10, "it to be stopped")
+
+
 async def test_a_drain_taken_over_after_a_server_restart_signals_nothing_and_the_call_ends(
     server: Server, runtime: LocalRuntime, tmp_path: Path
 ) -> None:

@@ -147,6 +147,7 @@ class _Instance:
     supervisor: asyncio.Task[None] | None = None
     killer: asyncio.Task[None] | None = None
     killed_at_grace: bool = False  # its drain outlived the grace period: killed here
+    grace: float = 0.0  # how long its drain may take (set when drained)
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -213,6 +214,13 @@ class LocalRuntime(RuntimeBase[_Instance]):
             proc.nice(STARTING_NICENESS)
         inst.state.health_port = port
         inst.exited.clear()
+        if inst.draining or inst.stopping:
+            # Drained or stopped while this process was being started again after a crash:
+            # it is told now, or it would run on unwatched.
+            if inst.stopping:
+                inst.grace = self.stop_timeout
+            self._terminate(inst)
+            return
         self._set(inst, InstanceStatus.STARTING)
 
     async def adopt(self, spec: InstanceSpec, pid: int, started_at: float) -> InstanceState | None:
@@ -295,7 +303,7 @@ class LocalRuntime(RuntimeBase[_Instance]):
                 )
 
     async def _check_health(self, inst: _Instance) -> None:
-        if inst.draining:
+        if inst.draining or inst.stopping:
             return
         try:
             r = await self._http.get(f"http://127.0.0.1:{inst.state.health_port}/")
@@ -341,22 +349,28 @@ class LocalRuntime(RuntimeBase[_Instance]):
         if inst is None or inst.draining:
             return
         inst.draining = True
-        if inst.exited.is_set():  # crashed, waiting out its restart backoff: it stays down
+        inst.grace = inst.state.spec.grace_period if grace is None else grace
+        if inst.exited.is_set():
+            # Crashed: waiting out its restart backoff (then it stays down), or being started
+            # again (then the new process is told as soon as it runs).
             return
         self._set(inst, InstanceStatus.DRAINING)
-        grace = inst.state.spec.grace_period if grace is None else grace
+        self._terminate(inst, signalled)
+
+    def _terminate(self, inst: _Instance, signalled: bool = False) -> None:
+        """SIGTERM (unless it had it), and SIGKILL if it still runs after its grace."""
         if not signalled and inst.state.pid > 0:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(inst.state.pid, signal.SIGTERM)
-        inst.killer = asyncio.create_task(self._kill_after(inst, grace))
+        inst.killer = asyncio.create_task(self._kill_after(inst))
 
-    async def _kill_after(self, inst: _Instance, grace: float) -> None:
+    async def _kill_after(self, inst: _Instance) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(inst.exited.wait(), grace)
+            await asyncio.wait_for(inst.exited.wait(), inst.grace)
             return
         log.warning(
             "grace period over: killing instance",
-            extra={"instance": inst.state.spec.instance_id, "grace": grace},
+            extra={"instance": inst.state.spec.instance_id, "grace": inst.grace},
         )
         inst.killed_at_grace = True
         _signal_group(inst.state.pid, signal.SIGKILL)
