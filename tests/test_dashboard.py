@@ -37,6 +37,8 @@ sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is a test dependency: scripts/setup installs it"
 )
 expect = sync_api.expect
+# What the page shows after a command waits for the server's answer: seconds on a loaded machine.
+expect.set_options(timeout=15_000)
 
 PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1280, "height": 900}

@@ -120,13 +120,13 @@
     live.addEventListener("pointerdown", () => {
       pressing = true;
     });
-    for (const end of ["pointerup", "pointercancel"]) {
-      // After the click this release makes (dispatched in the same task) has run.
-      document.addEventListener(end, () => {
-        pressing = false;
-        setTimeout(flush, 0);
-      });
-    }
+    const released = () => {
+      pressing = false;
+      setTimeout(flush, 0); // after the click this release makes (dispatched in the same task)
+    };
+    document.addEventListener("pointerup", released);
+    document.addEventListener("pointercancel", released);
+    window.addEventListener("blur", released); // released outside the window
     live.addEventListener("focusout", () => setTimeout(flush, 0));
     const normal = document.createElement("template");
     events.onmessage = (e) => {
