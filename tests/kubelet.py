@@ -84,6 +84,7 @@ def requirements() -> dict[str, Path]:
             missing.append(package)
         else:
             found[tool] = Path(path)
+    _go()
     if not (CNI_BIN / "bridge").exists():
         missing.append("containernetworking-plugins")
     if missing:
@@ -104,6 +105,30 @@ def require() -> dict[str, Path]:
         pytest.skip(str(e))
 
 
+def _go() -> str:
+    found = shutil.which("go") or (
+        "/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None
+    )
+    if found is None:
+        raise NodeUnavailable("Go not found (on PATH or in /usr/local/go/bin): it fetches pause.c")
+    return found
+
+
+def _kubernetes_source(version: str) -> Path:
+    """The k8s.io/kubernetes module's source at `version`, from Go's module cache (fetched from
+    the module proxy if missing: building the kubelet put it there)."""
+    out = subprocess.run(
+        [_go(), "mod", "download", "-json", f"k8s.io/kubernetes@{version}"],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        raise NodeUnavailable(
+            f"go mod download k8s.io/kubernetes@{version}: {out.stdout}{out.stderr}"
+        )
+    return Path(json.loads(out.stdout)["Dir"])
+
+
 # --- the sandbox image -------------------------------------------------------------------------
 
 
@@ -113,12 +138,7 @@ def pause_image(registry: str, work: Path) -> str:
     version = subprocess.run(
         [str(PEERS), "version", "kubelet"], capture_output=True, text=True, check=True
     ).stdout.strip()
-    gomodcache = subprocess.run(
-        ["go", "env", "GOMODCACHE"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    source = Path(gomodcache) / f"k8s.io/kubernetes@{version}/build/pause/linux/pause.c"
-    if not source.exists():
-        raise NodeUnavailable(f"{source} missing: `scripts/peers build kubelet` fetches it")
+    source = _kubernetes_source(version) / "build" / "pause" / "linux" / "pause.c"
     work.mkdir(parents=True, exist_ok=True)
     binary = work / "pause"
     subprocess.run(
@@ -464,3 +484,52 @@ def _stop_shims(node: Node) -> None:
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.1)
+
+
+def main() -> None:
+    """scripts/kube-node: the control plane, a registry and one real node, until Ctrl-C."""
+    import argparse
+    import tempfile
+
+    from tests import images
+    from tests.kube import kube_cluster
+
+    parser = argparse.ArgumentParser(
+        prog="scripts/kube-node",
+        description="A control plane (tests/kube.py), Debian's docker-registry and one real "
+        "node (a kubelet with containerd and runc) on this machine, until Ctrl-C or SIGTERM; "
+        "then everything is stopped and the node's bridge and cgroups removed.",
+    )
+    parser.add_argument("dir", nargs="?", type=Path, help="where it all lives (default: a new "
+                        "directory in /tmp; kept afterwards, for its logs)")  # fmt: skip
+    args = parser.parse_args()
+    dir = args.dir or Path(tempfile.mkdtemp(prefix="vf-node-"))
+    try:
+        requirements()
+    except NodeUnavailable as e:
+        parser.exit(3, f"scripts/kube-node: {e}\n")
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    with contextlib.suppress(KeyboardInterrupt):
+        with (
+            kube_cluster(dir / "kube", nodes=0) as kube,
+            images.registry(dir / "registry") as registry,
+            real_node(kube, dir / "node", registry) as node,
+        ):
+            print(
+                f"node {node.name} Ready (pods: {node.subnet}; the host: {node.host_ip})\n"
+                f"  KUBECONFIG={kube.kubeconfig}    (the admin's)\n"
+                f"  registry:  {registry}  (plain HTTP: buildah push --tls-verify=false IMAGE "
+                f"docker://{registry}/NAME:TAG)\n"
+                f"  logs:      {kube.dir / 'logs'}, {node.dir / 'logs'}\n"
+                "Ctrl-C stops it all.",
+                flush=True,
+            )
+            signal.pause()
+
+
+if __name__ == "__main__":
+    main()
