@@ -38,8 +38,10 @@ from voicefleet.build.image import host_ca_bundle
 
 AGENT = "node-bot"
 MARKERS = "/tmp/markers"  # inside the container
-# The agent: livekit-agents only, a marker file per session (in the container's /tmp).
+# The agent: livekit-agents only, marker files per session (in the container's /tmp). A job
+# whose metadata is "hold" runs until `<job id>.release` appears there (the test writes it).
 AGENT_SOURCE = f'''\
+import asyncio
 import json
 import os
 import socket
@@ -53,6 +55,10 @@ MARKERS = Path("{MARKERS}")
 async def entrypoint(ctx: JobContext) -> None:
     MARKERS.mkdir(parents=True, exist_ok=True)
     facts = {{"job_id": ctx.job.id, "hostname": socket.gethostname(), "uid": os.getuid()}}
+    (MARKERS / f"{{ctx.job.id}}.started").write_text(json.dumps(facts))
+    if ctx.job.metadata == "hold":
+        while not (MARKERS / f"{{ctx.job.id}}.release").exists():
+            await asyncio.sleep(0.1)
     (MARKERS / f"{{ctx.job.id}}.done").write_text(json.dumps(facts))
     ctx.shutdown("done")
 
@@ -160,6 +166,28 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
                 subprocess.run(["buildah", "rmi", *mine], capture_output=True)
 
 
+def dispatch(setup: Setup, room: str, metadata: str = "") -> str:
+    """A session for the agent; its job's id."""
+
+    async def dispatched() -> str:
+        async with api.LiveKitAPI(setup.server.url, DEV_KEY, DEV_SECRET) as lk:
+            d = await lk.agent_dispatch.create_dispatch(
+                api.CreateAgentDispatchRequest(agent_name=AGENT, room=room, metadata=metadata)
+            )
+            return str(d.state.jobs[0].id)
+
+    return asyncio.run(dispatched())
+
+
+def succeeded(setup: Setup, job_id: str) -> dict[str, Any]:
+    def ended() -> dict[str, Any] | None:
+        job: dict[str, Any] = setup.get(f"/jobs/{job_id}")
+        assert job["state"] not in ("failed", "terminated"), job
+        return job if job["state"] == "succeeded" else None
+
+    return until(ended, f"job {job_id} recorded as succeeded")
+
+
 def container_pid(node: kubelet.Node, container_id: str) -> int:
     """The host pid of a container's first process, from containerd."""
     cid = container_id.removeprefix("containerd://")
@@ -204,14 +232,7 @@ def test_an_agent_runs_in_a_real_container_registers_and_serves_a_session(setup:
     workers = until(lambda: setup.server.workers(), "the pod's worker to register")
     assert len(workers) == 1
 
-    async def dispatched() -> str:
-        async with api.LiveKitAPI(setup.server.url, DEV_KEY, DEV_SECRET) as lk:
-            d = await lk.agent_dispatch.create_dispatch(
-                api.CreateAgentDispatchRequest(agent_name=AGENT, room="node-room-1")
-            )
-            return str(d.state.jobs[0].id)
-
-    job_id = asyncio.run(dispatched())
+    job_id = dispatch(setup, "node-room-1")
     marker = Path(f"/proc/{pid}/root{MARKERS}/{job_id}.done")  # the container's filesystem
     until(marker.exists, f"session {job_id} to run in the container")
     facts = json.loads(marker.read_text())
@@ -219,8 +240,66 @@ def test_an_agent_runs_in_a_real_container_registers_and_serves_a_session(setup:
     assert facts["uid"] == 10001
     assert not Path(f"{MARKERS}/{job_id}.done").exists()  # not on the host
 
-    def ended() -> dict[str, Any] | None:
-        job: dict[str, Any] = setup.get(f"/jobs/{job_id}")
-        return job if job.get("state") == "succeeded" else None
+    assert succeeded(setup, job_id)["version"] == "v1"
 
-    assert until(ended, f"job {job_id} recorded as succeeded")["version"] == "v1"
+
+def running_pod(setup: Setup) -> tuple[dict[str, Any], int]:
+    """The one pod not being deleted, once its container runs; and its first process's pid."""
+
+    def found() -> tuple[dict[str, Any], int] | None:
+        live = [p for p in setup.pods() if not p["metadata"].get("deletionTimestamp")]
+        if len(live) != 1:
+            return None
+        statuses = live[0]["status"].get("containerStatuses") or []
+        if not statuses or not statuses[0].get("ready"):
+            return None
+        return live[0], container_pid(setup.node, statuses[0]["containerID"])
+
+    return until(found, "one running, ready pod")
+
+
+def test_a_pod_deleted_by_hand_gets_sigterm_finishes_its_session_and_is_replaced(
+    setup: Setup,
+) -> None:
+    """Proves: the kubelet's SIGTERM (a pod deleted by hand, with the pod's grace) drains the
+    worker in the container: the session in flight is not cut, it ends when released, then
+    the container exits and the pod goes; voicefleet creates a pod again (the count is kept),
+    whose worker registers and serves the next session."""
+    pod, pid = running_pod(setup)
+    name = pod["metadata"]["name"]
+    job_id = dispatch(setup, "node-room-hold", metadata="hold")
+    root = Path(f"/proc/{pid}/root{MARKERS}")
+    until((root / f"{job_id}.started").exists, f"session {job_id} to start in the container")
+
+    with setup.kube.http() as client:
+        client.delete(f"/api/v1/namespaces/{setup.namespace}/pods/{name}").raise_for_status()
+
+    def draining() -> bool:
+        # SIGTERM made livekit-agents drain: it reports itself full (no new sessions) and
+        # keeps its own; voicefleet may also mark it draining, seeing the pod go.
+        return [w["status"] for w in setup.server.workers()] in (["full"], ["draining"])
+
+    until(draining, "the pod's worker to drain")
+    assert Path(f"/proc/{pid}").exists()  # the container still runs: its session holds it
+    assert setup.get(f"/jobs/{job_id}")["state"] == "running"
+
+    (root / f"{job_id}.release").write_text("")
+    assert succeeded(setup, job_id)["version"] == "v1"  # not cut
+    until(lambda: not Path(f"/proc/{pid}").exists(), "the container to exit")
+    until(
+        lambda: all(
+            p["metadata"]["name"] != name or p["metadata"]["uid"] != pod["metadata"]["uid"]
+            for p in setup.pods()
+        ),
+        "the old pod to go",
+    )
+
+    _, new_pid = running_pod(setup)
+    assert new_pid != pid
+    until(
+        lambda: [w["status"] for w in setup.server.workers()] == ["available"],
+        "the new pod's worker to register (and the old one to be gone)",
+    )
+    job_id = dispatch(setup, "node-room-after")
+    until(Path(f"/proc/{new_pid}/root{MARKERS}/{job_id}.done").exists, "a session on the new pod")
+    assert succeeded(setup, job_id)["version"] == "v1"
