@@ -22,8 +22,11 @@ This machine shapes the configuration (each point is what stopped the defaults h
   HTTP (its hosts.toml).
 - iptables: the kubelet makes none of its chains (no kube-proxy runs; the bridge does no NAT).
 
-Every process is stopped by pid when the `with` block ends; the containers go with containerd's
-shims, which are stopped by pid too, and the bridge is deleted.
+Every process is stopped by pid when the `with` block ends; the containers (every process in the
+node's cgroups) and containerd's shims too, and the bridge and the cgroups are deleted. Two paths
+are the kubelet's own and fixed: /var/log/containers, where it links each container's log (the
+links into this node go with it), and /var/lib/kubelet/device-plugins, its device-plugin socket
+and checkpoint (shared by every kubelet here; no device plugin runs).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "scripts" / "peers"
 CNI_BIN = Path("/usr/lib/cni")
 PAUSE_TAG = "pause:3.10"
+LEGACY_LOGS = "/var/log/containers"  # the kubelet's, not configurable
 
 
 class NodeUnavailable(RuntimeError):
@@ -379,6 +383,7 @@ def real_node(kube: Cluster, dir: Path, registry: str, name: str = "node-0") -> 
                     "containerRuntimeEndpoint": f"unix://{socket}",
                     "imageServiceEndpoint": f"unix://{socket}",
                     "staticPodPath": "",
+                    "podLogsDir": str(dir / "pod-logs"),
                     "makeIPTablesUtilChains": False,
                     "localStorageCapacityIsolation": False,
                     "evictionHard": {
@@ -440,6 +445,13 @@ def _stop_node(node: Node) -> None:
             _stop_shims(node)
         p.stop()
     subprocess.run(["ip", "link", "delete", node.bridge], capture_output=True)
+    # The kubelet links each container's log into /var/log/containers (a fixed path): the
+    # links to this node's logs go with it.
+    with contextlib.suppress(OSError):
+        for link in Path(LEGACY_LOGS).iterdir():
+            with contextlib.suppress(OSError):
+                if link.is_symlink() and os.readlink(link).startswith(f"{node.dir}/"):
+                    link.unlink()
     mounts = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True)
     for target in sorted(mounts.stdout.split(), reverse=True):
         if target.startswith(f"{node.dir}/"):
