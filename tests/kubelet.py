@@ -63,7 +63,7 @@ def _peer(name: str) -> Path:
     out = subprocess.run([str(PEERS), "path", name], capture_output=True, text=True)
     if out.returncode != 0:
         raise NodeUnavailable(
-            f"{name} not built: run `scripts/peers build {name}` (about 10 minutes; then cached)"
+            f"{name} not built: run `scripts/peers build {name}` (about 12 minutes; then cached)"
         )
     return Path(out.stdout.strip())
 
