@@ -47,6 +47,7 @@ from pathlib import Path
 import httpx
 
 from tests.kube import Cluster, Proc, _kubeconfig, free_ports
+from tests.support import with_us
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT / "scripts" / "peers"
@@ -217,7 +218,7 @@ def _start(dir: Path, procs: list[Proc], name: str, argv: list[str | Path]) -> P
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
         popen = subprocess.Popen(
-            [str(a) for a in argv],
+            with_us([str(a) for a in argv]),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
