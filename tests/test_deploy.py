@@ -91,11 +91,11 @@ async def dispatch(
     return d.state.jobs[0].id
 
 
-def all_stopped(server: Server, *versions: str) -> Callable[[], bool]:
-    """A check: every instance of these versions of my-agent has stopped."""
+def all_stopped(server: Server, *versions: str, agent: str = "my-agent") -> Callable[[], bool]:
+    """A check: every instance of these versions of `agent` has stopped."""
     return lambda: all(
         i["status"] == "stopped"
-        for i in api_get(server, "/agents/my-agent")["instances"]
+        for i in api_get(server, f"/agents/{agent}")["instances"]
         if i["version"] in versions
     )
 
