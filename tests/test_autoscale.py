@@ -30,13 +30,13 @@ def agent_dir(tmp_path: Path) -> Path:
     return folder
 
 
-def instances(server: Server, *statuses: str) -> list[dict[str, object]]:
-    found = api_get(server, "/agents/my-agent")["instances"]
+def instances(server: Server, *statuses: str, agent: str = "my-agent") -> list[dict[str, object]]:
+    found = api_get(server, f"/agents/{agent}")["instances"]
     return [i for i in found if not statuses or i["status"] in statuses]
 
 
-def autoscale_events(server: Server) -> list[dict[str, object]]:
-    found = api_get(server, "/agents/my-agent/events")
+def autoscale_events(server: Server, agent: str = "my-agent") -> list[dict[str, object]]:
+    found = api_get(server, f"/agents/{agent}/events")
     return sorted(
         (e for e in found if str(e["kind"]).startswith("autoscaled_")), key=lambda e: e["at"]
     )

@@ -91,14 +91,16 @@ async def dispatch(
     return d.state.jobs[0].id
 
 
-def all_stopped(server: Server, *versions: str) -> Callable[[], bool | Seen]:
-    """A check: every instance of these versions of my-agent has stopped. Not yet: the ones
+def all_stopped(
+    server: Server, *versions: str, agent: str = "my-agent"
+) -> Callable[[], bool | Seen]:
+    """A check: every instance of these versions of `agent` has stopped. Not yet: the ones
     still up, their sessions and the end of their output (why a drain did not end)."""
 
     def check() -> bool | Seen:
         up = [
             i
-            for i in api_get(server, "/agents/my-agent")["instances"]
+            for i in api_get(server, f"/agents/{agent}")["instances"]
             if i["version"] in versions and i["status"] != "stopped"
         ]
         if not up:
@@ -106,7 +108,7 @@ def all_stopped(server: Server, *versions: str) -> Callable[[], bool | Seen]:
         seen = []
         for i in up:
             out = httpx.get(
-                f"{server.url}/api/v1/agents/my-agent/logs",
+                f"{server.url}/api/v1/agents/{agent}/logs",
                 params={"instance": i["id"]},
                 headers={"Authorization": f"Bearer {admin_token()}"},
                 timeout=30,

@@ -2,9 +2,11 @@
 
 The agent is examples/node_agent (its package.json and package-lock.json, @livekit/agents 1.9.0)
 with the test's own agent.js, which writes markers: `<job>.started` when a session begins,
-`<job>.done` when it ends (after `hold` seconds from its metadata). @livekit/agents 1.9 sends no
-job status (tests/test_outcomes.py), so which version ran a session, and whether it ran to its
-end, is read from its markers.
+`<job>.done` when it ends (after `hold` seconds from its metadata); with a file FAIL beside it,
+its sessions throw (a broken version). @livekit/agents 1.9 sends no job status by itself
+(tests/test_outcomes.py): voicefleet's runtime has its instances report it
+(src/voicefleet/runtime/node_jobs.mjs). Which version ran a session, and whether it ran to its
+end, is read from its markers as well.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import pytest
 from livekit import api
 
 from tests.support import DEV_KEY, DEV_SECRET, ROOT, Server, started, wait_for
-from tests.test_deploy import api_get, vf
+from tests.test_deploy import api_get, job_state, vf
 from voicefleet.build.local import LocalBuilder
 from voicefleet.build.node import entry
 from voicefleet.errors import BuildFailed
@@ -34,12 +36,13 @@ from voicefleet.runtime.local import _health_port, node_preload
 EXAMPLE = ROOT / "examples" / "node_agent"
 
 AGENT_JS = """\
-import { writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ServerOptions, cli, defineAgent } from '@livekit/agents';
 
 const SOURCE = 'one';
+const FAIL = fileURLToPath(new URL('./FAIL', import.meta.url));
 
 function mark(ctx, what, extra = {}) {
   const data = { job_id: ctx.job.id, version: process.env.VOICEFLEET_VERSION, source: SOURCE,
@@ -51,6 +54,7 @@ export default defineAgent({
   entry: async (ctx) => {
     const hold = Number(JSON.parse(ctx.job.metadata || '{}').hold || 0);
     mark(ctx, 'started');
+    if (existsSync(FAIL)) throw new Error(readFileSync(FAIL, 'utf8').trim());
     await new Promise((resolve) => setTimeout(resolve, hold * 1000));
     mark(ctx, 'done');
     ctx.shutdown('done');
@@ -65,14 +69,18 @@ if (process.argv[1] === fileURLToPath(import.meta.url)) {
 """
 
 
-@pytest.fixture
-def node_agent_dir(tmp_path: Path) -> Path:
+def node_agent(folder: Path, source: str = "one") -> Path:
+    """examples/node_agent with the tests' agent.js in `folder` (its name is the agent's)."""
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("node/npm not found")
-    folder = tmp_path / "my-agent"
     shutil.copytree(EXAMPLE, folder, ignore=shutil.ignore_patterns("node_modules"))
-    (folder / "agent.js").write_text(AGENT_JS)
+    (folder / "agent.js").write_text(AGENT_JS.replace("'one'", f"'{source}'"))
     return folder
+
+
+@pytest.fixture
+def node_agent_dir(tmp_path: Path) -> Path:
+    return node_agent(tmp_path / "my-agent")
 
 
 async def dispatch(lk: api.LiveKitAPI, agent: str, room: str, hold: float = 0) -> str:
@@ -130,6 +138,9 @@ async def test_node_agent_deploy_cached_rebuild_live_session_and_rollback(
         quick = await dispatch(lk, "my-agent", "node-v1-quick")
         ran = await wait_for(marker(markers, quick, "done"), 60, "a session on v1")
         assert ran["version"] == "v1" and ran["source"] == "one", ran
+        # The instance reports how its sessions go, which @livekit/agents does not by itself.
+        job = await wait_for(job_state(server, quick, "succeeded", "failed"), 30, "its end")
+        assert job["state"] == "succeeded" and job["started_at"] > 0, job
 
         # A long session on v1, in flight while v2 deploys.
         long = await dispatch(lk, "my-agent", "node-v1-long", hold=25)

@@ -233,8 +233,8 @@ def cases_dir(tmp_path: Path) -> Path:
     return folder
 
 
-def events(server: Server, kind: str) -> list[dict[str, object]]:
-    return [e for e in api_get(server, "/agents/my-agent/events") if e["kind"] == kind]
+def events(server: Server, kind: str, agent: str = "my-agent") -> list[dict[str, object]]:
+    return [e for e in api_get(server, f"/agents/{agent}/events") if e["kind"] == kind]
 
 
 @pytest.mark.timeout(420)

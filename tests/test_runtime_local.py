@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -157,6 +158,28 @@ async def test_file_secrets_are_the_instances_own_and_go_when_it_stops(
     finally:
         await after_restart.close(leave_running=True)
     assert not folder.exists()
+
+
+async def test_a_node_worker_exiting_143_after_its_drain_stopped_and_did_not_fail(
+    server: Server, runtime: LocalRuntime, tmp_path: Path
+) -> None:
+    """@livekit/agents for Node.js exits 143 once it has drained (its sessions finished): the
+    end of a drain, not a crash (a crash moves the instance's sessions on, counts a restart)."""
+    if shutil.which("node") is None:
+        pytest.skip("node not found")
+    script = (
+        "process.on('SIGTERM', () => setTimeout(() => process.exit(143), 100));"
+        "console.log('up'); setInterval(() => {}, 1000);"
+    )
+    changes: list[InstanceStatus] = []
+    runtime.on_change(lambda _, status: changes.append(status))
+    node = replace(spec(server, tmp_path, "node-drained"), command=("node", "-e", script))
+    state = await runtime.start(node)
+    await wait_for(lambda: "up" in state.log_path.read_text(), 30, "node to run")
+    await runtime.drain(node.instance_id, grace=30)
+    await wait_for(lambda: state.status == InstanceStatus.STOPPED, 30, "the drain to end")
+    assert state.last_exit == 143
+    assert InstanceStatus.FAILED not in changes, changes
 
 
 async def test_drain_kills_only_after_the_grace_period(

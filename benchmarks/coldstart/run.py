@@ -2,6 +2,7 @@
 start of a bare worker (`python agent.py start`, no voicefleet in between) in the same run.
 
     python benchmarks/coldstart/run.py [--rounds 5] [--agent examples/voice_agent]
+    python benchmarks/coldstart/run.py --lang node [--agent examples/node_agent]
 
 Both are measured the same way, on the server's clock: a dispatch is created and waits; then
   cold  the autoscaler sees the queued session, starts an instance (launcher, health port, its
@@ -11,6 +12,16 @@ Both are measured the same way, on the server's clock: a dispatch is created and
 The job is `running` when the worker reports that the entrypoint started. Rounds alternate, so
 both see the same machine. Also printed: the queue wait p99 of a spike of sessions beyond the
 agent's max instances (they queue and are served as sessions end; none is dropped).
+
+With --lang node, a Node.js agent: examples/node_agent's package (@livekit/agents 1.9.0, its
+lockfile) with benchmarks/coldstart/node_agent.js as agent.js (sessions end after their
+{"seconds": N}). The bare worker is `node agent.js start` in the built version's folder (its
+node_modules), HEALTH_PORT set. @livekit/agents reports no job status by itself, so both are
+measured to the job's assignment (the worker registered and accepted the session; its job
+process runs the entrypoint next, the same way in both); the cold start's `running` (reported
+through voicefleet's preload) is printed beside it. Also printed for Node: the build of the
+first version (npm ci; npm's own download cache as the machine has it) and of a second one whose
+only change is in the sources (node_modules reused), from the server's records.
 """
 
 from __future__ import annotations
@@ -18,7 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -107,45 +120,81 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--agent", type=Path, default=ROOT / "examples" / "voice_agent")
+    parser.add_argument("--lang", choices=("python", "node"), default="python")
+    parser.add_argument(
+        "--agent", type=Path, help="default: examples/voice_agent (node: examples/node_agent)"
+    )
     parser.add_argument("--spike", type=int, default=30, help="sessions in the spike")
     args = parser.parse_args()
+    node = args.lang == "node"
+    if args.agent is None:
+        args.agent = ROOT / "examples" / ("node_agent" if node else "voice_agent")
+    # Python: to the entrypoint running. Node.js: to the assignment (see the docstring).
+    mark = "assigned_at" if node else "started_at"
+    cold_running: list[float] = []
+    builds: list[float] = []
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "cold"
         subprocess.run(["cp", "-r", str(args.agent), str(folder)], check=True)
         (folder / "livekit.toml").unlink(missing_ok=True)
+        if node:
+            shutil.rmtree(folder / "node_modules", ignore_errors=True)
+            shutil.copy(Path(__file__).with_name("node_agent.js"), folder / "agent.js")
         bench = Bench(Path(tmp) / "data")
         try:
             bench.vf(folder, "create", "--name", "cold")
             bench.vf(folder, "secrets", "set", "MAX_SESSIONS=4")
             bench.vf(folder, "deploy")
+            if node:  # a change of sources only: the second build reuses node_modules
+                with open(folder / "agent.js", "a") as f:
+                    f.write("// v2\n")
+                bench.vf(folder, "deploy")
+                versions = bench.http.get("/api/v1/agents/cold/versions").json()
+                builds = [
+                    v["built_at"] - v["created_at"]
+                    for v in sorted(versions, key=lambda v: v["created_at"])
+                ]
             bench.vf(folder, "scale", "--min", "0", "--max", "3", "--idle-to-zero", "1s",
                      "--up-window", "2s", "--down-window", "10s")  # fmt: skip
-            env_dir = next(p for p in (Path(tmp) / "data" / "envs").iterdir() if p.is_dir())
+            if node:  # the newest version's sources, node_modules linked in
+                bare_argv = ["node", "agent.js", "start"]
+                bare_dir = max(
+                    bench.data.rglob("src/node_modules"), key=lambda p: p.stat().st_mtime
+                )
+                bare_dir = bare_dir.parent
+            else:
+                env_dir = next(p for p in (bench.data / "envs").iterdir() if p.is_dir())
+                bare_argv, bare_dir = [str(env_dir / "bin" / "python"), "agent.py", "start"], folder
             cold, bare = [], []
             for i in range(args.rounds):
                 bench.wait_zero("cold")
                 job_id, _ = bench.dispatch("cold", f"cold-{i}", json.dumps({"seconds": 0.2}))
                 job = bench.wait_job(job_id, ("running", "succeeded"))
-                cold.append(job["started_at"] - job["created_at"])
+                cold.append(job[mark] - job["created_at"])
+                cold_running.append(job["started_at"] - job["created_at"])
 
                 job_id, _ = bench.dispatch("cold-bare", f"bare-{i}", json.dumps({"seconds": 0.2}))
                 spawned = time.time()
                 worker = subprocess.Popen(
-                    [str(env_dir / "bin" / "python"), "agent.py", "start"],
-                    cwd=folder,
+                    bare_argv,
+                    cwd=bare_dir,
                     env={
                         "PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
                         "LIVEKIT_URL": bench.url.replace("http", "ws", 1),
                         "LIVEKIT_API_KEY": KEY, "LIVEKIT_API_SECRET": SECRET,
                         "LIVEKIT_AGENT_NAME_OVERRIDE": "cold-bare",
+                        "LIVEKIT_AGENT_NAME": "cold-bare",  # @livekit/agents reads this one
+                        "HEALTH_PORT": str(free_port()),
                     },
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                 )  # fmt: skip
                 try:
-                    job = bench.wait_job(job_id, ("running", "succeeded"))
-                    bare.append(job["started_at"] - spawned)
+                    wanted = (
+                        ("assigned", "running", "succeeded") if node else ("running", "succeeded")
+                    )
+                    job = bench.wait_job(job_id, wanted)
+                    bare.append(job[mark] - spawned)
                 finally:
                     os.killpg(worker.pid, signal.SIGKILL)
                     worker.wait()
@@ -167,14 +216,31 @@ def main() -> None:
     med_cold, med_bare = statistics.median(cold), statistics.median(bare)
     waits.sort()
     p99 = waits[min(len(waits) - 1, int(0.99 * len(waits)))]
+    until = "session assigned" if node else "entrypoint running"
+    if node:
+        print(
+            f"build v1 (npm ci): {builds[0]:.2f} s; build v2 (sources changed, node_modules "
+            f"reused): {builds[1]:.2f} s\n"
+            f"cold start, dispatch -> job running (voicefleet's report), median: "
+            f"{statistics.median(cold_running):.2f} s"
+        )
     print(
-        f"cold start (dispatch -> entrypoint running), median of {args.rounds}: {med_cold:.2f} s\n"
-        f"bare worker start (spawn -> entrypoint running), median: {med_bare:.2f} s\n"
+        f"cold start (dispatch -> {until}), median of {args.rounds}: {med_cold:.2f} s "
+        f"({min(cold):.2f}-{max(cold):.2f})\n"
+        f"bare worker start (spawn -> {until}), median: {med_bare:.2f} s "
+        f"({min(bare):.2f}-{max(bare):.2f})\n"
         f"ratio: {med_cold / med_bare:.2f}x (target <= 1.5x)\n"
         f"spike of {args.spike} sessions, max 3 instances from zero: queue wait p50 "
         f"{statistics.median(waits):.2f} s, p99 {p99:.2f} s; "
         f"{states.count('succeeded')} succeeded, {len(states) - states.count('succeeded')} not"
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ class Worker:
     draining: bool = False
     connected: bool = True
     # Whether it ever sent a job's status. livekit-agents for Python does from its first job on;
-    # @livekit/agents for Node (1.9) never does: its jobs are never seen to start or end.
+    # @livekit/agents for Node (1.9) never does by itself (voicefleet's instances do, through
+    # runtime/node_jobs.mjs): a hand-started Node worker's jobs are never seen to start or end.
     reports_jobs: bool = False
     # Job ids assigned to this worker and not ended.
     jobs: set[str] = field(default_factory=set)

@@ -9,7 +9,9 @@ A Node.js agent (a spec with a `command`) runs as `node --import <preload> <entr
 worker (@livekit/agents) binds its health server to 8081 in production, and only the agent's
 own ServerOptions({port}) changes that (no flag, no variable): the preload, a data: URL that
 holds the port, turns the worker's listen on 8081 into one on the port voicefleet chose. The
-port is thus on the command line, where adoption reads it back, as `--port N` for Python.
+port is thus on the command line, where adoption reads it back, as `--port N` for Python. A
+second preload, node_jobs.mjs, has the worker report its sessions' status, which @livekit/agents
+does not (the Python launcher, launch.py, does the same for livekit-agents).
 """
 
 from __future__ import annotations
@@ -42,7 +44,12 @@ from voicefleet.runtime.base import RuntimeBase
 log = logging.getLogger("voicefleet.runtime")
 
 LAUNCHER = Path(__file__).with_name("launch.py")
+# Loaded into each Node.js instance: reports how its sessions go (node_jobs.mjs says why).
+NODE_JOBS = Path(__file__).with_name("node_jobs.mjs")
 STARTING_NICENESS = 10
+# Exit codes of a worker that finished its sessions after SIGTERM: livekit-agents for Python
+# exits 0, @livekit/agents for Node.js 143 (128 + SIGTERM) by design.
+DRAINED = frozenset({0, 128 + signal.SIGTERM})
 NODE_DEFAULT_PORT = 8081  # @livekit/agents' health port in production (`start`)
 NODE_PRELOAD = """/* voicefleet-health-port={port} */
 import http from 'node:http';
@@ -186,9 +193,10 @@ class LocalRuntime(RuntimeBase[_Instance]):
         with open(inst.state.log_path, "ab") as out:
             out.write(f"--- voicefleet: starting {spec.instance_id} ({spec.version})\n".encode())
             out.flush()
-            if spec.command:  # Node.js: node --import <health port> <entry> start
+            if spec.command:  # Node.js: node --import <health port> --import <jobs> <entry> start
                 node, *args = spec.command
-                argv = [node, "--import", node_preload(port), *args]
+                jobs = NODE_JOBS.as_uri()
+                argv = [node, "--import", node_preload(port), "--import", jobs, *args]
             else:
                 argv = [str(spec.python), str(LAUNCHER), "--port", str(port), spec.entry, "start"]
             inst.proc = await asyncio.create_subprocess_exec(
@@ -279,7 +287,7 @@ class LocalRuntime(RuntimeBase[_Instance]):
             _signal_group(inst.state.pid, signal.SIGKILL)  # leftovers of its group, if any
             if inst.draining or inst.stopping:
                 remove_secret_files(inst.state.spec)
-                if inst.draining and code != 0 and not inst.killed_at_grace:
+                if inst.draining and code not in DRAINED and not inst.killed_at_grace:
                     self._set(inst, InstanceStatus.FAILED)  # died mid-drain: not our doing
                 self._set(inst, InstanceStatus.STOPPED)
                 return
