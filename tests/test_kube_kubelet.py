@@ -7,7 +7,9 @@ Dockerfile: `vf agent dockerfile`'s multi-stage uv build, on the local Debian ba
 it to Debian's docker-registry, from which containerd pulls it. The worker in the container
 registers with the server over the pod network (the server listens on the node bridge's host
 address) and runs a session there: the session's marker file is found inside the container's
-own filesystem, and nowhere on the host.
+own filesystem, and nowhere on the host. Then, on that node: a pod deleted by hand drains and
+is replaced; a rolling deploy with a session in flight, a rollback with no build, and a cold
+start from zero pods.
 
 Skipped, saying why, when the machine lacks any of it (root, buildah, docker-registry,
 containerd, runc, containernetworking-plugins, the Kubernetes binaries and the kubelet).
