@@ -7,7 +7,9 @@ Dockerfile: `vf agent dockerfile`'s multi-stage uv build, on the local Debian ba
 it to Debian's docker-registry, from which containerd pulls it. The worker in the container
 registers with the server over the pod network (the server listens on the node bridge's host
 address) and runs a session there: the session's marker file is found inside the container's
-own filesystem, and nowhere on the host.
+own filesystem, and nowhere on the host. Then, on that node: a pod deleted by hand drains and
+is replaced; a rolling deploy with a session in flight, a rollback with no build, and a cold
+start from zero pods.
 
 Skipped, saying why, when the machine lacks any of it (root, buildah, docker-registry,
 containerd, runc, containernetworking-plugins, the Kubernetes binaries and the kubelet).
@@ -33,7 +35,7 @@ from livekit import api
 
 from tests import images, kubelet
 from tests.kube import Cluster, kube_cluster, make_namespace, require_binaries
-from tests.support import DEV_KEY, DEV_SECRET, Server, admin_token
+from tests.support import DEV_KEY, DEV_SECRET, Server, admin_token, release
 from voicefleet.build.image import host_ca_bundle
 
 AGENT = "node-bot"
@@ -243,11 +245,22 @@ def test_an_agent_runs_in_a_real_container_registers_and_serves_a_session(setup:
     assert succeeded(setup, job_id)["version"] == "v1"
 
 
-def running_pod(setup: Setup) -> tuple[dict[str, Any], int]:
-    """The one pod not being deleted, once its container runs; and its first process's pid."""
+def live_pods(setup: Setup, version: str | None = None) -> list[dict[str, Any]]:
+    """The pods not being deleted (of `version` only, if given)."""
+    return [
+        p
+        for p in setup.pods()
+        if not p["metadata"].get("deletionTimestamp")
+        and version in (None, p["metadata"]["labels"].get("voicefleet.io/version"))
+    ]
+
+
+def running_pod(setup: Setup, version: str | None = None) -> tuple[dict[str, Any], int]:
+    """The one pod not being deleted (of `version`, if given), once its container runs; and its
+    first process's pid."""
 
     def found() -> tuple[dict[str, Any], int] | None:
-        live = [p for p in setup.pods() if not p["metadata"].get("deletionTimestamp")]
+        live = live_pods(setup, version)
         if len(live) != 1:
             return None
         statuses = live[0]["status"].get("containerStatuses") or []
@@ -303,3 +316,81 @@ def test_a_pod_deleted_by_hand_gets_sigterm_finishes_its_session_and_is_replaced
     job_id = dispatch(setup, "node-room-after")
     until(Path(f"/proc/{new_pid}/root{MARKERS}/{job_id}.done").exists, "a session on the new pod")
     assert succeeded(setup, job_id)["version"] == "v1"
+
+
+def test_rolling_deploy_rollback_and_a_cold_start_from_zero_run_in_real_containers(
+    setup: Setup,
+) -> None:
+    """Proves, on the real node: v2 deployed (a prebuilt image: v1's own, by its tag rather than
+    its digest, a reference of its own to voicefleet) while a session runs on v1's pod serves
+    every new session in a v2 container; the busy v1 pod is not deleted, nor its container
+    stopped, until its session ended, whole and not dispatched again; a rollback runs v1's kept
+    image in a new container with no build and no push; scaled to zero, a session dispatched
+    with no pod waits for a container to start and runs there."""
+    _, v1_pid = running_pod(setup, "v1")
+    (v1_pod,) = live_pods(setup, "v1")
+    v1 = {v["version"]: v for v in setup.get(f"/agents/{AGENT}/versions")}["v1"]
+    live = dispatch(setup, "node-room-live", metadata="hold")
+    v1_root = Path(f"/proc/{v1_pid}/root{MARKERS}")
+    until((v1_root / f"{live}.started").exists, f"session {live} to start in v1's container")
+
+    repository = f"vf/{AGENT}"
+    v2_image = f"{setup.registry}/{repository}:{v1['source_digest']}"
+    began = time.monotonic()
+    deployed = setup.vf("deploy", "--image", v2_image)
+    assert "v2 runs the prebuilt image" in deployed and "(no build)" in deployed, deployed
+    assert "deploy to v2: complete" in deployed, deployed
+    v2_pod, v2_pid = running_pod(setup, "v2")
+    assert v2_pod["spec"]["containers"][0]["image"] == v2_image
+    assert v2_pod["spec"]["nodeName"] == setup.node.name
+    after = dispatch(setup, "node-room-v2")
+    until(Path(f"/proc/{v2_pid}/root{MARKERS}/{after}.done").exists, "a session in v2's container")
+    assert succeeded(setup, after)["version"] == "v2"
+    print(f"real node: deploy -> a session run on v2: {time.monotonic() - began:.1f}s")
+
+    # The busy v1 pod stays, not even terminating, its container running its session.
+    time.sleep(3)  # a reaper that took busy pods too would have had its turn
+    assert [p["metadata"]["uid"] for p in live_pods(setup, "v1")] == [v1_pod["metadata"]["uid"]]
+    assert Path(f"/proc/{v1_pid}").exists()
+    assert setup.get(f"/jobs/{live}")["state"] == "running"
+    release(v1_root, live)
+    done = succeeded(setup, live)
+    assert (done["version"], done["redispatches"]) == ("v1", 0), done
+    until(lambda: not Path(f"/proc/{v1_pid}").exists(), "v1's container to exit once idle")
+    until(
+        lambda: all(p["metadata"]["uid"] != v1_pod["metadata"]["uid"] for p in setup.pods()),
+        "v1's pod to go once idle",
+    )
+
+    tags = images.tags(setup.registry, repository)
+    builds = setup.server.log().count("building image")
+    rolled = setup.vf("rollback")
+    assert "rollback to v1: complete" in rolled, rolled
+    back_pod, back_pid = running_pod(setup, "v1")
+    assert back_pod["metadata"]["uid"] != v1_pod["metadata"]["uid"]  # a new container ...
+    assert back_pod["spec"]["containers"][0]["image"] == v1["image"]  # ... of v1's kept image
+    assert back_pod["status"]["containerStatuses"][0]["imageID"].endswith(v1["image_digest"])
+    assert {v["version"] for v in setup.get(f"/agents/{AGENT}/versions")} == {"v1", "v2"}
+    assert images.tags(setup.registry, repository) == tags  # nothing pushed
+    assert setup.server.log().count("building image") == builds  # nothing built
+    again = dispatch(setup, "node-room-rolled-back")
+    until(Path(f"/proc/{back_pid}/root{MARKERS}/{again}.done").exists, "a session after rollback")
+    assert succeeded(setup, again)["version"] == "v1"
+
+    setup.vf(
+        "scale", "--min", "0", "--max", "1", "--idle-to-zero", "2s", "--up-window", "1s",
+        "--down-window", "30s",
+    )  # fmt: skip
+    until(lambda: not setup.pods(), "zero pods")
+    until(lambda: not Path(f"/proc/{back_pid}").exists(), "the last container to exit")
+    began = time.monotonic()
+    cold = dispatch(setup, "node-room-cold")
+    cold_pod, cold_pid = running_pod(setup, "v1")
+    cold_root = Path(f"/proc/{cold_pid}/root{MARKERS}")
+    until((cold_root / f"{cold}.started").exists, f"session {cold} to start in a new container")
+    print(
+        f"real node: cold start from zero pods, dispatch -> running: "
+        f"{time.monotonic() - began:.1f}s"
+    )
+    assert cold_pod["spec"]["nodeName"] == setup.node.name
+    assert succeeded(setup, cold)["version"] == "v1"
