@@ -173,7 +173,7 @@ class DispatchService:
         ]
 
     def on_store(self, commit: Callable[[], Awaitable[None]]) -> None:
-        """`commit()` writes every job and dispatch change made so far to the store."""
+        """`commit()` returns once every job and dispatch change made so far is stored."""
         self._commit = commit
 
     async def stored(self) -> None:
