@@ -84,7 +84,7 @@ def test_short_soak_accounts_for_every_session_under_every_fault(tmp_path: Path)
 def bare(tmp_path: Path) -> soak.Soak:
     args = argparse.Namespace(
         seed=1, minutes=1.0, warmup=0.0, max_rss_slope=1.0, max_fd_slope=1.0,
-        slope_min_minutes=0.5, drain_timeout=60.0,
+        slope_min_minutes=0.5, drain_timeout=60.0, replicas=2, max_replicas=3,
     )  # fmt: skip
     run = soak.Soak(args, tmp_path)
     run.markers.mkdir(parents=True)

@@ -537,7 +537,14 @@ class Soak:
                 ).most_common(5)
             ),
             "faults": dict(faults_count),
-            "rollouts": dict(Counter(f"{r['strategy']} {r['state']}" for r in rollouts)),
+            # Every rollout the chaos made, as it ended (the server lists only its latest).
+            "rollouts": dict(
+                Counter(
+                    f"{r['strategy']} {r['state']}"
+                    for f in self.faults
+                    for r in f.detail.get("rollouts", [])
+                )
+            ),
             "faults_failed": sum(not f.ok for f in self.faults),
             "fault_log": [asdict(f) for f in self.faults],
             "trends": trend,
