@@ -243,3 +243,27 @@ async def test_job_waits_in_the_queue_until_a_worker_arrives(
     worker_id = await start_worker(server, "late").registered()
     job = await ran_to_its_end(server, markers, job_id)
     assert job["worker_id"] == worker_id
+
+
+async def test_a_dispatch_answered_survives_a_kill9_of_the_server_at_once(
+    start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    """A dispatch the caller got an answer for is in the store: a crash right after (kill -9,
+    no shutdown, before the history's next batch) loses none, and the next start queues them.
+    Found by the soak (benchmarks/soak): a session dispatched 0.3 s before the kill was lost."""
+    server = start_server(data_dir=tmp_path / "data")
+    port = int(server.url.rsplit(":", 1)[1])
+    lk = api.LiveKitAPI(server.url, "devkey", DEV_SECRET)
+    try:
+        jobs = [await dispatch(lk, "nobody-yet", f"crash-{i}") for i in range(5)]
+    finally:
+        await lk.aclose()
+    assert server.proc is not None
+    server.proc.kill()  # at once: no flush on the way out
+    server.proc.wait()
+
+    again = start_server(data_dir=tmp_path / "data", port=port)
+    for job_id in jobs:
+        job = again.job(job_id)
+        assert job is not None, f"{job_id} was answered, then lost in the crash"
+        assert job["state"] == "pending", job  # queued again: no worker for it yet

@@ -105,6 +105,7 @@ def create_app(settings: Settings, project: Project) -> FastAPI:
         recorder = Recorder(engine, failures=metrics.failed_sessions)
         service.on_job_change(recorder.job_changed)
         service.on_dispatch_change(recorder.dispatch_changed)
+        service.on_store(recorder.stored)
         # What the dashboard shows changed: its pages re-render then (and slowly otherwise).
         changes = Changes()
         repo.on_write(changes.mark)

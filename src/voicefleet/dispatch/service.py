@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from livekit.protocol import agent_dispatch
@@ -72,6 +72,9 @@ class DispatchService:
         self.book.job_listeners.append(self._count_job)
         self.stats = VersionStats()
         self.book.job_listeners.append(self.stats.job_changed)
+        # Writes every change so far to the store (the history recorder's flush, set by the
+        # server): CreateDispatch awaits it before it answers (see `stored`).
+        self._commit: Callable[[], Awaitable[None]] | None = None
         # Set when this server stops: workers then lose their connection because of us, not
         # because they died, so their jobs stay running in the store for the next start.
         self.closing = False
@@ -168,6 +171,24 @@ class DispatchService:
             for (name, routed, served), n in self.scheduler.overflow.items()
             if name == agent_name
         ]
+
+    def on_store(self, commit: Callable[[], Awaitable[None]]) -> None:
+        """`commit()` returns once every job and dispatch change made so far is stored."""
+        self._commit = commit
+
+    async def stored(self) -> None:
+        """Return once every change made so far is in the store: a dispatch is answered only
+        then, so that a caller never holds the id of a job that a crash of this server (no
+        shutdown, before the history's next batch) would lose. Concurrent callers share one
+        write (the recorder writes whatever is pending under one lock). If the store fails, the
+        dispatch is answered all the same: its job is placed already and runs, and the recorder
+        writes it with its next batch."""
+        if self._commit is None:
+            return
+        try:
+            await self._commit()
+        except Exception as e:
+            log.warning("dispatch answered before it was stored: %s", e)
 
     def on_job_change(self, listener: JobListener) -> None:
         self.book.job_listeners.append(listener)

@@ -118,6 +118,7 @@ async def _create(request: Request, service: DispatchService) -> Response:
         deployment=req.deployment,
         restart_policy=req.restart_policy,
     )
+    await service.stored()  # answered once stored: a crash now loses no dispatch answered
     return _encode(kind, service.book.dispatch_proto(dispatch))
 
 

@@ -119,14 +119,29 @@ class Recorder:
         self._flushing = asyncio.Lock()
         # Rows of a flush that failed, written again (under newer ones) by the next flush.
         self._unwritten: tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]] = ({}, {})
+        # Changes marked so far, and how many of them the last commit covered (`stored`).
+        self._marked = 0
+        self._committed = 0
 
     def job_changed(self, job: Job, previous: JobState | None = None) -> None:
         self._jobs[job.id] = job
+        self._marked += 1
         if self.failures is not None and job.state == JobState.FAILED and previous != job.state:
             self.failures.labels(kind=failure_kind(job.error, previous)).inc()
 
     def dispatch_changed(self, dispatch: Dispatch) -> None:
         self._dispatches[dispatch.id] = dispatch
+        self._marked += 1
+
+    async def stored(self) -> None:
+        """Return once every change marked before this call is committed. Callers at the same
+        moment share a commit: one whose changes a commit already covered (snapshotted while it
+        waited for the lock) writes nothing, where `flush` would write whatever changed since,
+        one commit per caller under load."""
+        want = self._marked
+        async with self._flushing:
+            if self._committed < want:
+                await self._flush()
 
     async def run(self) -> None:
         while True:
@@ -194,6 +209,7 @@ class Recorder:
 
     async def _flush(self) -> None:
         # Snapshot rows now: the objects keep changing while the write awaits.
+        upto = self._marked
         old_jobs, old_dispatches = self._unwritten
         jobs = {**old_jobs, **{i: _job_row(j) for i, j in self._jobs.items()}}
         dispatches = {
@@ -202,6 +218,7 @@ class Recorder:
         }
         self._jobs, self._dispatches, self._unwritten = {}, {}, ({}, {})
         if not jobs and not dispatches:
+            self._committed = upto
             return
         try:
             async with self.engine.begin() as conn:
@@ -212,6 +229,7 @@ class Recorder:
         except Exception:
             self._unwritten = (jobs, dispatches)
             raise
+        self._committed = upto
 
 
 async def load_open(engine: AsyncEngine) -> tuple[list[Dispatch], list[Job]]:
