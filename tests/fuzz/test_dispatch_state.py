@@ -573,7 +573,7 @@ def test_an_overflow_taken_back_and_run_on_its_routed_version_is_not_counted() -
         m.settle()
         m._accept_all(sims[other])  # the overflow: accepted, never started
         m.settle()
-        assert job.state == JobState.ASSIGNED and job.version == other
+        assert (job.state, job.version) == (JobState.ASSIGNED, other)
         m.send(sims[routed], agent.WorkerMessage(update_worker=free))
         m.wait(SETTINGS.start_timeout)  # taken back from the worker that did not start it
         for _ in range(100):
@@ -590,7 +590,7 @@ def test_an_overflow_taken_back_and_run_on_its_routed_version_is_not_counted() -
             ),
         )
         check(m)
-        assert job.state == JobState.RUNNING and job.version == routed
+        assert (job.state, job.version) == (JobState.RUNNING, routed)
         assert m.service.scheduler.overflow == {}
     finally:
         m.teardown()
