@@ -196,7 +196,8 @@ class Instances:
     async def wait_serving(self, instance_ids: list[str]) -> None:
         """Until each instance is healthy and its worker registered; a crash or the
         serving timeout raises NotServing (the caller decides what that means)."""
-        deadline = time.monotonic() + self.serving_timeout
+        clock = asyncio.get_running_loop().time  # the clock asyncio.sleep counts on
+        deadline = clock() + self.serving_timeout
         pending = set(instance_ids)
         # A crash now fails the rollout; restarts an instance had before (a warm one) do not.
         restarts = {i: s.restarts for i in instance_ids if (s := self.runtime.get(i))}
@@ -208,7 +209,7 @@ class Instances:
                     raise NotServing(f"instance {instance_id} crashed while starting{exit_info}")
                 if self.registered(instance_id) and state.status == InstanceStatus.READY:
                     pending.discard(instance_id)
-            if time.monotonic() > deadline:
+            if clock() > deadline:
                 raise NotServing(
                     f"instances {sorted(pending)} not serving after {self.serving_timeout:g}s"
                 )
