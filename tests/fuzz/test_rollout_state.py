@@ -876,6 +876,43 @@ def test_seed_a_crash_mid_rollout_of_the_only_instance() -> None:
         m.quiesce(promote=False)
 
 
+def test_an_instance_a_rollback_takes_back_is_not_drained_by_a_reaper_that_read_it_retired() -> (
+    None
+):
+    """The reaper reads the retired instances, then drains those idle past `keep_warm`; a
+    rollback that took one of them back (serving again) in between had it drained anyway, and
+    the deployment served its version with no instance. The machine's clock never interleaves
+    the two (each runs at its own moment), so the moment is held here: the reaper waits, once
+    it has read the instances, until the rollback is done."""
+    with machine(keep_warm=0.0) as m:
+        assert m.reaper is not None
+        m.reaper.cancel()  # a reaper of this test's own, held after its read
+        m.reaper = None
+        m.call(1)
+        m.deploy_rolling("")
+        m.advance(STARTUP + 1.0)
+        m.hang_up_all()
+        assert m.dep().version == "v2"
+        gate = asyncio.Event()
+        reaper = m.loop.create_task(m.fleet.reap_retired(REAP_INTERVAL))
+        read_agent = m.repo.agent
+
+        async def held(key: str) -> AgentRow | None:
+            if asyncio.current_task() is reaper:
+                await gate.wait()
+            return await read_agent(key)
+
+        m.repo.agent = held  # type: ignore[method-assign]
+        m.advance(REAP_INTERVAL)  # the reaper has read v1's instance retired, and waits
+        m.roll(lambda: m.control.rollback(m.agent, DEP, "v1"))
+        m.advance(1.0)
+        assert m.dep().version == "v1" and not m.running()
+        m.reaper = reaper
+        gate.set()
+        m.settle()
+        check(m)
+
+
 TestRollouts = RolloutMachine.TestCase
 # The loaded profile's (tests/conftest.py): fewer, shorter runs than the dispatcher's, each
 # step a few store writes; bounded to well under a minute on a loaded two-core machine.

@@ -164,9 +164,11 @@ class Instances:
             and (r.status != RETIRING or self.warm(r.id))
         ][: max(want, 1)]
         for row in (r for r in of_version if r.status == RETIRING):
-            if row in rows:  # a rollback: take the warm instance back
-                await self.repo.set_instance_status(row.id, Lifecycle.READY)
-                log.info("retired instance taken back", extra={"instance": row.id})
+            if row in rows:  # a rollback: take the warm instance back...
+                if await self.repo.change_instance_status(row, Lifecycle.READY):
+                    log.info("retired instance taken back", extra={"instance": row.id})
+                else:  # ...unless the reaper drained it since it was read: start another
+                    rows.remove(row)
             else:  # once its version is routed again, only routing would keep sessions off it
                 await self.drain_row(row, target.grace_period)
         while len(rows) < want:
@@ -302,7 +304,10 @@ class Instances:
                 grace = agent.grace_period if agent else 0.0
                 age = now - row.updated_at
                 if (self.sessions(row.id) == 0 and age >= self.keep_warm) or age >= grace:
-                    await self.drain_row(row, max(0.0, grace - age))
+                    # Only as it was read: a rollout that took it back since (`ensure`) keeps it.
+                    if await self.repo.change_instance_status(row, Lifecycle.DRAINING):
+                        self.dispatch.drain_instance(row.id)
+                        await self.runtime.drain(row.id, max(0.0, grace - age))
 
     async def stop(self, instance_ids: list[str]) -> None:
         for instance_id in instance_ids:
