@@ -99,7 +99,6 @@ class FakeProcess:
         self.draining = False  # SIGTERM'd: it exits once its sessions are over
         self.stopping = False
         self.down = False  # crashed, waiting out its restart backoff
-        self.faulted = False  # down because the machine crashed it; it comes back
         self.gone = False  # exited for good
 
 
@@ -178,7 +177,6 @@ class FakeRuntime(RuntimeBase[FakeProcess]):
         p.worker = self.dispatch.registry.add(
             f"AW_{next(self._workers):04d}", request, api_key="key", identity=identity
         )
-        p.faulted = False
         if p.draining:
             self.dispatch.registry.drain(p.worker)
             self._set(p, InstanceStatus.DRAINING)
@@ -188,7 +186,6 @@ class FakeRuntime(RuntimeBase[FakeProcess]):
     def crash(self, p: FakeProcess) -> list[str]:
         """The process dies (the machine's doing); returns the jobs it had."""
         jobs = sorted(p.worker.jobs) if p.worker else []
-        p.faulted = True
         self._crash(p)
         return jobs
 
@@ -278,6 +275,7 @@ class RolloutMachine(RuleBasedStateMachine):
         self.callers: list[str] = []  # the jobs of callers' dispatches (not smoke sessions)
         self.served = False
         self.idle = True  # no rollout running, as of the last step
+        self.crashed: dict[str, float] = {}  # when the machine last crashed a version's instance
         self.smoke_of: dict[str, str] = {}  # how each version's smoke sessions end
         self.reaper: asyncio.Task[None] | None = None
         self.fleet = Instances(
@@ -445,22 +443,35 @@ class RolloutMachine(RuleBasedStateMachine):
         return self.dispatch.weights(self.agent.name, DEP) or {}
 
     def serving_instances(self, version: str) -> list[str]:
-        """Live instances of `version` that take sessions, or will once back from a crash the
-        machine caused: not retiring, not draining, their worker registered and accepting."""
+        """Live instances of `version` that take sessions: not retiring, not draining, ready,
+        their worker registered and accepting."""
         rows = self.run(self.repo.instances(self.agent.id, LIVE))
         out = []
         for row in rows:
             if row.version != version or row.deployment != DEP:
                 continue
             p = self.runtime.process(row.id)
-            accepting = (
+            if (
                 p.worker is not None
                 and p.state.status == InstanceStatus.READY
                 and self.dispatch.instance(row.id).accepting
-            )
-            if accepting or (p.faulted and not p.draining and not p.gone):
+            ):
                 out.append(row.id)
         return out
+
+    def serves(self, version: str) -> bool:
+        """`version` has a serving instance; or the machine crashed one of its instances a
+        moment ago (a restart's backoff and start) and another is coming up meanwhile."""
+        if self.serving_instances(version):
+            return True
+        if self.loop.now - self.crashed.get(version, -math.inf) > BACKOFF + STARTUP + 0.1:
+            return False
+        coming = [
+            p
+            for p in self.runtime.processes()
+            if p.state.spec.version == version and not (p.gone or p.draining or p.stopping)
+        ]
+        return bool(coming)
 
     def open_calls(self) -> list[tuple[Worker, Job]]:
         out = []
@@ -661,6 +672,7 @@ class RolloutMachine(RuleBasedStateMachine):
         self.crash_process(data.draw(st.sampled_from(busy or ready)))
 
     def crash_process(self, p: FakeProcess) -> None:
+        self.crashed[p.state.spec.version] = self.loop.now
         for job_id in self.call_soon(lambda: self.runtime.crash(p)):
             self.allowed.add((job_id, self.dispatch.book.jobs[job_id].redispatches))
         note("crash")
@@ -716,7 +728,7 @@ class RolloutMachine(RuleBasedStateMachine):
             return
         dep = self.dep()
         assert dep.replicas >= 1
-        assert self.serving_instances(dep.version), f"nothing serves {dep.version}"
+        assert self.serves(dep.version), f"nothing serves {dep.version}"
 
     @invariant()
     def no_session_cut(self) -> None:
@@ -736,7 +748,7 @@ class RolloutMachine(RuleBasedStateMachine):
         assert math.isclose(sum(weights.values()), 100.0), weights
         for version, weight in weights.items():
             if weight > 0:
-                assert self.serving_instances(version), f"{weights}: {version} has no instance"
+                assert self.serves(version), f"{weights}: {version} has no instance"
 
     @invariant()
     def idle_routing_is_the_last_rollouts_outcome(self) -> None:
@@ -864,6 +876,19 @@ def test_seed_versions_that_never_come_up_leave_the_calls_where_they_are() -> No
                 check(m)
                 assert m.dep().version == "v1" and not m.running()
         assert len(m.open_calls()) == 2
+
+
+def test_seed_a_crash_of_the_only_instance_then_scaling_up_and_down() -> None:
+    """Scaling down drains the instance coming back from its crash or the one just started:
+    either way one comes up (the machine once took this for nothing serving)."""
+    with machine(keep_warm=0.0) as m:
+        (p,) = m.ready_processes()
+        m.crash_process(p)
+        m.scale(2)
+        m.scale(1)
+        check(m)
+        m.advance(BACKOFF + STARTUP)
+        assert len(m.serving_instances("v1")) == 1
 
 
 def test_seed_a_crash_mid_rollout_of_the_only_instance() -> None:
