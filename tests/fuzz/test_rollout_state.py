@@ -2,9 +2,11 @@
 
 One agent, one deployment. The operator deploys new versions (rolling, blue-green whose smoke
 test passes, fails or hangs, canary with random steps), some of which never come up; rolls back
-to a kept version, restarts, scales, tells a canary to pause, resume, promote or abort. Callers
-start sessions, dispatched by the real `DispatchService` (so routing by version weight is the
-real one), and end them; instances crash and come back; time passes.
+to a kept version, rolls a kept version out again with a strategy, restarts, scales, tells a
+canary to pause, resume, promote or abort. Retired instances are kept warm, or drained by the
+reaper as soon as they are idle (`keep_warm` 0), per run. Callers start sessions, dispatched by
+the real `DispatchService` (so routing by version weight is the real one), and end them;
+instances crash and come back; time passes.
 
 Everything above the processes is real: the control plane (`ControlPlane`: roll_to, rollback,
 restart, scale), the runner and its strategies, `Instances` (ensure, retire, give up, drain, the
@@ -13,13 +15,17 @@ process "comes up" by registering a worker with the dispatcher, takes the jobs i
 and, drained, exits once its sessions are over, as livekit-agents does on SIGTERM. Time is the
 event loop's clock, moved by the machine; every wait of a rollout counts on it.
 
-After every step: the deployment has a serving instance (ready and routable, or coming back
-from a crash the machine caused); no session was cut (no instance stopped while it had one, no
-caller's job ended but by the caller, its worker, or a crash); the routing weights sum to 100
-and name only versions with serving instances, and, with no rollout running, name the version
-the store says is serving, as the last rollout left it. A rollback to any kept version is
-accepted whenever no rollout is running, and every rollout ends once time passes, but a canary
-waiting for its operator, which ends when told.
+After every step: the deployment has a serving instance (ready and routable; or, a moment after
+the machine crashed one, another coming up); no session was cut (no instance stopped while it
+had one, no caller's job ended but by the caller, its worker, or a crash); the routing weights
+sum to 100 and name only versions with serving instances, and, with no rollout running, name the
+version the store says is serving, as the last rollout left it. A rollback to any kept version
+is accepted whenever no rollout is running, and every rollout ends once time passes, but a
+canary waiting for its operator (paused, holding its last step, or short of sessions to judge),
+which ends when told. A grace period ending in a kill is not played: the agent's is longer than
+a run.
+
+`HYPOTHESIS_PROFILE=deep` (tests/conftest.py) explores further; CI runs the bounded profile.
 """
 
 from __future__ import annotations
