@@ -51,14 +51,17 @@ from livekit.protocol import agent
 
 from tests.fuzz.test_dispatch_state import VirtualClockLoop
 from voicefleet.config import DispatchSettings, Project
+from voicefleet.control import service as control_module
 from voicefleet.control.service import ControlPlane
 from voicefleet.control.sizing import Sizing
+from voicefleet.dispatch import service as service_module
 from voicefleet.dispatch.endpoint import _handle
 from voicefleet.dispatch.jobs import ENDED, Job, JobState
 from voicefleet.dispatch.registry import Worker
 from voicefleet.dispatch.service import DispatchService
 from voicefleet.errors import InvalidRequest
 from voicefleet.fleet import LIVE, Instances, Lifecycle, Paths
+from voicefleet.fleet import instances as instances_module
 from voicefleet.metrics import Metrics
 from voicefleet.protocol.tokens import WorkerIdentity
 from voicefleet.rollout.bluegreen import BlueGreen
@@ -259,9 +262,30 @@ def store_template() -> Path:
     return _template.path
 
 
+# Where ids are made at random: dispatches' and jobs' ids, rollouts', instances' suffixes.
+PATCHED = ((service_module, "new_id"), (control_module, "new_id"), (instances_module, "secrets"))
+
+
+class CountedTokens:
+    """`secrets.token_hex` counted: instance ids in order, not random."""
+
+    def __init__(self) -> None:
+        self.count = itertools.count(1)
+
+    def token_hex(self, nbytes: int) -> str:
+        return f"{next(self.count):0{2 * nbytes}x}"
+
+
 class RolloutMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
+        # Ids in order, not random: which version a call is routed to is a hash of its
+        # dispatch's id, and the rules pick calls and instances by id; a run must do the same
+        # when it is replayed (or shrunk).
+        self.ids = itertools.count(1)
+        self._patched = [(m, name, getattr(m, name)) for m, name in PATCHED]
+        for m, name, _ in self._patched:
+            setattr(m, name, CountedTokens() if name == "secrets" else self.new_id)
         self.loop = VirtualClockLoop()
         asyncio.set_event_loop(self.loop)
         self.dir = Path(tempfile.mkdtemp(prefix="vf-rollout-run-"))
@@ -311,9 +335,14 @@ class RolloutMachine(RuleBasedStateMachine):
         try:
             self.loop.run_until_complete(close())
         finally:
+            for m, name, original in self._patched:
+                setattr(m, name, original)
             self.loop.close()
             asyncio.set_event_loop(None)
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def new_id(self, prefix: str) -> str:
+        return f"{prefix}{next(self.ids):04d}"
 
     # -- the loop, the clock and the fake processes -------------------------------------------
 
