@@ -177,6 +177,25 @@ async def test_repositories_round_trip_the_control_plane(engine: AsyncEngine) ->
     assert await repo.agent("CA_1") is None and await repo.versions("CA_1") == []
 
 
+async def test_an_instance_changes_status_only_as_it_was_read(engine: AsyncEngine) -> None:
+    """Two tasks that read the same instance (the reaper, a rollback taking it back) cannot
+    both act on it: the second change finds it changed, on each store (floats compared)."""
+    repo = Repo(engine)
+    now = time.time()
+    await repo.save(
+        AgentRow(id="CA_1", name="bot", grace_period=60, created_at=now),
+        InstanceRow(id="i1", agent_id="CA_1", deployment="production", version="v1",
+                    status="retiring", created_at=now, updated_at=now + 0.123456789),
+    )  # fmt: skip
+    [reaper_read] = await repo.instances("CA_1", ["retiring"])
+    [rollback_read] = await repo.instances("CA_1", ["retiring"])
+    assert await repo.change_instance_status(rollback_read, "ready")
+    assert not await repo.change_instance_status(reaper_read, "draining")
+    [row] = await repo.instances("CA_1")
+    assert row.status == "ready"
+    assert await repo.change_instance_status(row, "retiring")  # as read now: it changes
+
+
 async def test_recorder_upserts_job_history_and_reads_back_what_was_open(
     engine: AsyncEngine,
 ) -> None:

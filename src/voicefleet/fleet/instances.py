@@ -164,9 +164,11 @@ class Instances:
             and (r.status != RETIRING or self.warm(r.id))
         ][: max(want, 1)]
         for row in (r for r in of_version if r.status == RETIRING):
-            if row in rows:  # a rollback: take the warm instance back
-                await self.repo.set_instance_status(row.id, Lifecycle.READY)
-                log.info("retired instance taken back", extra={"instance": row.id})
+            if row in rows:  # a rollback: take the warm instance back...
+                if await self.repo.change_instance_status(row, Lifecycle.READY):
+                    log.info("retired instance taken back", extra={"instance": row.id})
+                else:  # ...unless the reaper drained it since it was read: start another
+                    rows.remove(row)
             else:  # once its version is routed again, only routing would keep sessions off it
                 await self.drain_row(row, target.grace_period)
         while len(rows) < want:
@@ -196,7 +198,8 @@ class Instances:
     async def wait_serving(self, instance_ids: list[str]) -> None:
         """Until each instance is healthy and its worker registered; a crash or the
         serving timeout raises NotServing (the caller decides what that means)."""
-        deadline = time.monotonic() + self.serving_timeout
+        clock = asyncio.get_running_loop().time  # the clock asyncio.sleep counts on
+        deadline = clock() + self.serving_timeout
         pending = set(instance_ids)
         # A crash now fails the rollout; restarts an instance had before (a warm one) do not.
         restarts = {i: s.restarts for i in instance_ids if (s := self.runtime.get(i))}
@@ -208,7 +211,7 @@ class Instances:
                     raise NotServing(f"instance {instance_id} crashed while starting{exit_info}")
                 if self.registered(instance_id) and state.status == InstanceStatus.READY:
                     pending.discard(instance_id)
-            if time.monotonic() > deadline:
+            if clock() > deadline:
                 raise NotServing(
                     f"instances {sorted(pending)} not serving after {self.serving_timeout:g}s"
                 )
@@ -301,7 +304,10 @@ class Instances:
                 grace = agent.grace_period if agent else 0.0
                 age = now - row.updated_at
                 if (self.sessions(row.id) == 0 and age >= self.keep_warm) or age >= grace:
-                    await self.drain_row(row, max(0.0, grace - age))
+                    # Only as it was read: a rollout that took it back since (`ensure`) keeps it.
+                    if await self.repo.change_instance_status(row, Lifecycle.DRAINING):
+                        self.dispatch.drain_instance(row.id)
+                        await self.runtime.drain(row.id, max(0.0, grace - age))
 
     async def stop(self, instance_ids: list[str]) -> None:
         for instance_id in instance_ids:

@@ -241,7 +241,7 @@ class _Judges:
     async def failure(self) -> str | None:
         if self.ctx is None:
             return None
-        return await self.analysis.failure(self.ctx, time.monotonic())
+        return await self.analysis.failure(self.ctx, asyncio.get_running_loop().time())
 
 
 async def _steps(
@@ -291,7 +291,8 @@ async def _watch(
     """Hold one step: 'next' after the interval, 'promote' or 'abort' when told or judged."""
     rollout = run.rollout
     elapsed = time.time() - rollout.step_started_at  # a resumed step keeps its time
-    last = time.monotonic()
+    clock = asyncio.get_running_loop().time  # the clock asyncio.sleep counts on
+    last = clock()
     holding = index == len(plan.steps) - 1  # the last step below 100 waits for promote
     said_waiting = False
     while True:
@@ -317,7 +318,7 @@ async def _watch(
         if why is not None:
             await _abort(run, ids, why)
             return "abort"
-        now = time.monotonic()
+        now = clock()
         paused = rollout.state == RolloutState.PAUSED
         if not paused:
             elapsed += now - last

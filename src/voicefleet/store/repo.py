@@ -161,6 +161,20 @@ class Repo:
             await s.execute(query.values(status=status, updated_at=time.time(), **fields))
         self._wrote()
 
+    async def change_instance_status(self, row: InstanceRow, status: str) -> bool:
+        """Set `row`'s status if the store still has the instance as `row` was read (same
+        status, same update time); False when another change came first. One statement: two
+        tasks that read the same row cannot both act on it."""
+        query = update(InstanceRow).where(
+            InstanceRow.id == row.id,
+            InstanceRow.status == row.status,
+            InstanceRow.updated_at == row.updated_at,
+        )
+        async with self._session() as s, s.begin():
+            result = await s.execute(query.values(status=status, updated_at=time.time()))
+        self._wrote()
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
     # -- secrets ------------------------------------------------------------------------------
 
     async def secrets(self, agent_id: str) -> list[SecretRow]:
