@@ -56,6 +56,21 @@ class Seen:
         return self.what if isinstance(self.what, str) else repr(self.what)
 
 
+def until(
+    check: Callable[[], T | None], what: str, timeout: float = 60.0, interval: float = 0.2
+) -> T:
+    """`wait_for` for tests without an event loop: poll `check` (blocking) until it returns
+    something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
 async def wait_for(
     check: Callable[[], T | Seen | Awaitable[T | Seen | None] | None],
     timeout: float = 20.0,

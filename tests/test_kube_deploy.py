@@ -29,10 +29,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -59,6 +59,7 @@ from tests.support import (
     admin_token,
     release,
     started,
+    until,
 )
 from voicefleet.cli.main import app as cli
 
@@ -73,20 +74,8 @@ USER 10001:10001
 CMD ["python", "agent.py", "start"]
 """
 PREBUILT = "registry.example.com/team/prebuilt-agent:2.0"  # kwok pulls nothing
-T = TypeVar("T")
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def until(check: Callable[[], T | None], what: str, timeout: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
 
 
 @dataclass

@@ -18,22 +18,23 @@ containerd, runc, containernetworking-plugins, the Kubernetes binaries and the k
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 from livekit import api
 
-from tests import images, kubelet
+from tests import images, kubelet, support
 from tests.kube import Cluster, kube_cluster, make_namespace, require_binaries
 from tests.support import DEV_KEY, DEV_SECRET, Server, admin_token, release
 from voicefleet.build.image import host_ca_bundle
@@ -68,20 +69,12 @@ async def entrypoint(ctx: JobContext) -> None:
 if __name__ == "__main__":
     cli.run_app(WorkerOptions(entrypoint_fnc=entrypoint, num_idle_processes=1))
 '''
-T = TypeVar("T")
 
 pytestmark = pytest.mark.timeout(600)
 
 
-def until(check: Callable[[], T | None], what: str, timeout: float = 120.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.5)
+# A real node takes longer than kwok's: pulls, container starts.
+until = functools.partial(support.until, timeout=120.0, interval=0.5)
 
 
 @dataclass
